@@ -1,0 +1,131 @@
+"""The wire contract: every message on a specedge subject is one of these Structs, msgpack-encoded.
+
+Token ids travel as packed little-endian int32 bytes: compact and decodable without a
+per-element loop. Nothing here is a pickle or a tensor, so a hostile body can only fail to
+decode, never execute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+def pack_ids(ids) -> bytes:
+    """Token ids (any int sequence or array) -> packed little-endian int32 bytes."""
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def unpack_ids(data: bytes) -> list[int]:
+    """Packed int32 bytes -> list of ints. Raises ValueError on a ragged length."""
+    if len(data) % 4:
+        raise ValueError(f"packed id field has {len(data)} bytes, not a multiple of 4")
+    return np.frombuffer(data, dtype="<i4").tolist()
+
+
+class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Sampling parameters: the same transform is used by plain decoding and verification."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+
+
+class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fields=True):
+    v: int
+    prompt: bytes  # packed int32
+    sampling: Sampling
+    seed: int
+    max_new_tokens: int
+    eos_ids: bytes  # packed int32; generation stops after emitting any of them
+    target: str  # model references, for the record and the vocabulary check
+    draft: str
+    vocab_size: int  # the draft's vocabulary size; the verifier refuses a mismatch
+    t: float = 0.0  # edge wall clock at send (unix seconds)
+
+
+class SessionClosed(msgspec.Struct, tag="close", frozen=True, forbid_unknown_fields=True):
+    v: int
+    reason: str = "done"  # done | cancelled | error
+    t: float = 0.0
+
+
+class DraftTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    draft_s: float = 0.0  # edge time spent drafting this block
+    proactive: bool = False  # drafted while the previous round was in flight
+
+
+class DraftBlock(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields=True):
+    """One round's draft tree. Node i (1-based) carries tokens[i-1] and hangs off
+    parents[i-1] (0 = the root, otherwise an earlier node)."""
+
+    v: int
+    round: int
+    committed_len: int  # len(C) this tree hangs off
+    root: int  # C[-1]
+    tokens: bytes  # packed int32, one per node
+    parents: bytes  # packed int32, one per node
+    t: float = 0.0
+    timings: DraftTimings = DraftTimings()
+
+
+class VerifyTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    queued_s: float = 0.0  # broker arrival -> picked into a batch
+    verify_s: float = 0.0  # the batch's target forward + acceptance walk
+    batch_size: int = 1
+    batch_tokens: int = 0  # tokens in the batched forward (prefill included)
+    kv_hit: bool = True  # whether the worker already held this session's KV
+
+
+class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=True):
+    """The outcome of one round. `tokens` are exactly what C grows by (accepted path tokens
+    then the next token, cut at EOS or the token limit), so the log alone rebuilds C."""
+
+    v: int
+    round: int
+    committed_len: int
+    accepted: bytes  # packed int32 node indices along the accepted path
+    tokens: bytes  # packed int32 tokens committed this round
+    next_token: int
+    bonus: bool  # next token drawn past the end of the tree (vs. a correction)
+    finished: bool
+    worker: str = ""
+    budget: int = 0  # load hint: suggested tree budget (nodes); 0 = no opinion
+    t: float = 0.0
+    timings: VerifyTimings = VerifyTimings()
+
+
+class Rejected(msgspec.Struct, tag="rejected", frozen=True, forbid_unknown_fields=True):
+    v: int
+    round: int
+    code: str  # machine-readable: bad_message | stale | invalid_tree | unknown_session | ...
+    reason: str
+    worker: str = ""
+    t: float = 0.0
+
+
+Message = SessionOpened | SessionClosed | DraftBlock | Verdict | Rejected
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class WireError(ValueError):
+    """A body that is not a valid message of the current schema."""
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Message:
+    """Decode and check the schema version; every failure is a WireError with the cause."""
+    try:
+        msg = _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WireError(f"undecodable message: {exc}") from None
+    if msg.v != SCHEMA_VERSION:
+        raise WireError(f"schema version {msg.v} is not supported (expected {SCHEMA_VERSION})")
+    return msg

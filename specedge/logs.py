@@ -1,0 +1,37 @@
+"""structlog set-up: JSON lines when stderr is not a terminal, readable output when it is.
+Logs go to stderr; stdout belongs to the generated text and --json results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import structlog
+
+
+def configure(level: str | None = None, json: bool | None = None) -> None:
+    level = (level or os.environ.get("SPECEDGE_LOG", "info")).upper()
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer = (structlog.processors.JSONRenderer() if json
+                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def install_uvloop() -> None:
+    import uvloop
+
+    uvloop.install()

@@ -1,0 +1,124 @@
+"""Read one session's log back from the stream: the one reader shared by verifier recovery
+(rebuild the committed sequence on a cache miss) and replay."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from schemas import (
+    DraftBlock,
+    Rejected,
+    SessionClosed,
+    SessionOpened,
+    Verdict,
+    WireError,
+    decode,
+    unpack_ids,
+)
+from specedge import subjects
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class LogEntry:
+    seq: int
+    kind: str  # session | draft | verdict
+    time: datetime | None
+    msg: object  # a decoded message, or a WireError for an undecodable body
+
+
+@dataclass
+class SessionLog:
+    sid: str
+    entries: list[LogEntry] = field(default_factory=list)
+
+    @property
+    def opened(self) -> SessionOpened | None:
+        return next((e.msg for e in self.entries if isinstance(e.msg, SessionOpened)), None)
+
+    @property
+    def closed(self) -> SessionClosed | None:
+        return next((e.msg for e in self.entries if isinstance(e.msg, SessionClosed)), None)
+
+    def verdicts(self) -> list[Verdict]:
+        """One verdict per round (the first; a duplicate is a redelivery), in round order."""
+        by_round: dict[int, Verdict] = {}
+        for e in self.entries:
+            if isinstance(e.msg, Verdict):
+                by_round.setdefault(e.msg.round, e.msg)
+        return [by_round[r] for r in sorted(by_round)]
+
+    def drafts(self) -> dict[int, DraftBlock]:
+        out: dict[int, DraftBlock] = {}
+        for e in self.entries:
+            if isinstance(e.msg, DraftBlock):
+                out.setdefault(e.msg.round, e.msg)
+        return out
+
+    def rejections(self) -> list[Rejected]:
+        return [e.msg for e in self.entries if isinstance(e.msg, Rejected)]
+
+
+class LogError(ValueError):
+    pass
+
+
+def committed_sequence(slog: SessionLog) -> tuple[list[int], int, bool]:
+    """Rebuild (C, next round, finished) from the opening and the verdicts, checking that the
+    verdicts chain (round r hangs off the length round r-1 left)."""
+    opened = slog.opened
+    if opened is None:
+        raise LogError(f"session {slog.sid} has no SessionOpened in the log")
+    seq = unpack_ids(opened.prompt)
+    finished, next_round = False, 0
+    for v in slog.verdicts():
+        if v.round != next_round or v.committed_len != len(seq):
+            raise LogError(f"session {slog.sid}: verdict for round {v.round} at length "
+                           f"{v.committed_len} does not follow round {next_round} at {len(seq)}")
+        seq.extend(unpack_ids(v.tokens))
+        finished = v.finished
+        next_round += 1
+    return seq, next_round, finished
+
+
+async def read_session(js, sid: str, *, timeout: float = 5.0) -> SessionLog:
+    """Every message of one session, in stream order, through an ephemeral consumer."""
+    slog = SessionLog(sid)
+    sub = await js.pull_subscribe(
+        subjects.all_of(sid),
+        stream=subjects.STREAM,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.ALL,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        ),
+    )
+    try:
+        pending = (await sub.consumer_info()).num_pending
+        while pending > 0:
+            try:
+                msgs = await sub.fetch(batch=min(pending, 512), timeout=timeout)
+            except asyncio.TimeoutError:
+                raise LogError(f"session {sid}: log read timed out with {pending} left") from None
+            for m in msgs:
+                md = m.metadata
+                kind = m.subject.split(".")[1]
+                try:
+                    body: object = decode(m.data)
+                except WireError as exc:
+                    body = exc
+                slog.entries.append(LogEntry(md.sequence.stream, kind, md.timestamp, body))
+                pending = md.num_pending
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # the ephemeral consumer expires by itself anyway
+            pass
+    return slog

@@ -1,0 +1,60 @@
+"""Fixtures: a real nats-server with JetStream (the embedded-broker code) and tiny random
+transformers models built in the test (float64 where exact equality is asserted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from specedge import broker
+from specedge.logs import configure
+
+configure(level="warning", json=False)
+
+TINY_VOCAB = 256
+
+
+def tiny_config(vocab: int = TINY_VOCAB, layers: int = 2, hidden: int = 64) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, tie_word_embeddings=False, eos_token_id=None,
+        bos_token_id=None, pad_token_id=None,
+    )
+
+
+def tiny_model(seed: int, vocab: int = TINY_VOCAB, dtype=torch.float64, **kw) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    m = Qwen2ForCausalLM(tiny_config(vocab, **kw)).to(dtype).eval()
+    # A sharper distribution than the default init, so greedy paths are not near-ties and
+    # a related draft agrees often enough to exercise multi-token acceptance.
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)
+    return m
+
+
+def related_draft(target: Qwen2ForCausalLM, noise: float, seed: int) -> Qwen2ForCausalLM:
+    """A draft that agrees with the target often: its weights plus noise."""
+    torch.manual_seed(seed)
+    d = Qwen2ForCausalLM(target.config.__class__.from_dict(target.config.to_dict()))
+    d = d.to(next(target.parameters()).dtype).eval()
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(d.named_parameters(), target.named_parameters(), strict=True):
+            p.copy_(q + noise * torch.randn_like(q) * q.std())
+    return d
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    srv = broker.EmbeddedNats(store_dir=tmp_path / "nats").start()
+    broker.run_setup(srv.url)
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    target = tiny_model(1)
+    draft = related_draft(target, noise=0.3, seed=2)
+    return target, draft

@@ -1,0 +1,83 @@
+"""Runs the real stack in-process for tests: a verifier Worker and edge sessions, both
+talking to a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from schemas import Sampling
+from specedge import broker
+from specedge.config import TreeShape
+from specedge.edge.drafter import Drafter
+from specedge.edge.session import EdgeSession, SessionParams
+from specedge.runner import PackedRunner
+from workers.verifier.worker import Worker, WorkerConfig
+
+
+@contextlib.asynccontextmanager
+async def running_worker(model, url: str, **cfg):
+    w = Worker(model, url, WorkerConfig(**cfg))
+    task = asyncio.create_task(w.run())
+    await asyncio.wait_for(w.ready.wait(), 30)
+    try:
+        yield w
+    finally:
+        w.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_tokens: int = 24,
+                   shape: TreeShape | None = None, sampling: Sampling | None = None,
+                   seeds: list[int] | None = None, eos_ids: tuple[int, ...] = ()):
+    """Run one edge session per prompt, all concurrently, sharing one draft model."""
+    nc = await broker.connect(url, "test-edge")
+    js = nc.jetstream()
+    runner = PackedRunner(draft_model)
+    ex = ThreadPoolExecutor(1)
+    try:
+        sessions = [
+            EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
+                prompt_ids=p, max_new_tokens=max_new_tokens, sampling=sampling or Sampling(),
+                seed=(seeds[i] if seeds else i), eos_ids=eos_ids, shape=shape or TreeShape(),
+                verdict_timeout_s=20))
+            for i, p in enumerate(prompts)
+        ]
+        return await asyncio.gather(*(s.run() for s in sessions))
+    finally:
+        ex.shutdown()
+        await nc.close()
+
+
+def reference_greedy(target, prompt: list[int], max_new_tokens: int,
+                     eos_ids: tuple[int, ...] = ()) -> list[int]:
+    """The target alone: plain greedy decoding with a KV cache (transformers' generate)."""
+    with torch.no_grad():
+        out = target.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
+            eos_token_id=list(eos_ids) or None, pad_token_id=0,
+        )
+    return out[0, len(prompt):].tolist()
+
+
+async def wait_queued(url: str, n: int, timeout: float = 30.0) -> None:
+    """Wait until n draft blocks wait in the verifiers' consumer (so a batch will be full)."""
+    from specedge import subjects
+
+    nc = await broker.connect(url, "test-probe")
+    try:
+        js = nc.jetstream()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while loop.time() < end:
+            info = await js.consumer_info(subjects.STREAM, subjects.VERIFIER_DURABLE)
+            if info.num_pending + info.num_ack_pending >= n:
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"fewer than {n} blocks queued")
+    finally:
+        await nc.close()

@@ -1,0 +1,68 @@
+"""Checks on every draft block before it may touch the model. A failure is a BlockError with a
+machine-readable code; the worker answers it with a Rejected and terminates the message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas import DraftBlock, SessionOpened, unpack_ids
+from specedge.config import Limits
+from specedge.tree import TreeError, validate_parents
+from workers.verifier.state import SessionState
+
+
+class BlockError(ValueError):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+@dataclass(frozen=True)
+class CheckedBlock:
+    round: int
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+
+
+def check_opened(o: SessionOpened, limits: Limits, vocab_size: int) -> None:
+    prompt = unpack_ids(o.prompt)
+    if not 1 <= len(prompt) <= limits.max_prompt_tokens:
+        raise BlockError("invalid_session", f"prompt has {len(prompt)} tokens; "
+                         f"allowed 1..{limits.max_prompt_tokens}")
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise BlockError("invalid_session", "prompt token id outside the vocabulary")
+    if not 1 <= o.max_new_tokens <= limits.max_new_tokens:
+        raise BlockError("invalid_session", f"max_new_tokens {o.max_new_tokens} outside "
+                         f"1..{limits.max_new_tokens}")
+    s = o.sampling
+    if not (0.0 <= s.temperature <= 100.0 and 0.0 < s.top_p <= 1.0 and s.top_k >= 0):
+        raise BlockError("invalid_session", f"bad sampling parameters {s}")
+    if o.vocab_size != vocab_size:
+        raise BlockError("vocab_mismatch", f"draft vocabulary {o.vocab_size} != target "
+                         f"vocabulary {vocab_size}")
+
+
+def check_block(b: DraftBlock, st: SessionState, limits: Limits, vocab_size: int) -> CheckedBlock:
+    if st.finished:
+        raise BlockError("finished", f"session already finished at round {st.round}")
+    if b.round != st.round or b.committed_len != len(st.committed):
+        raise BlockError("stale", f"block for round {b.round} at length {b.committed_len}; "
+                         f"session is at round {st.round}, length {len(st.committed)}")
+    if b.root != st.committed[-1]:
+        raise BlockError("invalid_tree", f"root {b.root} is not the last committed token")
+    try:
+        tokens, parents = unpack_ids(b.tokens), unpack_ids(b.parents)
+    except ValueError as exc:
+        raise BlockError("invalid_tree", str(exc)) from None
+    if len(tokens) != len(parents):
+        raise BlockError("invalid_tree", f"{len(tokens)} tokens but {len(parents)} parents")
+    if len(tokens) > limits.max_nodes:
+        raise BlockError("too_large", f"{len(tokens)} nodes; the limit is {limits.max_nodes}")
+    if any(not 0 <= t < vocab_size for t in tokens):
+        raise BlockError("invalid_tree", f"token id outside the vocabulary [0, {vocab_size})")
+    try:
+        depths = validate_parents(parents, limits.max_depth)
+    except TreeError as exc:
+        raise BlockError("invalid_tree", str(exc)) from None
+    return CheckedBlock(b.round, tokens, parents, depths)

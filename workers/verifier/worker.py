@@ -1,0 +1,262 @@
+"""The verifier worker: pull draft blocks in batches, verify them in one forward, publish
+verdicts, ack. Handlers stay thin; validation lives in validate.py, the model in engine.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import nats.errors
+import structlog
+
+from schemas import (
+    SCHEMA_VERSION,
+    DraftBlock,
+    Rejected,
+    SessionClosed,
+    Verdict,
+    VerifyTimings,
+    WireError,
+    decode,
+    encode,
+    pack_ids,
+)
+from specedge import broker, subjects
+from specedge.config import Limits
+from specedge.sessionlog import LogError, committed_sequence, read_session
+from specedge.verify import commit
+from workers.verifier.engine import Engine
+from workers.verifier.state import SessionState, SessionTable
+from workers.verifier.validate import BlockError, CheckedBlock, check_block, check_opened
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    blocks: int = 0
+    rejected: int = 0
+    kv_hits: int = 0
+    kv_misses: int = 0
+    busy_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WorkerConfig:
+    max_batch: int = 8
+    fetch_timeout_s: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+    kv_budget_tokens: int | None = None
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+
+class Worker:
+    def __init__(self, model, url: str, cfg: WorkerConfig | None = None):
+        self.cfg = cfg or WorkerConfig()
+        self.url = url
+        self.engine = Engine(model)
+        self.sessions = SessionTable(self.cfg.kv_budget_tokens)
+        self.stats = WorkerStats()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        self._stop = asyncio.Event()
+        self._deferred: list = []  # blocks held back because their session was already batched
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from run()."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        nc = await broker.connect(self.url, f"verifier-{self.cfg.name}")
+        js = nc.jetstream()
+        self.nc, self.js = nc, js
+        await broker.ensure_stream(js)
+        await broker.ensure_verifier_consumer(js)
+        psub = await js.pull_subscribe_bind(subjects.VERIFIER_DURABLE, stream=subjects.STREAM)
+        csub = await nc.subscribe(f"{subjects.PREFIX}.session.*", cb=self._on_session_msg)
+        log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
+                 vocab=self.engine.vocab_size)
+        self.ready.set()
+        try:
+            while not self._stop.is_set():
+                room = self.cfg.max_batch - len(self._deferred)
+                msgs = []
+                if room > 0:
+                    try:
+                        timeout = 0.05 if self._deferred else self.cfg.fetch_timeout_s
+                        msgs = await psub.fetch(batch=room, timeout=timeout)
+                    except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                        msgs = []
+                    except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+                        log.warning("fetch failed; retrying", error=str(exc))
+                        await asyncio.sleep(0.5)
+                        continue
+                if msgs or self._deferred:
+                    await self._process(msgs)
+        finally:
+            await csub.unsubscribe()
+            await nc.close()
+            self._executor.shutdown(wait=True)
+            log.info("verifier stopped", worker=self.cfg.name, batches=self.stats.batches,
+                     blocks=self.stats.blocks)
+
+    async def _on_session_msg(self, m) -> None:
+        try:
+            sid = subjects.sid_of(m.subject)
+            msg = decode(m.data)
+        except (ValueError, WireError):
+            return
+        if isinstance(msg, SessionClosed):
+            self.sessions.drop(sid)  # frees its KV
+            log.debug("session closed", sid=sid)
+
+    # -- one batch -----------------------------------------------------------------------
+
+    async def _process(self, msgs) -> None:
+        t_pick = time.time()
+        candidates = self._deferred + [(m, None) for m in msgs]
+        self._deferred = []
+        work: list[tuple[object, SessionState, CheckedBlock, float]] = []
+        seen: set[str] = set()
+        for m, pre in candidates:
+            sid, block = pre if pre else (None, None)
+            if block is None:
+                parsed = await self._parse(m)
+                if parsed is None:
+                    continue
+                sid, block = parsed
+            if sid in seen:  # one block per session per forward; the rest wait a step
+                self._deferred.append((m, (sid, block)))
+                continue
+            item = await self._admit(m, sid, block)
+            if item is not None:
+                seen.add(sid)
+                queued = max(0.0, t_pick - m.metadata.timestamp.timestamp())
+                work.append((m, item[0], item[1], queued))
+        if not work:
+            return
+        self.sessions.enforce_budget(keep={st.sid for _, st, _, _ in work})
+        if sum(len(st.committed) - (st.kv.length if st.kv else 0) for _, st, _, _ in work) > 256:
+            await asyncio.gather(*(m.in_progress() for m, *_ in work))  # long prefill ahead
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(
+                self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work])
+        except Exception:
+            log.exception("batch forward failed; blocks will be redelivered",
+                          sids=[st.sid for _, st, _, _ in work])
+            for m, st, _, _ in work:
+                st.kv = None
+                await m.nak(delay=1.0)
+            return
+        verify_s = time.perf_counter() - t0
+        self.stats.batches += 1
+        self.stats.busy_s += verify_s
+        self.stats.batch_sizes.append(len(work))
+        batch_tokens = sum(o.new_tokens for o in outcomes)
+        pubs = []
+        for (m, st, blk, queued), out in zip(work, outcomes, strict=True):
+            res = out.walk
+            new = [blk.tokens[i - 1] for i in res.accepted] + [res.next_token]
+            toks, finished = commit(new, st.generated, st.max_new_tokens, st.eos_ids)
+            v = Verdict(
+                v=SCHEMA_VERSION, round=blk.round, committed_len=len(st.committed),
+                accepted=pack_ids(res.accepted), tokens=pack_ids(toks),
+                next_token=res.next_token, bonus=res.bonus, finished=finished,
+                worker=self.cfg.name, t=time.time(),
+                timings=VerifyTimings(queued_s=queued, verify_s=verify_s, batch_size=len(work),
+                                      batch_tokens=batch_tokens, kv_hit=out.kv_hit),
+            )
+            st.committed.extend(toks)
+            st.round += 1
+            st.finished = finished
+            data = encode(v)
+            st.remember(blk.round, data)
+            if finished:
+                st.kv = None
+            self.stats.blocks += 1
+            self.stats.kv_hits += out.kv_hit
+            self.stats.kv_misses += not out.kv_hit
+            pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
+            log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
+                      finished=finished)
+        await asyncio.gather(*pubs)
+
+    async def _parse(self, m) -> tuple[str, DraftBlock] | None:
+        try:
+            sid = subjects.sid_of(m.subject)
+        except ValueError:
+            log.warning("draft on a malformed subject; terminated", subject=m.subject)
+            await m.term()
+            return None
+        try:
+            block = decode(m.data)
+            if not isinstance(block, DraftBlock):
+                raise WireError(f"expected a draft block, got {type(block).__name__}")
+        except WireError as exc:
+            await self._reject(m, sid, -1, "bad_message", str(exc))
+            return None
+        age = time.time() - m.metadata.timestamp.timestamp()
+        if age > self.cfg.limits.max_block_age_s:
+            await self._reject(m, sid, block.round, "expired", f"block is {age:.0f}s old")
+            return None
+        return sid, block
+
+    async def _admit(self, m, sid: str, block: DraftBlock):
+        """Session state for the block (rebuilt from the log if needed) and its checks."""
+        st = self.sessions.get(sid)
+        if st is None or block.round > st.round:
+            try:
+                st = await self._load(sid)
+            except (LogError, BlockError) as exc:
+                code = exc.code if isinstance(exc, BlockError) else "unknown_session"
+                await self._reject(m, sid, block.round, code, str(exc))
+                return None
+        if block.round < st.round and block.round in st.last_verdicts:
+            # A redelivery of a block we answered: answer again (same id, deduplicated).
+            await self._publish_then_ack(m, sid, block.round, "verdict",
+                                         st.last_verdicts[block.round])
+            return None
+        try:
+            checked = check_block(block, st, self.cfg.limits, self.engine.vocab_size)
+        except BlockError as exc:
+            await self._reject(m, sid, block.round, exc.code, exc.reason)
+            return None
+        return st, checked
+
+    async def _load(self, sid: str) -> SessionState:
+        slog = await read_session(self.js, sid)
+        if slog.opened is None:
+            raise LogError(f"no SessionOpened for session {sid}")
+        check_opened(slog.opened, self.cfg.limits, self.engine.vocab_size)
+        seq, next_round, finished = committed_sequence(slog)
+        st = SessionState.from_opened(sid, slog.opened)
+        st.committed, st.round, st.finished = seq, next_round, finished
+        self.sessions.put(st)
+        log.info("session state rebuilt from log", sid=sid, round=next_round, length=len(seq))
+        return st
+
+    async def _reject(self, m, sid: str, round_no: int, code: str, reason: str) -> None:
+        self.stats.rejected += 1
+        log.warning("block rejected", sid=sid, round=round_no, code=code, reason=reason)
+        r = Rejected(v=SCHEMA_VERSION, round=round_no, code=code, reason=reason,
+                     worker=self.cfg.name, t=time.time())
+        try:
+            await self.js.publish(subjects.verdict(sid), encode(r),
+                                  headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
+        except Exception as exc:  # the rejection is advisory; never let it stop the worker
+            log.warning("could not publish rejection", sid=sid, error=str(exc))
+        await m.term()
+
+    async def _publish_then_ack(self, m, sid: str, round_no: int, kind: str, data: bytes) -> None:
+        # Publish first, ack second: a crash in between costs a redelivery, never a verdict.
+        await self.js.publish(subjects.verdict(sid), data,
+                              headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, kind)})
+        await m.ack()
