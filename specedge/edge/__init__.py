@@ -1,0 +1,1 @@
+"""The edge runtime: the draft model, the draft tree and the session loop."""

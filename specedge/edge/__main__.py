@@ -1,0 +1,114 @@
+"""python -m specedge.edge: generate with the draft model here and verification on the
+verifier fleet, streaming the committed text."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from schemas import Sampling
+from specedge import broker, logs
+from specedge.cli import DTYPES, add_common, apply_threads
+from specedge.config import TreeShape
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="Write a Python function that checks whether a number "
+                   "is prime, with a short docstring.")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the model's chat template (default on)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON line with the result")
+    d = TreeShape()
+    p.add_argument("--tree-budget", type=int, default=d.budget, help="draft tree nodes")
+    p.add_argument("--tree-depth", type=int, default=d.depth, help="deepest draft node")
+    p.add_argument("--tree-width", type=int, default=d.width, help="nodes added per draft step")
+    p.add_argument("--tree-topk", type=int, default=d.topk, help="children considered per node")
+    p.add_argument("--chain", type=int, default=None,
+                   help="draft a chain of this length instead of a tree")
+
+
+def shape_from(a: argparse.Namespace) -> TreeShape:
+    if a.chain:
+        return TreeShape.chain(a.chain)
+    return TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
+
+
+def parse(argv=None) -> argparse.Namespace:
+    from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    p = argparse.ArgumentParser(prog="python -m specedge.edge", description=__doc__)
+    p.add_argument("--model", default=DEFAULT_DRAFT, help="draft model: cache name, dir or hub id")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="target model name (for the record)")
+    add_common(p)
+    add_generation_args(p)
+    return p.parse_args(argv)
+
+
+async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
+    from specedge.edge.drafter import Drafter
+    from specedge.edge.session import EdgeSession, SessionParams
+    from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
+    from specedge.models import load_model, load_tokenizer
+    from specedge.runner import PackedRunner
+
+    tokenizer = tokenizer or load_tokenizer(a.model)
+    draft = draft or load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+    ids = prompt_ids(tokenizer, a.prompt, a.chat)
+    detok = Detokenizer(tokenizer)
+
+    def stream(toks: list[int]) -> None:
+        if not a.json:
+            sys.stdout.write(detok.push(toks))
+            sys.stdout.flush()
+
+    nc = await broker.connect(url, "edge")
+    ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
+    try:
+        params = SessionParams(
+            prompt_ids=ids, max_new_tokens=a.max_new_tokens,
+            sampling=Sampling(a.temperature, a.top_p, a.top_k), seed=a.seed,
+            eos_ids=eos_ids(tokenizer, draft.config, getattr(draft, "generation_config", None)),
+            shape=shape_from(a), target_name=a.target, draft_name=a.model)
+        session = EdgeSession(nc, nc.jetstream(), Drafter(PackedRunner(draft)), ex, params,
+                              on_tokens=stream)
+        result = await session.run()
+    finally:
+        ex.shutdown(wait=False)
+        await nc.close()
+    result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    summary = result.summary()
+    if a.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        sys.stdout.write("\n")
+        s = summary
+        print(f"[{len(result.token_ids)} tokens, {s['rounds']} rounds, "
+              f"{s['tokens_per_round']:.2f} tokens/round, acceptance {s['acceptance']:.2f}, "
+              f"TTFT {s['ttft_s']:.2f}s, ITL p50 {s['itl_s'] * 1000:.0f}ms, "
+              f"wall {s['wall_s']:.1f}s]", file=sys.stderr)
+    return summary
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    logs.configure(a.log_level)
+    apply_threads(a.threads)
+    if not a.nats:
+        print("specedge.edge: no broker given; pass --nats nats://HOST:PORT or set SPECEDGE_NATS "
+              "(or run `python -m specedge.demo` for a self-contained stack)", file=sys.stderr)
+        return 2
+    logs.install_uvloop()
+    asyncio.run(run_edge(a, a.nats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from specedge.tree import (
+    TreeError,
+    ancestor_mask,
+    chain_then_tree_mask,
+    children_map,
+    path_to,
+    validate_parents,
+)
+
+
+def test_depths_and_validation():
+    assert validate_parents([0, 0, 1, 3]) == [1, 1, 2, 3]
+    with pytest.raises(TreeError):
+        validate_parents([0, 2])  # parent not earlier
+    with pytest.raises(TreeError):
+        validate_parents([1])  # self-reference
+    with pytest.raises(TreeError):
+        validate_parents([0, -1])
+    with pytest.raises(TreeError, match="deeper"):
+        validate_parents([0, 1, 2], max_depth=2)
+
+
+def test_ancestor_mask():
+    m = ancestor_mask([0, 0, 1])  # root -> 1 -> 3, root -> 2
+    expect = torch.tensor([
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 0, 1, 0],
+        [1, 1, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(m, expect)
+    assert torch.equal(ancestor_mask([0, 0, 1], include_root=False), expect[1:, 1:])
+
+
+def test_chain_then_tree_mask():
+    m = chain_then_tree_mask(2, [0, 1])
+    expect = torch.tensor([
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 0],
+        [1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(m, expect)
+    m = chain_then_tree_mask(1, [0, 0])  # siblings never see each other
+    assert not m[1, 2] and not m[2, 1] and m[2, 0]
+
+
+def test_children_and_paths():
+    kids = children_map([5, 6, 7, 5], [0, 0, 1, 0])
+    assert kids[0] == {5: 1, 6: 2} and kids[1] == {7: 3}  # duplicate 5 under root: first wins
+    assert path_to(3, [0, 0, 1, 0]) == [1, 3]
+    assert path_to(0, [0]) == []

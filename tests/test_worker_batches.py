@@ -1,0 +1,104 @@
+"""The verifier runs exactly one target forward per batch, whatever the batch size, and
+answers bad blocks with a Rejected while serving everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from schemas import (
+    SCHEMA_VERSION,
+    DraftBlock,
+    Rejected,
+    Sampling,
+    SessionOpened,
+    decode,
+    encode,
+    pack_ids,
+)
+from specedge import broker, subjects
+from specedge.config import TreeShape
+from tests.stack import generate, reference_greedy, running_worker, wait_queued
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_one_target_forward_per_batch(nats_server, tiny_pair):
+    target, draft = tiny_pair
+    calls = []
+    hook = target.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        prompts = [[(7 * i + j) % 256 for j in range(3 + 5 * i)] for i in range(6)]
+        gen = asyncio.create_task(generate(nats_server.url, draft, prompts, max_new_tokens=16))
+        await wait_queued(nats_server.url, 6)
+        async with running_worker(target, nats_server.url, max_batch=8) as w:
+            results = await gen
+    finally:
+        hook.remove()
+    assert len(calls) == w.stats.batches == w.engine.runner.forward_calls
+    assert w.stats.blocks == sum(len(r.rounds) for r in results)
+    assert max(w.stats.batch_sizes) == 6  # the queued first round went out as one batch
+    for p, r in zip(prompts, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 16)
+
+
+async def test_bad_blocks_are_rejected_and_others_served(nats_server, tiny_pair):
+    target, draft = tiny_pair
+    nc = await broker.connect(nats_server.url, "attacker")
+    js = nc.jetstream()
+    verdicts: dict[str, list] = {}
+
+    async def collect(m):
+        verdicts.setdefault(subjects.sid_of(m.subject), []).append(decode(m.data))
+
+    await nc.subscribe(f"{subjects.PREFIX}.verdict.*", cb=collect)
+    prompt = [5, 6, 7, 8]
+
+    async def open_session(sid):
+        o = SessionOpened(v=SCHEMA_VERSION, prompt=pack_ids(prompt), sampling=Sampling(), seed=0,
+                          max_new_tokens=8, eos_ids=b"", target="t", draft="d", vocab_size=256)
+        await js.publish(subjects.session(sid), encode(o))
+
+    def block(**kw):
+        base = dict(v=SCHEMA_VERSION, round=0, committed_len=4, root=8, tokens=pack_ids([1, 2]),
+                    parents=pack_ids([0, 1]))
+        base.update(kw)
+        return encode(DraftBlock(**base))
+
+    bad = {
+        "undecodable": (b"\x93\xff garbage", "bad_message"),
+        "oov": (block(tokens=pack_ids([1, 256])), "invalid_tree"),
+        "negative": (block(tokens=pack_ids([-3, 1])), "invalid_tree"),
+        "parent": (block(parents=pack_ids([0, 2])), "invalid_tree"),
+        "cycle": (block(parents=pack_ids([1, 0])), "invalid_tree"),
+        "large": (block(tokens=pack_ids([1] * 65), parents=pack_ids(list(range(65)))), "too_large"),
+        "stale": (block(round=3), "stale"),
+        "past": (block(committed_len=2), "stale"),
+        "ragged": (block(tokens=b"\x01\x00\x00"), "invalid_tree"),
+        "version": (encode(DraftBlock(v=99, round=0, committed_len=4, root=8, tokens=b"",
+                                      parents=b"")), "bad_message"),
+        "unknown": (block(), "unknown_session"),
+    }
+    for sid in bad:
+        if sid != "unknown":
+            await open_session(sid)
+    honest_prompts = [[9, 8, 7], [1, 2, 3, 4, 5, 6]]
+    async with running_worker(target, nats_server.url, max_batch=4) as w:
+        honest = asyncio.create_task(generate(nats_server.url, draft, honest_prompts,
+                                              max_new_tokens=20, shape=TreeShape.chain(3)))
+        for sid, (data, _) in bad.items():
+            await js.publish(subjects.draft(sid), data)
+        results = await honest
+        for _ in range(100):
+            if all(sid in verdicts for sid in bad):
+                break
+            await asyncio.sleep(0.05)
+    await nc.close()
+    for sid, (_, code) in bad.items():
+        got = verdicts.get(sid)
+        assert got and isinstance(got[0], Rejected), f"{sid}: no rejection"
+        assert got[0].code == code, f"{sid}: {got[0]}"
+    assert w.stats.rejected == len(bad)
+    for p, r in zip(honest_prompts, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 20)
