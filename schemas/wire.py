@@ -7,8 +7,8 @@ decode, never execute.
 
 from __future__ import annotations
 
-import numpy as np
 import msgspec
+import numpy as np
 
 SCHEMA_VERSION = 1
 

@@ -10,6 +10,19 @@ import sys
 import structlog
 
 
+class _StderrLogger:
+    """Looks sys.stderr up at every line, so a replaced stream (pytest's capture) is followed."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_args) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure(level: str | None = None, json: bool | None = None) -> None:
     level = (level or os.environ.get("SPECEDGE_LOG", "info")).upper()
     if json is None:
@@ -26,7 +39,7 @@ def configure(level: str | None = None, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
 

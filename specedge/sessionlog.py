@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -105,7 +104,7 @@ async def read_session(js, sid: str, *, timeout: float = 5.0) -> SessionLog:
         while pending > 0:
             try:
                 msgs = await sub.fetch(batch=min(pending, 512), timeout=timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise LogError(f"session {sid}: log read timed out with {pending} left") from None
             for m in msgs:
                 md = m.metadata

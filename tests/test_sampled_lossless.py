@@ -25,7 +25,7 @@ from workers.verifier.validate import CheckedBlock
 V = 8
 S = Sampling(temperature=1.0, top_p=0.9, top_k=0)
 PROMPT = [1, 5, 2]
-TRIALS = 3000
+TRIALS = 2000
 
 
 def target_joint(target) -> np.ndarray:

@@ -91,7 +91,7 @@ class Worker:
                     try:
                         timeout = 0.05 if self._deferred else self.cfg.fetch_timeout_s
                         msgs = await psub.fetch(batch=room, timeout=timeout)
-                    except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                    except (TimeoutError, nats.errors.TimeoutError):
                         msgs = []
                     except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
                         log.warning("fetch failed; retrying", error=str(exc))

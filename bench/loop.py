@@ -1,0 +1,168 @@
+"""python -m bench.loop: one edge, one verifier, the real pair, Spec-Bench prompts. Measures
+tokens per round, acceptance and one round's time split (drafting, broker, verification) per
+category and per tree shape. Writes results.json and a Markdown table.
+
+The verifier and the edge get separate cores (the verifier process is pinned to the first
+half, this process to the rest), as they would be separate machines in deployment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.workload import load
+from schemas import Sampling
+from specedge import broker, logs
+from specedge.config import TreeShape
+from specedge.demo import wait_verifier
+from specedge.edge.drafter import Drafter
+from specedge.edge.session import EdgeSession, SessionParams
+from specedge.edge.text import eos_ids, prompt_ids
+from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
+from specedge.runner import PackedRunner
+
+SHAPES = {
+    "chain4": TreeShape.chain(4),
+    "chain6": TreeShape.chain(6),
+    "tree8": TreeShape(budget=8, depth=6, width=2, topk=2),
+    "tree12": TreeShape(budget=12, depth=6, width=3, topk=3),
+    "tree16": TreeShape(budget=16, depth=7, width=4, topk=3),
+}
+
+
+def split_cores() -> tuple[list[int], list[int]]:
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    return cores[:half], cores[half:] or cores[:half]
+
+
+async def run(a, url, draft, tok) -> list[dict]:
+    qs = load(per_category=a.per_category, categories=a.categories)
+    eos = eos_ids(tok, draft.config, draft.generation_config)
+    runner = PackedRunner(draft)
+    ex = ThreadPoolExecutor(1)
+    nc = await broker.connect(url, "bench-loop")
+    js = nc.jetstream()
+    rows = []
+    try:
+        # warm-up, excluded
+        await EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
+            prompt_ids=prompt_ids(tok, "hi", True), max_new_tokens=8, eos_ids=eos)).run()
+        bar = tqdm(total=len(a.shapes) * len(qs), desc="sessions", file=sys.stderr)
+        for name in a.shapes:
+            for q in qs:
+                p = SessionParams(prompt_ids=prompt_ids(tok, q["prompt"], True),
+                                  max_new_tokens=a.max_new_tokens, sampling=Sampling(),
+                                  eos_ids=eos, shape=SHAPES[name])
+                res = await EdgeSession(nc, js, Drafter(runner), ex, p).run()
+                s = res.summary()
+                n = len(res.rounds)
+                rows.append({
+                    "shape": name, "category": q["category"], "question_id": q["question_id"],
+                    "tokens": len(res.token_ids), "rounds": n,
+                    "tokens_per_round": s["tokens_per_round"], "acceptance": s["acceptance"],
+                    "draft_ms": 1000 * statistics.mean(r.draft_s for r in res.rounds),
+                    "verify_ms": 1000 * statistics.mean(r.verify_s for r in res.rounds),
+                    "broker_ms": 1000 * statistics.mean(r.wait_s - r.verify_s for r in res.rounds),
+                    "round_ms": 1000 * (res.wall_s - res.ttft_s) / max(n - 1, 1),
+                    "tokens_per_s": len(res.token_ids) / res.wall_s,
+                    "itl_p50_ms": 1000 * s["itl_s"],
+                })
+                bar.update()
+        bar.close()
+    finally:
+        ex.shutdown()
+        await nc.close()
+    return rows
+
+
+def aggregate(rows: list[dict], key: str) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r[key]) if key != "shape" else (r["shape"],), []).append(r)
+    out = []
+    for k, rs in groups.items():
+        toks, rounds = sum(r["tokens"] for r in rs), sum(r["rounds"] for r in rs)
+        agg = {"shape": k[0]} | ({key: k[1]} if key != "shape" else {})
+        agg |= {"sessions": len(rs), "tokens_per_round": toks / rounds,
+                "acceptance": statistics.mean(r["acceptance"] for r in rs)}
+        for f in ("draft_ms", "broker_ms", "verify_ms", "round_ms", "tokens_per_s", "itl_p50_ms"):
+            agg[f] = statistics.mean(r[f] for r in rs)
+        out.append(agg)
+    return out
+
+
+def table(rows: list[dict], first: list[str]) -> str:
+    cols = first + ["tokens_per_round", "acceptance", "draft_ms", "broker_ms", "verify_ms",
+                    "round_ms", "tokens_per_s", "itl_p50_ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(
+            f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.loop", description=__doc__)
+    p.add_argument("--per-category", type=int, default=1)
+    p.add_argument("--categories", nargs="*", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--shapes", nargs="*", default=["chain4", "tree8", "tree16"],
+                   choices=sorted(SHAPES))
+    p.add_argument("--out", default="bench/results/loop")
+    a = p.parse_args(argv)
+    logs.configure("warning")
+    vcores, ecores = split_cores()
+    os.sched_setaffinity(0, ecores)
+    torch.set_num_threads(len(ecores))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
+    srv = broker.EmbeddedNats(store_dir=state / "nats").start()
+    broker.run_setup(srv.url)
+    vlog = open(state / "verifier.log", "wb")  # noqa: SIM115
+    verifier = subprocess.Popen(
+        ["taskset", "-c", ",".join(map(str, vcores)), sys.executable, "-m", "workers.verifier",
+         "--nats", srv.url, "--threads", str(len(vcores)), "--log-level", "warning"],
+        stdout=vlog, stderr=subprocess.STDOUT)
+    try:
+        tok = load_tokenizer(DEFAULT_DRAFT)
+        draft = load_model(DEFAULT_DRAFT)
+        asyncio.run(wait_verifier(srv.url, verifier))
+        t0 = time.time()
+        rows = asyncio.run(run(a, srv.url, draft, tok))
+    finally:
+        verifier.terminate()
+        verifier.wait(30)
+        srv.cleanup()
+    by_shape, by_cat = aggregate(rows, "shape"), aggregate(rows, "category")
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "verifier_cores": vcores, "edge_cores": ecores, "torch": torch.__version__},
+        "settings": vars(a) | {"target": DEFAULT_TARGET, "draft": DEFAULT_DRAFT,
+                               "wall_s": time.time() - t0},
+        "rows": rows, "by_shape": by_shape, "by_category": by_cat,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    md = ("## By tree shape\n\n" + table(by_shape, ["shape"]) + "\n\n## By category\n\n"
+          + table(by_cat, ["shape", "category"]) + "\n")
+    (out / "table.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
