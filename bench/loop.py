@@ -1,4 +1,5 @@
-"""python -m bench.loop: one edge, one verifier, the real pair, Spec-Bench prompts. Measures
+"""python -m bench.loop: one edge, one verifier, the real pair, Spec-Bench prompts, proactive
+drafting off (this is the plain round, see bench.proactive for the overlap). Measures
 tokens per round, acceptance and one round's time split (drafting, broker, verification) per
 category and per tree shape. Writes results.json and a Markdown table.
 
@@ -13,9 +14,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,12 +22,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bench.stack import Stack, split_cores
 from bench.workload import load
 from schemas import Sampling
 from specedge import broker, logs
 from specedge.config import TreeShape
-from specedge.demo import wait_verifier
 from specedge.edge.drafter import Drafter
+from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
@@ -43,12 +43,6 @@ SHAPES = {
 }
 
 
-def split_cores() -> tuple[list[int], list[int]]:
-    cores = sorted(os.sched_getaffinity(0))
-    half = max(1, len(cores) // 2)
-    return cores[:half], cores[half:] or cores[:half]
-
-
 async def run(a, url, draft, tok) -> list[dict]:
     qs = load(per_category=a.per_category, categories=a.categories)
     eos = eos_ids(tok, draft.config, draft.generation_config)
@@ -60,13 +54,14 @@ async def run(a, url, draft, tok) -> list[dict]:
     try:
         # warm-up, excluded
         await EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
-            prompt_ids=prompt_ids(tok, "hi", True), max_new_tokens=8, eos_ids=eos)).run()
+            prompt_ids=prompt_ids(tok, "hi", True), max_new_tokens=8, eos_ids=eos,
+            proactive=Mode.OFF)).run()
         bar = tqdm(total=len(a.shapes) * len(qs), desc="sessions", file=sys.stderr)
         for name in a.shapes:
             for q in qs:
                 p = SessionParams(prompt_ids=prompt_ids(tok, q["prompt"], True),
                                   max_new_tokens=a.max_new_tokens, sampling=Sampling(),
-                                  eos_ids=eos, shape=SHAPES[name])
+                                  eos_ids=eos, shape=SHAPES[name], proactive=Mode.OFF)
                 res = await EdgeSession(nc, js, Drafter(runner), ex, p).run()
                 s = res.summary()
                 n = len(res.rounds)
@@ -130,24 +125,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(len(ecores))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
-    srv = broker.EmbeddedNats(store_dir=state / "nats").start()
-    broker.run_setup(srv.url)
-    vlog = open(state / "verifier.log", "wb")  # noqa: SIM115
-    verifier = subprocess.Popen(
-        ["taskset", "-c", ",".join(map(str, vcores)), sys.executable, "-m", "workers.verifier",
-         "--nats", srv.url, "--threads", str(len(vcores)), "--log-level", "warning"],
-        stdout=vlog, stderr=subprocess.STDOUT)
+    tok, draft = load_tokenizer(DEFAULT_DRAFT), load_model(DEFAULT_DRAFT)
+    stack = Stack(vcores).start()
     try:
-        tok = load_tokenizer(DEFAULT_DRAFT)
-        draft = load_model(DEFAULT_DRAFT)
-        asyncio.run(wait_verifier(srv.url, verifier))
         t0 = time.time()
-        rows = asyncio.run(run(a, srv.url, draft, tok))
+        rows = asyncio.run(run(a, stack.url, draft, tok))
     finally:
-        verifier.terminate()
-        verifier.wait(30)
-        srv.cleanup()
+        stack.stop()
     by_shape, by_cat = aggregate(rows, "shape"), aggregate(rows, "category")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

@@ -147,8 +147,12 @@ async def connect(url: str, name: str, **kw) -> nats.NATS:
     async def on_error(e: Exception) -> None:
         log.warning("nats error", error=str(e), client=name)
 
+    holder: list[nats.NATS] = []
+
     async def on_disconnect() -> None:
-        log.info("nats disconnected", client=name)
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return  # our own close, not news
+        log.warning("nats disconnected", client=name)
 
     async def on_reconnect() -> None:
         log.info("nats reconnected", client=name)
@@ -166,7 +170,9 @@ async def connect(url: str, name: str, **kw) -> nats.NATS:
         reconnected_cb=on_reconnect,
     )
     opts.update(kw)
-    return await nats.connect(url, **opts)
+    nc = await nats.connect(url, **opts)
+    holder.append(nc)
+    return nc
 
 
 async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None:

@@ -30,6 +30,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default=DEFAULT_DRAFT)
     add_common(p)
+    p.set_defaults(log_level=os.environ.get("SPECEDGE_LOG", "warning"))  # the answer is the show
     add_generation_args(p)
     p.add_argument("--verifier-threads", type=int, default=None,
                    help="torch threads for the verifier (default: half the cores)")
@@ -60,11 +61,10 @@ async def amain(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> 
 
     a.model = a.draft
     loop = asyncio.get_running_loop()
-    # Load the draft while the verifier loads the target.
-    draft_f = loop.run_in_executor(None, lambda: load_model(a.draft, dtype=DTYPES[a.dtype],
-                                                              device=a.device))
-    tok = await loop.run_in_executor(None, load_tokenizer, a.draft)
-    draft = await draft_f
+    # Load the draft while the verifier process loads the target. One thread: transformers'
+    # lazy imports are not safe to race.
+    tok, draft = await loop.run_in_executor(None, lambda: (
+        load_tokenizer(a.draft), load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)))
     await wait_verifier(url, verifier)
     log.info("stack ready; answering", prompt=a.prompt[:60])
     return await run_edge(a, url, draft=draft, tokenizer=tok)

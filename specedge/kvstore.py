@@ -52,6 +52,22 @@ class SessionKV:
             self.buf[:, :, :, base : base + len(keep)] = self.buf.index_select(3, idx)
         self.length = base + len(keep)
 
+    def fork(self, base: int, keep: Sequence[int] = ()) -> SessionKV:
+        """A new store holding positions [0, base) plus tail entries base + keep[i]. The edge
+        forks its draft KV to draft ahead on a guess without touching the real one; the copy
+        is of the draft's own prefix once per round, never on the verifier's path."""
+        new = SessionKV.__new__(SessionKV)
+        new.shape, new.dtype, new.device = self.shape, self.dtype, self.device
+        n = base + len(keep)
+        new.buf = torch.empty((*self.shape[:3], max(n, 1) + _ALIGN, self.shape[4]),
+                              dtype=self.dtype, device=self.device)
+        new.buf[:, :, :, :base] = self.buf[:, :, :, :base]
+        if keep:
+            idx = torch.as_tensor([base + k for k in keep], dtype=torch.long, device=self.device)
+            new.buf[:, :, :, base:n] = self.buf.index_select(3, idx)
+        new.length = n
+        return new
+
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 

@@ -32,7 +32,8 @@ async def running_worker(model, url: str, **cfg):
 
 async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_tokens: int = 24,
                    shape: TreeShape | None = None, sampling: Sampling | None = None,
-                   seeds: list[int] | None = None, eos_ids: tuple[int, ...] = ()):
+                   seeds: list[int] | None = None, eos_ids: tuple[int, ...] = (),
+                   **params):
     """Run one edge session per prompt, all concurrently, sharing one draft model."""
     nc = await broker.connect(url, "test-edge")
     js = nc.jetstream()
@@ -43,7 +44,7 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
             EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
                 prompt_ids=p, max_new_tokens=max_new_tokens, sampling=sampling or Sampling(),
                 seed=(seeds[i] if seeds else i), eos_ids=eos_ids, shape=shape or TreeShape(),
-                verdict_timeout_s=20))
+                verdict_timeout_s=20, **params))
             for i, p in enumerate(prompts)
         ]
         return await asyncio.gather(*(s.run() for s in sessions))

@@ -21,7 +21,7 @@ from specedge.edge.text import eos_ids, prompt_ids
 from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
 from tests.stack import generate, reference_greedy, running_worker
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+pytestmark = pytest.mark.integration
 
 NEAR_TIE = 0.15
 NEW = 32

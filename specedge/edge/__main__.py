@@ -13,6 +13,7 @@ from schemas import Sampling
 from specedge import broker, logs
 from specedge.cli import DTYPES, add_common, apply_threads
 from specedge.config import TreeShape
+from specedge.edge.proactive import Mode
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-topk", type=int, default=d.topk, help="children considered per node")
     p.add_argument("--chain", type=int, default=None,
                    help="draft a chain of this length instead of a tree")
+    p.add_argument("--proactive", choices=[m.value for m in Mode], default=Mode.SINGLE.value,
+                   help="draft the next round while this one is verified: off, single guess, "
+                        "or multi (the top few guesses)")
+    p.add_argument("--emulate-rtt-ms", type=float, default=0.0,
+                   help="add this round trip (half each way) to publishes and verdicts")
 
 
 def shape_from(a: argparse.Namespace) -> TreeShape:
@@ -76,7 +82,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             prompt_ids=ids, max_new_tokens=a.max_new_tokens,
             sampling=Sampling(a.temperature, a.top_p, a.top_k), seed=a.seed,
             eos_ids=eos_ids(tokenizer, draft.config, getattr(draft, "generation_config", None)),
-            shape=shape_from(a), target_name=a.target, draft_name=a.model)
+            shape=shape_from(a), target_name=a.target, draft_name=a.model,
+            proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms)
         session = EdgeSession(nc, nc.jetstream(), Drafter(PackedRunner(draft)), ex, params,
                               on_tokens=stream)
         result = await session.run()

@@ -131,6 +131,14 @@ class Drafter:
         seg = Segment(self.kv, toks, positions, mask, base, list(range(len(nodes))))
         return self.runner.forward([seg])[0]
 
+    def fork(self, tree: DraftTree, path: list[int]) -> Drafter:
+        """A drafter whose KV covers C plus the forwarded part of `path` (a root-to-node path
+        of `tree`), for drafting ahead on the guess that the verdict accepts that path."""
+        d = Drafter.__new__(Drafter)
+        d.runner, d.vocab_size = self.runner, self.vocab_size
+        d.kv = self.kv.fork(tree.committed_len, [i - 1 for i in path if i <= tree.forwarded])
+        return d
+
     def rollback(self, tree: DraftTree, accepted: list[int]) -> None:
         """Keep the draft KV of the accepted path (its forwarded prefix), drop the rest."""
         keep = [i - 1 for i in accepted if i <= tree.forwarded]

@@ -5,6 +5,7 @@ thread so the event loop always stays free to take a verdict."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from schemas import (
 from specedge import subjects
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
+from specedge.edge.proactive import Mode, Proactive
 
 log = structlog.get_logger(__name__)
 
@@ -48,12 +50,16 @@ class RoundRecord:
     depth: int
     accepted: int
     committed: int
-    draft_s: float
+    draft_s: float  # drafting on the critical path (after the previous verdict)
     wait_s: float  # block published -> verdict received
     verify_s: float
     queued_s: float
     batch_size: int
     kv_hit: bool
+    proactive_s: float = 0.0  # proactive drafting done while this round was in flight
+    hidden_s: float = 0.0  # of which went into the tree the next round actually used
+    hit: bool | None = None  # did the proactive guess come true (None: proactive off)
+    react_s: float = 0.0  # verdict arrival -> the edge acting on it
 
 
 @dataclass
@@ -85,6 +91,12 @@ class SessionResult:
             "draft_s": sum(r.draft_s for r in self.rounds),
             "wait_s": sum(r.wait_s for r in self.rounds),
             "verify_s": sum(r.verify_s for r in self.rounds),
+            "proactive_hit_rate": (sum(bool(r.hit) for r in self.rounds if r.hit is not None)
+                                   / max(1, sum(r.hit is not None for r in self.rounds))),
+            "hidden_s": sum(r.hidden_s for r in self.rounds),
+            "proactive_s": sum(r.proactive_s for r in self.rounds),
+            "react_max_s": max((r.react_s for r in self.rounds), default=0.0),
+            "round_records": [dataclasses.asdict(r) for r in self.rounds],
         }
 
 
@@ -100,6 +112,8 @@ class SessionParams:
     draft_name: str = ""
     verdict_timeout_s: float = 30.0
     max_retries: int = 5
+    proactive: Mode = Mode.SINGLE
+    emulate_rtt_ms: float = 0.0  # half of it delays each publish, half each received verdict
 
 
 class EdgeSession:
@@ -116,22 +130,29 @@ class EdgeSession:
         self.log = log.bind(sid=self.sid)
         self._inbox: dict[int, Verdict | Rejected] = {}
         self._arrived = asyncio.Event()
+        self._arrival: dict[int, float] = {}
 
     async def _on_verdict(self, m) -> None:
+        if self.p.emulate_rtt_ms:
+            await asyncio.sleep(self.p.emulate_rtt_ms / 2000)
         try:
             msg = decode(m.data)
         except WireError as exc:
             self.log.warning("undecodable verdict ignored", error=str(exc))
             return
         if isinstance(msg, Verdict | Rejected) and msg.round >= self.round:
-            self._inbox.setdefault(msg.round, msg)
+            if msg.round not in self._inbox:
+                self._inbox[msg.round] = msg
+                self._arrival[msg.round] = time.perf_counter()
             self._arrived.set()
 
     async def _publish(self, subject: str, msg, kind: str, round_no: int) -> None:
+        if self.p.emulate_rtt_ms:
+            await asyncio.sleep(self.p.emulate_rtt_ms / 2000)
         await self.js.publish(subject, encode(msg),
                               headers={"Nats-Msg-Id": subjects.msg_id(self.sid, round_no, kind)})
 
-    async def _await_verdict(self, block: DraftBlock) -> Verdict:
+    async def _await_verdict(self, block: DraftBlock) -> tuple[Verdict, float]:
         """Wait for this round's verdict; re-publish the same block (same message id, so the
         broker deduplicates) if none arrives in time."""
         for attempt in range(self.p.max_retries + 1):
@@ -149,7 +170,7 @@ class EdgeSession:
                 msg = self._inbox.pop(self.round)
                 if isinstance(msg, Rejected):
                     raise SessionRejected(msg)
-                return msg
+                return msg, self._arrival.pop(self.round)
             self.log.warning("no verdict yet; re-publishing block", round=self.round,
                              attempt=attempt + 1)
             await self._publish(subjects.draft(self.sid), block, "draft", self.round)
@@ -159,9 +180,8 @@ class EdgeSession:
     async def _run_model(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.ex, fn, *args)
 
-    async def _draft(self) -> tuple[DraftTree, float]:
+    async def _finish(self, builder: TreeBuilder) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
-        builder = TreeBuilder(self.drafter, self.committed, self.p.shape)
         while not builder.done:
             await self._run_model(builder.step)
         return builder.tree, time.perf_counter() - t0
@@ -182,22 +202,43 @@ class EdgeSession:
             # Prefill everything but the last prompt token; the first round recomputes it.
             await self._run_model(self.drafter.catch_up, self.committed[:-1] or self.committed)
             finished = False
+            pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.p.shape)
+            hidden_s, hit = 0.0, None
             while not finished:
-                tree, draft_s = await self._draft()
+                # DRAFTING: finish the tree for this round (fresh, or the proactive head's)
+                tree, draft_s = await self._finish(pending)
                 block = DraftBlock(
                     v=SCHEMA_VERSION, round=self.round, committed_len=len(self.committed),
                     root=self.committed[-1], tokens=pack_ids(tree.tokens),
                     parents=pack_ids(tree.parents), t=time.time(),
-                    timings=DraftTimings(draft_s=draft_s))
+                    timings=DraftTimings(draft_s=draft_s, proactive=hit is True))
                 t_pub = time.perf_counter()
                 await self._publish(subjects.draft(self.sid), block, "draft", self.round)
-                v = await self._await_verdict(block)
-                wait_s = time.perf_counter() - t_pub
+                # IN FLIGHT: draft ahead on a guess while the verifier works
+                pro = None
+                if self.p.proactive is not Mode.OFF:
+                    pro = Proactive(self.committed, tree, self.drafter, self.p.shape,
+                                    self.p.proactive, self._run_model)
+                    pro.start()
+                v, t_arrival = await self._await_verdict(block)
+                # VERDICT: stop proactive work, commit, roll back or adopt the guess
+                wait_s = t_arrival - t_pub
                 toks = unpack_ids(v.tokens)
                 accepted = unpack_ids(v.accepted)
-                await self._run_model(self.drafter.rollback, tree, accepted)
+                after = self.committed + toks
+                head = await pro.resolve(after) if pro else None
+                react_s = time.perf_counter() - t_arrival
+                if head is not None:
+                    self.drafter, pending = head.drafter, head.builder
+                    hidden_s, hit = head.busy_s, True
+                else:
+                    await self._run_model(self.drafter.rollback, tree, accepted)
+                    hit = None if pro is None or v.finished else False
+                    hidden_s = 0.0
                 self.committed.extend(toks)
                 self.generated.extend(toks)
+                if head is None:
+                    pending = TreeBuilder(self.drafter, self.committed, self.p.shape)
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -208,9 +249,12 @@ class EdgeSession:
                 rounds.append(RoundRecord(
                     self.round, tree.size, max(tree.depths, default=0), len(accepted), len(toks),
                     draft_s, wait_s, v.timings.verify_s, v.timings.queued_s,
-                    v.timings.batch_size, v.timings.kv_hit))
+                    v.timings.batch_size, v.timings.kv_hit,
+                    proactive_s=pro.busy_s if pro else 0.0, hidden_s=hidden_s, hit=hit,
+                    react_s=react_s))
                 self.log.debug("round done", round=self.round, accepted=len(accepted),
-                               nodes=tree.size, draft_s=round(draft_s, 4), wait_s=round(wait_s, 4))
+                               nodes=tree.size, draft_s=round(draft_s, 4), wait_s=round(wait_s, 4),
+                               hit=hit)
                 if self.on_tokens and toks:
                     self.on_tokens(toks)
                 finished = v.finished

@@ -51,6 +51,7 @@ async def amain(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, w.stop)  # drain: finish the batch in hand, then exit
+    loop.add_signal_handler(signal.SIGUSR1, w.log_stats)  # counters on demand (benchmarks)
     try:
         await w.run()
     finally:

@@ -43,6 +43,7 @@ class WorkerStats:
     rejected: int = 0
     kv_hits: int = 0
     kv_misses: int = 0
+    tokens: int = 0  # committed by this worker's verdicts
     busy_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -103,8 +104,14 @@ class Worker:
             await csub.unsubscribe()
             await nc.close()
             self._executor.shutdown(wait=True)
-            log.info("verifier stopped", worker=self.cfg.name, batches=self.stats.batches,
-                     blocks=self.stats.blocks)
+            self.log_stats("verifier stopped")
+
+    def log_stats(self, event: str = "verifier stats") -> None:
+        st = self.stats
+        log.info(event, worker=self.cfg.name, batches=st.batches, blocks=st.blocks,
+                 tokens=st.tokens, busy_s=round(st.busy_s, 4), rejected=st.rejected,
+                 kv_hits=st.kv_hits, kv_misses=st.kv_misses, sessions=len(self.sessions),
+                 kv_bytes=self.sessions.kv_bytes())
 
     async def _on_session_msg(self, m) -> None:
         try:
@@ -175,6 +182,7 @@ class Worker:
                                       batch_tokens=batch_tokens, kv_hit=out.kv_hit),
             )
             st.committed.extend(toks)
+            self.stats.tokens += len(toks)
             st.round += 1
             st.finished = finished
             data = encode(v)

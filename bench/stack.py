@@ -1,0 +1,94 @@
+"""Start and stop the measured stack: an embedded broker and a verifier process on its own
+cores. The verifier's counters come back from its final log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specedge import broker
+from specedge.demo import wait_verifier
+
+
+def split_cores() -> tuple[list[int], list[int]]:
+    """First half of this process's cores for the verifier, the rest for the edges."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = max(1, len(cores) // 2)
+    return cores[:half], cores[half:] or cores[:half]
+
+
+@dataclass
+class Stack:
+    vcores: list[int]
+    extra_args: list[str] = field(default_factory=list)
+    srv: broker.EmbeddedNats | None = None
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return self.srv.url
+
+    def start(self) -> Stack:
+        state = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
+        self.srv = broker.EmbeddedNats(store_dir=state / "nats").start()
+        broker.run_setup(self.srv.url)
+        self.log_path = state / "verifier.log"
+        with open(self.log_path, "wb") as vlog:
+            self.proc = subprocess.Popen(
+                ["taskset", "-c", ",".join(map(str, self.vcores)), sys.executable, "-m",
+                 "workers.verifier", "--nats", self.srv.url, "--threads", str(len(self.vcores)),
+                 "--log-level", "info", *self.extra_args],
+                stdout=vlog, stderr=subprocess.STDOUT, env=dict(os.environ, SPECEDGE_LOG="info"))
+        asyncio.run(wait_verifier(self.srv.url, self.proc))
+        return self
+
+    def _stats_lines(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"verifier st' in line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+    def snapshot(self, timeout: float = 10.0) -> dict:
+        """The verifier's counters now (SIGUSR1 makes it log them)."""
+        n = len(self._stats_lines())
+        self.proc.send_signal(signal.SIGUSR1)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            lines = self._stats_lines()
+            if len(lines) > n:
+                return lines[-1]
+            time.sleep(0.05)
+        raise TimeoutError("the verifier did not report its counters")
+
+    def stop(self) -> dict:
+        """Stop the verifier (SIGTERM: drain) and return its final counters."""
+        stats: dict = {}
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(60)
+            lines = self._stats_lines()
+            stats = lines[-1] if lines else {}
+        if self.srv:
+            self.srv.cleanup()
+        return stats
+
+
+def delta(after: dict, before: dict) -> dict:
+    """Counters accumulated between two snapshots."""
+    keys = ("batches", "blocks", "tokens", "busy_s", "rejected", "kv_hits", "kv_misses")
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+    d["mean_batch"] = d["blocks"] / d["batches"] if d["batches"] else 0.0
+    return d

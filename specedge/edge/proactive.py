@@ -1,0 +1,113 @@
+"""Proactive drafting: while round r is verified, guess its outcome and draft round r+1 from it.
+
+A guess (a head) is a root-to-node path of the in-flight tree plus the draft's next token
+after it: exactly the shape of a verdict (accepted path + next token). Each head drafts in a
+fork of the draft KV, so a wrong guess costs nothing to undo. Work runs one draft forward at
+a time in the edge's executor and checks for cancellation between forwards, so a verdict is
+never kept waiting for more than the forward in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge.config import TreeShape
+from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
+from specedge.tree import path_to
+
+
+class Mode(enum.StrEnum):
+    OFF = "off"
+    SINGLE = "single"  # one guess: the best leaf and the draft's top next token
+    MULTI = "multi"  # the top few guesses, drafted in order of likelihood
+
+
+@dataclass
+class Head:
+    predicted: list[int]  # C + path tokens + next token
+    logp: float
+    drafter: Drafter
+    builder: TreeBuilder
+    busy_s: float = 0.0  # draft time spent on this head
+
+
+@dataclass
+class Proactive:
+    """The proactive work for one in-flight round."""
+
+    committed: list[int]
+    tree: DraftTree
+    main: Drafter
+    shape: TreeShape
+    mode: Mode
+    run_step: Callable[..., Awaitable]  # runs a model step in the edge's executor
+    max_heads: int = 3
+    heads: list[Head] = field(default_factory=list)
+    busy_s: float = 0.0
+    _cancel: bool = False
+    _task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def _guesses(self) -> list[list[int]]:
+        """Paths to guess from, most likely first: the best leaf, then (multi) the next."""
+        t = self.tree
+        if not t.tokens:
+            return [[]]
+        order = sorted(range(1, t.size + 1), key=lambda i: (-t.logp[i - 1], -t.depths[i - 1]))
+        leaves = [i for i in order if i not in set(t.parents)] or order
+        n = 1 if self.mode is Mode.SINGLE else 2
+        return [path_to(i, t.parents) for i in leaves[:n]]
+
+    async def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return await self.run_step(fn, *args)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    async def _run(self) -> None:
+        t = self.tree
+        for path in self._guesses():
+            if self._cancel:
+                return
+            toks = [t.tokens[i - 1] for i in path]
+            fork = self.main.fork(t, path)
+            base = self.committed + toks
+            t0 = time.perf_counter()
+            logits = await self._timed(fork.catch_up, base)
+            kids = {t.tokens[i - 1] for i, p in enumerate(t.parents, 1) if p == (path[-1] if path else 0)}
+            lp = torch.log_softmax(logits.double(), -1)
+            lp[list(kids)] = float("-inf")  # a child token would have extended the path
+            k = 1 if self.mode is Mode.SINGLE else 2
+            vals, idx = torch.topk(lp, k)
+            pathlp = t.logp[path[-1] - 1] if path else 0.0
+            for j, (v, y) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True)):
+                d = fork if j == 0 else self.main.fork(t, path)
+                pred = base + [y]
+                self.heads.append(Head(pred, pathlp + v, d, TreeBuilder(d, pred, self.shape)))
+            self.heads[-len(idx)].busy_s += time.perf_counter() - t0
+            if len(self.heads) >= self.max_heads or self.mode is Mode.SINGLE:
+                break
+        for h in sorted(self.heads, key=lambda h: -h.logp)[: self.max_heads]:
+            while not h.builder.done:
+                if self._cancel:
+                    return
+                t0 = time.perf_counter()
+                await self._timed(h.builder.step)
+                h.busy_s += time.perf_counter() - t0
+
+    async def resolve(self, committed_after: list[int]) -> Head | None:
+        """The verdict is in: stop all proactive work (waiting at most for the forward in
+        progress) and return the head whose guess came true, if any."""
+        self._cancel = True
+        if self._task is not None:
+            await self._task
+        return next((h for h in self.heads if h.predicted == committed_after), None)
