@@ -28,12 +28,6 @@ class DraftTree:
     def size(self) -> int:
         return len(self.tokens)
 
-    def best_leaf(self) -> int:
-        """The most likely deepest path end (0 if empty): the proactive guess of the outcome."""
-        if not self.tokens:
-            return 0
-        return max(range(1, self.size + 1), key=lambda i: (self.logp[i - 1], self.depths[i - 1]))
-
 
 class TreeBuilder:
     """Best-first tree growth by cumulative draft log-probability. Call step() until done;

@@ -19,7 +19,6 @@ import torch
 
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
-from specedge.tree import path_to
 
 
 class Mode(enum.StrEnum):
@@ -57,14 +56,21 @@ class Proactive:
         self._task = asyncio.create_task(self._run())
 
     def _guesses(self) -> list[list[int]]:
-        """Paths to guess from, most likely first: the best leaf, then (multi) the next."""
+        """Paths to guess from, most likely first. The likeliest outcome follows the draft's
+        favourite child from the root to a leaf (best-first growth always includes a node's
+        favourite child before any other), then the draft's next token. Multi also guesses
+        that the last node of that path is rejected."""
         t = self.tree
-        if not t.tokens:
-            return [[]]
-        order = sorted(range(1, t.size + 1), key=lambda i: (-t.logp[i - 1], -t.depths[i - 1]))
-        leaves = [i for i in order if i not in set(t.parents)] or order
-        n = 1 if self.mode is Mode.SINGLE else 2
-        return [path_to(i, t.parents) for i in leaves[:n]]
+        path, node = [], 0
+        while True:
+            kids = [i for i, p in enumerate(t.parents, 1) if p == node]
+            if not kids:
+                break
+            node = max(kids, key=lambda i: t.logp[i - 1])
+            path.append(node)
+        if self.mode is Mode.SINGLE or not path:
+            return [path]
+        return [path, path[:-1]]
 
     async def _timed(self, fn, *args):
         t0 = time.perf_counter()
