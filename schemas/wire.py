@@ -18,6 +18,14 @@ def pack_ids(ids) -> bytes:
     return np.asarray(ids, dtype="<i4").tobytes()
 
 
+def digest_ids(ids) -> bytes:
+    """8-byte digest of a token sequence: edge and verifier compare their committed sequences
+    with it, so a verifier whose cached state diverged from the log notices and rebuilds."""
+    import hashlib
+
+    return hashlib.blake2b(pack_ids(ids), digest_size=8).digest()
+
+
 def unpack_ids(data: bytes) -> list[int]:
     """Packed int32 bytes -> list of ints. Raises ValueError on a ragged length."""
     if len(data) % 4:
@@ -67,6 +75,7 @@ class DraftBlock(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields
     root: int  # C[-1]
     tokens: bytes  # packed int32, one per node
     parents: bytes  # packed int32, one per node
+    digest: bytes = b""  # digest_ids(C)
     t: float = 0.0
     timings: DraftTimings = DraftTimings()
 

@@ -28,6 +28,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -45,6 +46,7 @@ class StreamSettings:
     duplicate_window_s: float = 120.0
     replicas: int = 1
     max_msg_size: int = 1024 * 1024
+    partitions: int = subjects.PARTITIONS
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,8 @@ async def connect(url: str, name: str, **kw) -> nats.NATS:
         reconnected_cb=on_reconnect,
     )
     opts.update(kw)
-    nc = await nats.connect(url, **opts)
+    # A cluster is given as a comma-separated list of URLs.
+    nc = await nats.connect([u.strip() for u in url.split(",") if u.strip()], **opts)
     holder.append(nc)
     return nc
 
@@ -188,22 +191,27 @@ async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None
         duplicate_window=settings.duplicate_window_s,
         num_replicas=settings.replicas,
         discard=DiscardPolicy.OLD,
+        subject_transform=SubjectTransform(*subjects.draft_transform(settings.partitions)),
     )
     try:
-        await js.stream_info(subjects.STREAM)
-        await js.update_stream(cfg)
+        info = await js.stream_info(subjects.STREAM)
     except NotFoundError:
         await js.add_stream(cfg)
+        log.info("stream created", stream=subjects.STREAM, replicas=settings.replicas)
+        return
+    # An existing stream is the operator's: never downgrade its replicas or limits from here.
+    if info.config.num_replicas != settings.replicas:
+        log.debug("stream exists with other replicas; kept", have=info.config.num_replicas)
 
 
-async def ensure_verifier_consumer(
-    js, durable: str = subjects.VERIFIER_DURABLE, filter_subject: str | None = None,
-    settings: ConsumerSettings = ConsumerSettings(),
+async def ensure_partition_consumer(
+    js, p: int, settings: ConsumerSettings = ConsumerSettings()
 ) -> None:
-    """The durable pull consumer verifiers share (explicit ack); idempotent."""
+    """The durable pull consumer of partition p, shared by whichever workers serve it
+    (explicit ack); idempotent."""
     cfg = ConsumerConfig(
-        durable_name=durable,
-        filter_subject=filter_subject or f"{subjects.PREFIX}.draft.>",
+        durable_name=subjects.partition_durable(p),
+        filter_subject=subjects.partition_filter(p),
         ack_policy=AckPolicy.EXPLICIT,
         # ALL, so blocks published before any verifier ever ran are not lost; workers terminate
         # blocks older than their max age without further work.
@@ -216,19 +224,44 @@ async def ensure_verifier_consumer(
         await js.add_consumer(subjects.STREAM, cfg)
     except BadRequestError as exc:
         # An existing durable with other settings: keep it (another worker may rely on it).
-        log.warning("verifier consumer exists with other settings; kept", error=str(exc))
+        log.warning("partition consumer exists with other settings; kept", partition=p,
+                    error=str(exc))
 
 
-async def setup(url: str, stream: StreamSettings = StreamSettings()) -> None:
-    """One-shot: stream and verifier consumer exist. Used by the demo and the fixtures."""
+async def setup(url: str, stream: StreamSettings = StreamSettings(),
+                consumer: ConsumerSettings = ConsumerSettings()) -> None:
+    """One-shot: the stream and every partition's consumer exist, so nothing an edge publishes
+    before the first verifier starts is missed. Used by the demo and the fixtures."""
     nc = await connect(url, "specedge-setup")
     try:
         js = nc.jetstream()
         await ensure_stream(js, stream)
-        await ensure_verifier_consumer(js)
+        for p in range(stream.partitions):
+            await ensure_partition_consumer(js, p, consumer)
     finally:
         await nc.close()
 
 
-def run_setup(url: str) -> None:
-    asyncio.run(setup(url))
+async def partitions_served(js, partitions: int = subjects.PARTITIONS) -> int:
+    """How many partitions a verifier currently holds a lease on (0 before any verifier)."""
+    from nats.js.errors import BucketNotFoundError, NoKeysError
+
+    try:
+        kv = await js.key_value(subjects.LEASES)
+        return sum(k.startswith("part.") for k in await kv.keys())
+    except (BucketNotFoundError, NoKeysError):
+        return 0
+
+
+async def queued_blocks(js, partitions: int = subjects.PARTITIONS) -> int:
+    """Draft blocks waiting or in progress across the partition consumers."""
+    n = 0
+    for p in range(partitions):
+        info = await js.consumer_info(subjects.STREAM, subjects.partition_durable(p))
+        n += info.num_pending + info.num_ack_pending
+    return n
+
+
+def run_setup(url: str, stream: StreamSettings = StreamSettings(),
+              consumer: ConsumerSettings = ConsumerSettings()) -> None:
+    asyncio.run(setup(url, stream, consumer))

@@ -38,7 +38,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 async def wait_verifier(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    """Ready = the verifier has a pull request waiting on the consumer."""
+    """Ready = every partition is leased by a verifier."""
     nc = await broker.connect(url, "demo-probe")
     try:
         js = nc.jetstream()
@@ -46,8 +46,7 @@ async def wait_verifier(url: str, proc: subprocess.Popen, timeout: float = 300.0
         while time.monotonic() < end:
             if proc.poll() is not None:
                 raise RuntimeError(f"the verifier exited with {proc.returncode}")
-            info = await js.consumer_info(subjects.STREAM, subjects.VERIFIER_DURABLE)
-            if info.num_waiting > 0:
+            if await broker.partitions_served(js) == subjects.PARTITIONS:
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError("the verifier did not become ready")

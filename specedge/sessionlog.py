@@ -90,9 +90,10 @@ async def read_session(js, sid: str, *, timeout: float = 5.0) -> SessionLog:
     """Every message of one session, in stream order, through an ephemeral consumer."""
     slog = SessionLog(sid)
     sub = await js.pull_subscribe(
-        subjects.all_of(sid),
+        "",
         stream=subjects.STREAM,
         config=ConsumerConfig(
+            filter_subjects=subjects.log_filters(sid),
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.ALL,
             inactive_threshold=30.0,

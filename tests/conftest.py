@@ -45,12 +45,23 @@ def related_draft(target: Qwen2ForCausalLM, noise: float, seed: int) -> Qwen2For
     return d
 
 
+FAST_CONSUMER = broker.ConsumerSettings(ack_wait_s=2.0, max_deliver=10)
+
+
 @pytest.fixture
 def nats_server(tmp_path):
     srv = broker.EmbeddedNats(store_dir=tmp_path / "nats").start()
-    broker.run_setup(srv.url)
+    broker.run_setup(srv.url, consumer=FAST_CONSUMER)
     yield srv
     srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def target_dir(tiny_pair, tmp_path_factory) -> str:
+    """The tiny target saved to disk, for verifier processes started through their CLI."""
+    d = tmp_path_factory.mktemp("tiny-target")
+    tiny_pair[0].save_pretrained(d)
+    return str(d)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.runner import PackedRunner
+from workers.verifier.leases import lease_owners, wait_balanced  # noqa: F401 (re-export)
 from workers.verifier.worker import Worker, WorkerConfig
 
 
@@ -44,7 +45,7 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
             EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
                 prompt_ids=p, max_new_tokens=max_new_tokens, sampling=sampling or Sampling(),
                 seed=(seeds[i] if seeds else i), eos_ids=eos_ids, shape=shape or TreeShape(),
-                verdict_timeout_s=20, **params))
+                **({"verdict_timeout_s": 20} | params)))
             for i, p in enumerate(prompts)
         ]
         return await asyncio.gather(*(s.run() for s in sessions))
@@ -66,17 +67,14 @@ def reference_greedy(target, prompt: list[int], max_new_tokens: int,
 
 
 async def wait_queued(url: str, n: int, timeout: float = 30.0) -> None:
-    """Wait until n draft blocks wait in the verifiers' consumer (so a batch will be full)."""
-    from specedge import subjects
-
+    """Wait until n draft blocks wait in the partition consumers (so a batch will be full)."""
     nc = await broker.connect(url, "test-probe")
     try:
         js = nc.jetstream()
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while loop.time() < end:
-            info = await js.consumer_info(subjects.STREAM, subjects.VERIFIER_DURABLE)
-            if info.num_pending + info.num_ack_pending >= n:
+            if await broker.queued_blocks(js) >= n:
                 return
             await asyncio.sleep(0.02)
         raise TimeoutError(f"fewer than {n} blocks queued")

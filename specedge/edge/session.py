@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import nats.errors
 import structlog
 
 from schemas import (
@@ -25,6 +27,7 @@ from schemas import (
     Verdict,
     WireError,
     decode,
+    digest_ids,
     encode,
     pack_ids,
     unpack_ids,
@@ -60,6 +63,7 @@ class RoundRecord:
     hidden_s: float = 0.0  # of which went into the tree the next round actually used
     hit: bool | None = None  # did the proactive guess come true (None: proactive off)
     react_s: float = 0.0  # verdict arrival -> the edge acting on it
+    worker: str = ""  # which verifier answered
 
 
 @dataclass
@@ -112,8 +116,19 @@ class SessionParams:
     draft_name: str = ""
     verdict_timeout_s: float = 30.0
     max_retries: int = 5
+    publish_timeout_s: float = 120.0  # keep retrying a publish through a broker outage this long
     proactive: Mode = Mode.SINGLE
     emulate_rtt_ms: float = 0.0  # half of it delays each publish, half each received verdict
+
+
+class State(enum.StrEnum):
+    """Where a session is; each transition is logged (debug) and timed in the round records."""
+
+    OPENING = "opening"
+    DRAFTING = "drafting"  # building this round's tree on the critical path
+    IN_FLIGHT = "in_flight"  # block published; proactive drafting runs meanwhile
+    APPLYING = "applying"  # verdict in: stop proactive work, commit, roll back or adopt
+    CLOSED = "closed"
 
 
 class EdgeSession:
@@ -127,10 +142,15 @@ class EdgeSession:
         self.committed = list(params.prompt_ids)
         self.generated: list[int] = []
         self.round = 0
+        self.state = State.OPENING
         self.log = log.bind(sid=self.sid)
         self._inbox: dict[int, Verdict | Rejected] = {}
         self._arrived = asyncio.Event()
         self._arrival: dict[int, float] = {}
+
+    def _to(self, state: State) -> None:
+        self.log.debug("state", round=self.round, state=str(state), was=str(self.state))
+        self.state = state
 
     async def _on_verdict(self, m) -> None:
         if self.p.emulate_rtt_ms:
@@ -147,15 +167,42 @@ class EdgeSession:
             self._arrived.set()
 
     async def _publish(self, subject: str, msg, kind: str, round_no: int) -> None:
+        """Publish to the stream, retrying through broker outages. The message id makes a
+        retry of an already-stored message a no-op."""
         if self.p.emulate_rtt_ms:
             await asyncio.sleep(self.p.emulate_rtt_ms / 2000)
-        await self.js.publish(subject, encode(msg),
-                              headers={"Nats-Msg-Id": subjects.msg_id(self.sid, round_no, kind)})
+        data = encode(msg)
+        headers = {"Nats-Msg-Id": subjects.msg_id(self.sid, round_no, kind)}
+        deadline = time.monotonic() + self.p.publish_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                await self.js.publish(subject, data, headers=headers, timeout=2.0)
+                return
+            except (TimeoutError, nats.errors.Error) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.warning("publish failed; retrying", kind=kind, round=round_no,
+                                 error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _lookup_verdict(self) -> None:
+        """A verdict published while we were disconnected never reaches our subscription; the
+        stream has it."""
+        try:
+            raw = await self.js.get_last_msg(subjects.STREAM, subjects.verdict(self.sid))
+            msg = decode(raw.data)
+        except Exception:
+            return
+        if isinstance(msg, Verdict | Rejected) and msg.round == self.round:
+            self._inbox.setdefault(msg.round, msg)
+            self._arrival.setdefault(msg.round, time.perf_counter())
 
     async def _await_verdict(self, block: DraftBlock) -> tuple[Verdict, float]:
         """Wait for this round's verdict; re-publish the same block (same message id, so the
         broker deduplicates) if none arrives in time."""
-        for attempt in range(self.p.max_retries + 1):
+        for attempt in range(self.p.max_retries + 2):
             deadline = time.monotonic() + self.p.verdict_timeout_s
             while self.round not in self._inbox:
                 left = deadline - time.monotonic()
@@ -171,9 +218,17 @@ class EdgeSession:
                 if isinstance(msg, Rejected):
                     raise SessionRejected(msg)
                 return msg, self._arrival.pop(self.round)
+            await self._lookup_verdict()
+            if self.round in self._inbox:
+                continue
             self.log.warning("no verdict yet; re-publishing block", round=self.round,
                              attempt=attempt + 1)
-            await self._publish(subjects.draft(self.sid), block, "draft", self.round)
+            # A fresh id: the first copy is stored (its publish was acknowledged) but was lost
+            # downstream (e.g. delivery attempts ran out during an outage), so the same id
+            # would be dropped as a duplicate. A second copy is harmless: the verifier
+            # answers a round it has already answered with the same verdict.
+            await self._publish(subjects.draft(self.sid), block, f"draft.{attempt + 1}",
+                                self.round)
         raise TimeoutError(f"session {self.sid}: no verdict for round {self.round} after "
                            f"{self.p.max_retries + 1} attempts")
 
@@ -205,23 +260,24 @@ class EdgeSession:
             pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.p.shape)
             hidden_s, hit = 0.0, None
             while not finished:
-                # DRAFTING: finish the tree for this round (fresh, or the proactive head's)
+                self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
                 tree, draft_s = await self._finish(pending)
                 block = DraftBlock(
                     v=SCHEMA_VERSION, round=self.round, committed_len=len(self.committed),
                     root=self.committed[-1], tokens=pack_ids(tree.tokens),
-                    parents=pack_ids(tree.parents), t=time.time(),
+                    parents=pack_ids(tree.parents), digest=digest_ids(self.committed),
+                    t=time.time(),
                     timings=DraftTimings(draft_s=draft_s, proactive=hit is True))
                 t_pub = time.perf_counter()
                 await self._publish(subjects.draft(self.sid), block, "draft", self.round)
-                # IN FLIGHT: draft ahead on a guess while the verifier works
+                self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
                 pro = None
                 if self.p.proactive is not Mode.OFF:
                     pro = Proactive(self.committed, tree, self.drafter, self.p.shape,
                                     self.p.proactive, self._run_model)
                     pro.start()
                 v, t_arrival = await self._await_verdict(block)
-                # VERDICT: stop proactive work, commit, roll back or adopt the guess
+                self._to(State.APPLYING)
                 wait_s = t_arrival - t_pub
                 toks = unpack_ids(v.tokens)
                 accepted = unpack_ids(v.accepted)
@@ -251,7 +307,7 @@ class EdgeSession:
                     draft_s, wait_s, v.timings.verify_s, v.timings.queued_s,
                     v.timings.batch_size, v.timings.kv_hit,
                     proactive_s=pro.busy_s if pro else 0.0, hidden_s=hidden_s, hit=hit,
-                    react_s=react_s))
+                    react_s=react_s, worker=v.worker))
                 self.log.debug("round done", round=self.round, accepted=len(accepted),
                                nodes=tree.size, draft_s=round(draft_s, 4), wait_s=round(wait_s, 4),
                                hit=hit)
@@ -273,6 +329,7 @@ class EdgeSession:
             raise
         finally:
             await sub.unsubscribe()
+        self._to(State.CLOSED)
         wall = time.perf_counter() - t_start
         self.log.info("session finished", tokens=len(self.generated), rounds=len(rounds),
                       wall_s=round(wall, 3))

@@ -10,7 +10,8 @@ import sys
 
 import structlog
 
-from specedge import broker, logs
+from specedge import broker, logs, subjects
+from specedge.broker import ConsumerSettings, StreamSettings
 from specedge.cli import DTYPES, add_common, apply_threads
 from specedge.config import Limits
 from workers.verifier.worker import Worker, WorkerConfig
@@ -29,6 +30,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
     p.add_argument("--name", default=None, help="worker name in verdicts and logs")
+    p.add_argument("--partitions", type=int, default=subjects.PARTITIONS,
+                   help="partition count of the stream (fixed when the stream is created)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="stream replicas if this worker creates the stream (3 on a cluster)")
+    p.add_argument("--ack-wait", type=float, default=ConsumerSettings.ack_wait_s,
+                   help="seconds before an unacked block is redelivered")
+    p.add_argument("--max-deliver", type=int, default=ConsumerSettings.max_deliver)
+    p.add_argument("--lease-ttl", type=float, default=6.0,
+                   help="seconds after which a silent worker's partitions move")
     return p.parse_args(argv)
 
 
@@ -44,7 +54,12 @@ async def amain(a: argparse.Namespace) -> int:
 
     model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
     limits = Limits(a.max_nodes, a.max_depth, a.max_prompt_tokens, a.max_new_tokens)
-    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, kv_budget_tokens=a.kv_budget)
+    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, kv_budget_tokens=a.kv_budget,
+                       partitions=a.partitions, lease_ttl_s=a.lease_ttl,
+                       lease_renew_s=max(0.2, a.lease_ttl / 5),
+                       stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
+                       consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
+                                                 max_deliver=a.max_deliver))
     if a.name:
         cfg.name = a.name
     w = Worker(model, url, cfg)

@@ -22,6 +22,7 @@ from schemas import (
     VerifyTimings,
     WireError,
     decode,
+    digest_ids,
     encode,
     pack_ids,
 )
@@ -30,6 +31,7 @@ from specedge.config import Limits
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
 from workers.verifier.engine import Engine
+from workers.verifier.leases import Leases
 from workers.verifier.state import SessionState, SessionTable
 from workers.verifier.validate import BlockError, CheckedBlock, check_block, check_opened
 
@@ -52,8 +54,14 @@ class WorkerStats:
 class WorkerConfig:
     max_batch: int = 8
     fetch_timeout_s: float = 1.0
+    gather_s: float = 0.003  # after the first block of a batch, how long others may join
     limits: Limits = field(default_factory=Limits)
     kv_budget_tokens: int | None = None
+    partitions: int = subjects.PARTITIONS
+    lease_ttl_s: float = 6.0
+    lease_renew_s: float = 1.0
+    consumer: broker.ConsumerSettings = field(default_factory=broker.ConsumerSettings)
+    stream: broker.StreamSettings = field(default_factory=broker.StreamSettings)
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
 
@@ -70,41 +78,104 @@ class Worker:
         self.ready = asyncio.Event()
 
     def stop(self) -> None:
-        """Finish the batch in hand, then return from run()."""
+        """Drain: stop pulling, finish and publish the batch in hand, release leases, return."""
         self._stop.set()
 
     async def run(self) -> None:
         nc = await broker.connect(self.url, f"verifier-{self.cfg.name}")
         js = nc.jetstream()
         self.nc, self.js = nc, js
-        await broker.ensure_stream(js)
-        await broker.ensure_verifier_consumer(js)
-        psub = await js.pull_subscribe_bind(subjects.VERIFIER_DURABLE, stream=subjects.STREAM)
+        for attempt in range(60):  # a fresh cluster answers JetStream calls only once ready
+            try:
+                await broker.ensure_stream(js, self.cfg.stream)
+                break
+            except Exception as exc:
+                if attempt == 59:
+                    raise
+                log.warning("stream not ready; retrying", error=repr(exc))
+                await asyncio.sleep(0.5)
+        self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
+                             self.cfg.lease_renew_s)
+        await self.leases.start()
         csub = await nc.subscribe(f"{subjects.PREFIX}.session.*", cb=self._on_session_msg)
+        inbox: asyncio.Queue = asyncio.Queue()
+        pullers: dict[int, asyncio.Task] = {}
+        lease_task = asyncio.create_task(self.leases.run(self._stop))
+
+        async def sync_pullers() -> None:
+            for p in set(pullers) - set(self.leases.owned):
+                pullers.pop(p).cancel()
+            for p in set(self.leases.owned) - set(pullers):
+                pullers[p] = asyncio.create_task(self._pull(p, inbox))
+
+        await sync_pullers()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
-                 vocab=self.engine.vocab_size)
+                 vocab=self.engine.vocab_size, partitions=sorted(self.leases.owned))
         self.ready.set()
         try:
             while not self._stop.is_set():
-                room = self.cfg.max_batch - len(self._deferred)
+                if self.leases.changed.is_set():
+                    self.leases.changed.clear()
+                    await sync_pullers()
                 msgs = []
-                if room > 0:
+                if not self._deferred:
                     try:
-                        timeout = 0.05 if self._deferred else self.cfg.fetch_timeout_s
-                        msgs = await psub.fetch(batch=room, timeout=timeout)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        msgs = []
-                    except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
-                        log.warning("fetch failed; retrying", error=str(exc))
-                        await asyncio.sleep(0.5)
+                        msgs.append(await asyncio.wait_for(inbox.get(), self.cfg.fetch_timeout_s))
+                    except TimeoutError:
                         continue
-                if msgs or self._deferred:
-                    await self._process(msgs)
+                # Partitions are pulled in parallel: give blocks that are already on their way
+                # from other partitions a moment to land, never waiting for a full batch.
+                if inbox.qsize() + len(msgs) + len(self._deferred) < self.cfg.max_batch:
+                    await asyncio.sleep(self.cfg.gather_s)
+                while not inbox.empty() and len(msgs) + len(self._deferred) < self.cfg.max_batch:
+                    msgs.append(inbox.get_nowait())
+                await self._process(msgs)
         finally:
-            await csub.unsubscribe()
+            # Drain: no more pulls; whatever was pulled but not started goes back at once.
+            for t in pullers.values():
+                t.cancel()
+            await asyncio.gather(*pullers.values(), return_exceptions=True)
+            leftovers = [m for m, _ in self._deferred]
+            while not inbox.empty():
+                leftovers.append(inbox.get_nowait())
+            for m in leftovers:
+                try:
+                    await m.nak()
+                except Exception:
+                    pass
+            await lease_task
+            try:
+                await self.leases.release_all()
+                await csub.unsubscribe()
+            except Exception as exc:
+                log.warning("could not release leases", error=str(exc))
             await nc.close()
             self._executor.shutdown(wait=True)
             self.log_stats("verifier stopped")
+
+    async def _pull(self, p: int, inbox: asyncio.Queue) -> None:
+        """One partition's pull loop: keeps at most a batch's worth waiting locally, and
+        survives broker outages (fetches fail until the connection is back)."""
+        psub = None
+        while not self._stop.is_set():
+            try:
+                if psub is None:
+                    await broker.ensure_partition_consumer(self.js, p, self.cfg.consumer)
+                    psub = await self.js.pull_subscribe_bind(subjects.partition_durable(p),
+                                                             stream=subjects.STREAM)
+                room = self.cfg.max_batch - inbox.qsize()
+                if room <= 0:
+                    await asyncio.sleep(0.005)
+                    continue
+                for m in await psub.fetch(batch=room, timeout=self.cfg.fetch_timeout_s):
+                    inbox.put_nowait(m)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("pull failed; retrying", partition=p, error=str(exc))
+                await asyncio.sleep(0.5)
 
     def log_stats(self, event: str = "verifier stats") -> None:
         st = self.stats
@@ -141,7 +212,13 @@ class Worker:
             if sid in seen:  # one block per session per forward; the rest wait a step
                 self._deferred.append((m, (sid, block)))
                 continue
-            item = await self._admit(m, sid, block)
+            try:
+                item = await self._admit(m, sid, block)
+            except Exception as exc:  # e.g. the broker went away while reading the log
+                log.warning("could not admit block; it will be redelivered", sid=sid,
+                            round=block.round, error=repr(exc))
+                await _quietly(m.nak(delay=1.0))
+                continue
             if item is not None:
                 seen.add(sid)
                 queued = max(0.0, t_pick - m.metadata.timestamp.timestamp())
@@ -150,7 +227,7 @@ class Worker:
             return
         self.sessions.enforce_budget(keep={st.sid for _, st, _, _ in work})
         if sum(len(st.committed) - (st.kv.length if st.kv else 0) for _, st, _, _ in work) > 256:
-            await asyncio.gather(*(m.in_progress() for m, *_ in work))  # long prefill ahead
+            await asyncio.gather(*(_quietly(m.in_progress()) for m, *_ in work))  # long prefill
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
@@ -161,7 +238,7 @@ class Worker:
                           sids=[st.sid for _, st, _, _ in work])
             for m, st, _, _ in work:
                 st.kv = None
-                await m.nak(delay=1.0)
+                await _quietly(m.nak(delay=1.0))
             return
         verify_s = time.perf_counter() - t0
         self.stats.batches += 1
@@ -195,14 +272,14 @@ class Worker:
             pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
-        await asyncio.gather(*pubs)
+        await asyncio.gather(*pubs)  # each handles its own failure
 
     async def _parse(self, m) -> tuple[str, DraftBlock] | None:
         try:
             sid = subjects.sid_of(m.subject)
         except ValueError:
             log.warning("draft on a malformed subject; terminated", subject=m.subject)
-            await m.term()
+            await _quietly(m.term())
             return None
         try:
             block = decode(m.data)
@@ -220,6 +297,9 @@ class Worker:
     async def _admit(self, m, sid: str, block: DraftBlock):
         """Session state for the block (rebuilt from the log if needed) and its checks."""
         st = self.sessions.get(sid)
+        if st is not None and block.round == st.round and block.digest and (
+                block.digest != digest_ids(st.committed)):
+            st = None  # our cached state diverged from the log (e.g. another worker's verdict)
         if st is None or block.round > st.round:
             try:
                 st = await self._load(sid)
@@ -228,7 +308,8 @@ class Worker:
                 await self._reject(m, sid, block.round, code, str(exc))
                 return None
         if block.round < st.round and block.round in st.last_verdicts:
-            # A redelivery of a block we answered: answer again (same id, deduplicated).
+            # A redelivery of a block we answered: answer again (same bytes and id; the
+            # broker deduplicates, the edge ignores a round it has).
             await self._publish_then_ack(m, sid, block.round, "verdict",
                                          st.last_verdicts[block.round])
             return None
@@ -247,6 +328,8 @@ class Worker:
         seq, next_round, finished = committed_sequence(slog)
         st = SessionState.from_opened(sid, slog.opened)
         st.committed, st.round, st.finished = seq, next_round, finished
+        for v in slog.verdicts()[-4:]:  # a redelivered block gets its verdict again, not "stale"
+            st.remember(v.round, encode(v))
         self.sessions.put(st)
         log.info("session state rebuilt from log", sid=sid, round=next_round, length=len(seq))
         return st
@@ -261,10 +344,27 @@ class Worker:
                                   headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
         except Exception as exc:  # the rejection is advisory; never let it stop the worker
             log.warning("could not publish rejection", sid=sid, error=str(exc))
-        await m.term()
+        await _quietly(m.term())
 
     async def _publish_then_ack(self, m, sid: str, round_no: int, kind: str, data: bytes) -> None:
-        # Publish first, ack second: a crash in between costs a redelivery, never a verdict.
-        await self.js.publish(subjects.verdict(sid), data,
-                              headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, kind)})
-        await m.ack()
+        """Publish first, ack second: a crash in between costs a redelivery, never a verdict.
+        If the broker is unreachable the block stays unacked and comes back; the session state
+        remembers the verdict, so the redelivery is answered with the same bytes and id."""
+        headers = {"Nats-Msg-Id": subjects.msg_id(sid, round_no, kind)}
+        for attempt in range(3):
+            try:
+                await self.js.publish(subjects.verdict(sid), data, headers=headers, timeout=2.0)
+                await m.ack()
+                return
+            except Exception as exc:
+                log.warning("verdict publish failed", sid=sid, round=round_no,
+                            attempt=attempt + 1, error=repr(exc))
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+
+async def _quietly(aw) -> None:
+    """Acks, naks and progress marks are best effort: the broker redelivers on its own."""
+    try:
+        await aw
+    except Exception as exc:
+        log.debug("ack-side call failed", error=repr(exc))

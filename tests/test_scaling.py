@@ -1,0 +1,153 @@
+"""Stateless verifiers at scale, with real processes on loopback: affinity through partition
+leases, failover after kill -9, a broker restart, a 3-node cluster losing a node, KV eviction,
+and a graceful drain. Output must always equal the target alone, token for token."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+
+import pytest
+
+from specedge import broker
+from specedge.broker import StreamSettings
+from tests.conftest import FAST_CONSUMER
+from tests.procs import ProcWorker, cluster, urls
+from tests.stack import generate, reference_greedy, running_worker, wait_balanced
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for _ in range(n)]
+
+
+def assert_lossless(target, ps, results, new):
+    for p, r in zip(ps, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, new)
+
+
+async def test_two_workers_affinity_and_kv_hits(nats_server, tiny_pair, target_dir, tmp_path):
+    target, draft = tiny_pair
+    url = nats_server.url
+    ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
+    try:
+        await wait_balanced(url, {"w0", "w1"})
+        ps = prompts(16, 1)
+        results = await generate(url, draft, ps, max_new_tokens=32)
+    finally:
+        for w in ws:
+            w.stop()
+    assert_lossless(target, ps, results, 32)
+    steady = [rec for r in results for rec in r.rounds[1:]]
+    for r in results:
+        assert len({rec.worker for rec in r.rounds[1:]}) <= 1, "a session hopped workers"
+    assert {rec.worker for rec in steady} == {"w0", "w1"}, "both workers should serve sessions"
+    hit_rate = sum(rec.kv_hit for rec in steady) / len(steady)
+    assert hit_rate >= 0.95, f"KV cache hit rate {hit_rate:.3f}"
+
+
+async def test_kill_9_mid_run(nats_server, tiny_pair, target_dir, tmp_path):
+    target, draft = tiny_pair
+    url = nats_server.url
+    ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
+    try:
+        await wait_balanced(url, {"w0", "w1"})
+        ps = prompts(8, 2)
+        run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=120,
+                                           emulate_rtt_ms=40, verdict_timeout_s=10))
+        await asyncio.sleep(1.5)
+        assert not run.done()
+        ws[0].signal(signal.SIGKILL)
+        results = await run
+    finally:
+        for w in ws:
+            w.stop()
+    assert_lossless(target, ps, results, 120)
+    served = [rec.worker for r in results for rec in r.rounds]
+    assert "w0" in served and served.count("w1") > served.count("w0")
+
+
+async def test_broker_restart_mid_run(nats_server, tiny_pair, target_dir, tmp_path):
+    target, draft = tiny_pair
+    url = nats_server.url
+    w = ProcWorker(url, target_dir, "w0", tmp_path)
+    try:
+        await wait_balanced(url, {"w0"})
+        ps = prompts(4, 3)
+        run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=100,
+                                           emulate_rtt_ms=40, verdict_timeout_s=8))
+        await asyncio.sleep(1.0)
+        nats_server.stop()  # file storage: the stream, consumers and leases survive
+        await asyncio.sleep(1.5)
+        nats_server.start()
+        results = await run
+    finally:
+        w.stop()
+    assert_lossless(target, ps, results, 100)
+    assert w.proc.returncode == 0
+
+
+async def test_cluster_node_killed_mid_run(tiny_pair, target_dir, tmp_path):
+    target, draft = tiny_pair
+    nodes = cluster(tmp_path)
+    url = urls(nodes)
+    try:
+        for _ in range(60):  # the cluster elects its JetStream meta leader first
+            try:
+                await broker.setup(url, StreamSettings(replicas=3), FAST_CONSUMER)
+                break
+            except Exception:
+                await asyncio.sleep(0.5)
+        else:
+            raise TimeoutError("cluster JetStream never became ready")
+        ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
+        try:
+            await wait_balanced(url, {"w0", "w1"})
+            ps = prompts(6, 4)
+            run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=100,
+                                               emulate_rtt_ms=40, verdict_timeout_s=8))
+            await asyncio.sleep(1.2)
+            nodes[1].stop(kill=True)
+            results = await run
+        finally:
+            for w in ws:
+                w.stop()
+    finally:
+        for n in nodes:
+            n.cleanup()
+    assert_lossless(target, ps, results, 100)
+
+
+async def test_kv_budget_forces_evictions(nats_server, tiny_pair):
+    target, draft = tiny_pair
+    ps = prompts(4, 5)
+    async with running_worker(target, nats_server.url, kv_budget_tokens=150) as w:
+        results = await generate(nats_server.url, draft, ps, max_new_tokens=60)
+    assert_lossless(target, ps, results, 60)
+    rounds = sum(len(r.rounds) for r in results)
+    assert w.sessions.evictions >= rounds / 10, (w.sessions.evictions, rounds)
+    assert w.stats.kv_misses > len(ps)  # rebuilt after evictions, not only at first sight
+
+
+async def test_sigterm_drains_under_load(nats_server, tiny_pair, target_dir, tmp_path):
+    target, draft = tiny_pair
+    url = nats_server.url
+    ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
+    try:
+        await wait_balanced(url, {"w0", "w1"})
+        ps = prompts(8, 6)
+        run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=100,
+                                           emulate_rtt_ms=40, verdict_timeout_s=8))
+        await asyncio.sleep(1.2)
+        ws[0].signal(signal.SIGTERM)
+        rc = await asyncio.get_running_loop().run_in_executor(None, ws[0].wait, 20)
+        assert rc == 0
+        assert '"verifier stopped"' in ws[0].log()
+        results = await run
+    finally:
+        for w in ws:
+            w.stop()
+    assert_lossless(target, ps, results, 100)
