@@ -29,6 +29,7 @@ def split_cores() -> tuple[list[int], list[int]]:
 class Stack:
     vcores: list[int]
     extra_args: list[str] = field(default_factory=list)
+    broker_cores: list[int] | None = None  # default: the cores the verifier does not use
     srv: broker.EmbeddedNats | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -39,7 +40,9 @@ class Stack:
 
     def start(self) -> Stack:
         state = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
-        self.srv = broker.EmbeddedNats(store_dir=state / "nats").start()
+        others = [c for c in sorted(os.sched_getaffinity(0)) if c not in self.vcores]
+        self.srv = broker.EmbeddedNats(store_dir=state / "nats",
+                                       cpus=self.broker_cores or others or None).start()
         broker.run_setup(self.srv.url)
         self.log_path = state / "verifier.log"
         with open(self.log_path, "wb") as vlog:

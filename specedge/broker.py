@@ -82,12 +82,14 @@ class EmbeddedNats:
     call start()/stop(); `url` is set once it accepts connections."""
 
     def __init__(self, store_dir: str | os.PathLike | None = None, port: int | None = None,
-                 config_file: str | None = None, extra_args: list[str] | None = None):
+                 config_file: str | None = None, extra_args: list[str] | None = None,
+                 cpus: list[int] | None = None):
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="specedge-nats-"))
         self.port = port or free_port()
         self.config_file = config_file
         self.extra_args = extra_args or []
+        self.cpus = cpus  # pin the server (benchmarks keep it off the verifier's cores)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -103,6 +105,8 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by proc
         self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
+        if self.cpus:
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
