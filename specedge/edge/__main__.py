@@ -95,7 +95,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
     if a.json:
         print(json.dumps(summary), flush=True)
     else:
-        sys.stdout.write("\n")
+        sys.stdout.write(detok.flush() + "\n")
         s = summary
         print(f"[{len(result.token_ids)} tokens, {s['rounds']} rounds, "
               f"{s['tokens_per_round']:.2f} tokens/round, acceptance {s['acceptance']:.2f}, "

@@ -41,5 +41,12 @@ class Detokenizer:
         self.sent = len(text)
         return out
 
+    def flush(self) -> str:
+        """At the end: whatever was held back (an incomplete sequence stays a U+FFFD)."""
+        text = self.text()
+        out = text[self.sent:]
+        self.sent = len(text)
+        return out
+
     def text(self) -> str:
         return self.tok.decode(self.ids, skip_special_tokens=True)
