@@ -40,6 +40,9 @@ SHAPES = {
     "tree8": TreeShape(budget=8, depth=6, width=2, topk=2),
     "tree12": TreeShape(budget=12, depth=6, width=3, topk=3),
     "tree16": TreeShape(budget=16, depth=7, width=4, topk=3),
+    # wide: more nodes per draft forward, fewer sequential forwards (cheap on AMX)
+    "wide8": TreeShape(budget=8, depth=4, width=4, topk=2),
+    "wide12": TreeShape(budget=12, depth=5, width=4, topk=3),
 }
 
 

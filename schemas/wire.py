@@ -64,6 +64,7 @@ class DraftTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     draft_s: float = 0.0  # edge time spent drafting this block after the previous verdict
     proactive: bool = False  # started while the previous round was in flight (a guess hit)
     proactive_s: float = 0.0  # drafting done on it before the previous verdict (hidden)
+    guess: str = ""  # the previous round's proactive guess: hit | miss | off ("" if none)
 
 
 class DraftBlock(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields=True):

@@ -44,6 +44,7 @@ class RoundView:
     kind: str  # correction | bonus | cut (stopped at EOS or the token limit)
     tokens: list[int]
     proactive: bool  # this round's tree was drafted ahead, on a guess that came true
+    guess: str  # the previous round's proactive guess: hit | miss | off
     draft_s: float
     proactive_s: float
     in_flight_s: float  # block published -> verdict published
@@ -90,7 +91,7 @@ def view(slog: SessionLog, now: float | None = None) -> SessionView:
             round=v.round, nodes=len(parents), depth=max(validate_parents(parents), default=0),
             accepted=len(acc), next_token=v.next_token,
             kind="cut" if cut else ("bonus" if v.bonus else "correction"), tokens=toks,
-            proactive=bool(d and d.timings.proactive),
+            proactive=bool(d and d.timings.proactive), guess=d.timings.guess if d else "",
             draft_s=d.timings.draft_s if d else 0.0,
             proactive_s=d.timings.proactive_s if d else 0.0,
             in_flight_s=(v.t - d.t) if d else 0.0, queued_s=v.timings.queued_s,
@@ -292,7 +293,7 @@ def print_session(sv: SessionView, tokenizer, out=sys.stdout) -> None:
           "worker", file=out)
     for r in sv.rounds:
         print(f"{r.round:4d} {r.nodes:5d} {r.depth:5d} {r.accepted:3d} {r.next_token:7d} "
-              f"{r.kind:>10} {'hit' if r.proactive else '-':>4} {r.draft_s * 1000:8.1f} "
+              f"{r.kind:>10} {r.guess or '-':>4} {r.draft_s * 1000:8.1f} "
               f"{r.in_flight_s * 1000:9.1f} {r.queued_s * 1000:6.1f} {r.verify_s * 1000:6.1f} "
               f"{r.batch_size:5d} {r.worker}", file=out)
         if r.text:

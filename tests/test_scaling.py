@@ -151,3 +151,24 @@ async def test_sigterm_drains_under_load(nats_server, tiny_pair, target_dir, tmp
         for w in ws:
             w.stop()
     assert_lossless(target, ps, results, 100)
+
+
+def test_kv_budget_in_bytes_evicts_lru():
+    import torch
+
+    from schemas import Sampling
+    from specedge.kvstore import SessionKV
+    from workers.verifier.__main__ import parse_budget
+    from workers.verifier.state import SessionState, SessionTable
+
+    assert parse_budget("300") == (300, None) and parse_budget("2KiB") == (None, 2048)
+    table = SessionTable(kv_budget_bytes=3 * 64 * 8)  # room for three 64-slot buffers
+    for i in range(4):
+        st = SessionState(f"s{i}", Sampling(), 0, 8, frozenset(), 1, [1])
+        st.kv = SessionKV(1, 1, 1, torch.float32, "cpu")
+        st.kv.reserve(64)  # 64 slots x 2 (k, v) x 4 bytes = 512 bytes
+        table.put(st)
+    table.get("s0")  # s0 recently used: s1 is the least recently used now
+    table.enforce_budget(keep={"s3"})
+    assert table.get("s1").kv is None and table.get("s0").kv is not None
+    assert table.kv_bytes() <= 3 * 64 * 8 and table.evictions == 1

@@ -267,8 +267,12 @@ class EdgeSession:
                     root=self.committed[-1], tokens=pack_ids(tree.tokens),
                     parents=pack_ids(tree.parents), digest=digest_ids(self.committed),
                     t=time.time(),
-                    timings=DraftTimings(draft_s=draft_s, proactive=hit is True,
-                                         proactive_s=hidden_s if hit else 0.0))
+                    timings=DraftTimings(
+                        draft_s=draft_s, proactive=hit is True,
+                        proactive_s=hidden_s if hit else 0.0,
+                        guess="" if self.round == 0 else
+                        ("off" if self.p.proactive is Mode.OFF else
+                         {True: "hit", False: "miss", None: ""}[hit])))
                 t_pub = time.perf_counter()
                 await self._publish(subjects.draft(self.sid), block, "draft", self.round)
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works

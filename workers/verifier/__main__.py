@@ -16,6 +16,22 @@ from specedge.cli import DTYPES, add_common, apply_threads
 from specedge.config import Limits
 from workers.verifier.worker import Worker, WorkerConfig
 
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+
+
+def parse_budget(text: str) -> tuple[int | None, int | None]:
+    """'200000' -> (tokens, None); '8GiB' -> (None, bytes)."""
+    t = text.strip().lower()
+    if t.isdigit():
+        return int(t), None
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in _UNITS or not num:
+        raise argparse.ArgumentTypeError(f"bad KV budget {text!r}: use tokens (200000) or "
+                                         f"bytes with a unit (512MiB, 8GB)")
+    return None, int(float(num) * _UNITS[unit])
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m workers.verifier", description=__doc__)
@@ -24,7 +40,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_TARGET, help="target model: cache name, dir or hub id")
     add_common(p)
     p.add_argument("--max-batch", type=int, default=8, help="blocks per batched forward")
-    p.add_argument("--kv-budget", type=int, default=None, help="KV cache budget in tokens")
+    p.add_argument("--kv-budget", type=parse_budget, default=(None, None),
+                   help="KV cache budget: tokens (e.g. 200000) or bytes with a unit (e.g. "
+                        "8GiB, 512MB); least recently used sessions lose their KV first")
     p.add_argument("--max-nodes", type=int, default=Limits.max_nodes)
     p.add_argument("--max-depth", type=int, default=Limits.max_depth)
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
@@ -54,7 +72,8 @@ async def amain(a: argparse.Namespace) -> int:
 
     model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
     limits = Limits(a.max_nodes, a.max_depth, a.max_prompt_tokens, a.max_new_tokens)
-    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, kv_budget_tokens=a.kv_budget,
+    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, kv_budget_tokens=a.kv_budget[0],
+                       kv_budget_bytes=a.kv_budget[1],
                        partitions=a.partitions, lease_ttl_s=a.lease_ttl,
                        lease_renew_s=max(0.2, a.lease_ttl / 5),
                        stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),

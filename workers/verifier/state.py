@@ -43,9 +43,11 @@ class SessionState:
 class SessionTable:
     """Sessions by id, least recently used first; KV memory bounded by a token budget."""
 
-    def __init__(self, kv_budget_tokens: int | None = None, max_sessions: int = 100_000):
+    def __init__(self, kv_budget_tokens: int | None = None, max_sessions: int = 100_000,
+                 kv_budget_bytes: int | None = None):
         self._s: OrderedDict[str, SessionState] = OrderedDict()
         self.kv_budget_tokens = kv_budget_tokens
+        self.kv_budget_bytes = kv_budget_bytes
         self.max_sessions = max_sessions
         self.evictions = 0
 
@@ -77,14 +79,18 @@ class SessionTable:
 
     def enforce_budget(self, keep: set[str]) -> None:
         """Evict least recently used KV (not the sessions in `keep`) until within budget."""
-        if self.kv_budget_tokens is None:
+        if self.kv_budget_tokens is None and self.kv_budget_bytes is None:
             return
         for sid, st in list(self._s.items()):
-            if self.kv_tokens() <= self.kv_budget_tokens:
+            if self._within_budget():
                 return
             if st.kv is not None and sid not in keep:
                 st.kv = None
                 self.evictions += 1
+
+    def _within_budget(self) -> bool:
+        return ((self.kv_budget_tokens is None or self.kv_tokens() <= self.kv_budget_tokens)
+                and (self.kv_budget_bytes is None or self.kv_bytes() <= self.kv_budget_bytes))
 
     def __len__(self) -> int:
         return len(self._s)

@@ -57,6 +57,7 @@ class WorkerConfig:
     gather_s: float = 0.003  # after the first block of a batch, how long others may join
     limits: Limits = field(default_factory=Limits)
     kv_budget_tokens: int | None = None
+    kv_budget_bytes: int | None = None
     partitions: int = subjects.PARTITIONS
     lease_ttl_s: float = 6.0
     lease_renew_s: float = 1.0
@@ -70,7 +71,8 @@ class Worker:
         self.cfg = cfg or WorkerConfig()
         self.url = url
         self.engine = Engine(model)
-        self.sessions = SessionTable(self.cfg.kv_budget_tokens)
+        self.sessions = SessionTable(self.cfg.kv_budget_tokens,
+                                     kv_budget_bytes=self.cfg.kv_budget_bytes)
         self.stats = WorkerStats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._stop = asyncio.Event()
