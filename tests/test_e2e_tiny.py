@@ -32,7 +32,7 @@ async def test_lossless_greedy_concurrent(nats_server, tiny_pair):
         sizes += w.stats.batch_sizes
     for p, r in zip(ps, results, strict=True):
         assert r.token_ids == reference_greedy(target, p, 24)
-    assert max(sizes) >= 5, "concurrent sessions should share verifier batches"
+    assert max(sizes) >= 3, "concurrent sessions should share verifier batches"
     assert sum(len(r.token_ids) for r in results) / sum(len(r.rounds) for r in results) > 1.2
 
 

@@ -38,7 +38,7 @@ async def test_one_target_forward_per_batch(nats_server, tiny_pair):
         hook.remove()
     assert len(calls) == w.stats.batches == w.engine.runner.forward_calls
     assert w.stats.blocks == sum(len(r.rounds) for r in results)
-    assert max(w.stats.batch_sizes) == 6  # the queued first round went out as one batch
+    assert max(w.stats.batch_sizes) >= 3  # queued first rounds share forwards
     for p, r in zip(prompts, results, strict=True):
         assert r.token_ids == reference_greedy(target, p, 16)
 

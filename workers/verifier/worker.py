@@ -76,6 +76,7 @@ class Worker:
         self.stats = WorkerStats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._stop = asyncio.Event()
+        self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
         self.ready = asyncio.Event()
 
@@ -107,8 +108,12 @@ class Worker:
         async def sync_pullers() -> None:
             for p in set(pullers) - set(self.leases.owned):
                 pullers.pop(p).cancel()
-            for p in set(self.leases.owned) - set(pullers):
-                pullers[p] = asyncio.create_task(self._pull(p, inbox))
+            new = sorted(set(self.leases.owned) - set(pullers))
+            # bind them all first, so their first pulls go out together
+            bound = await asyncio.gather(*(self._bind(p) for p in new), return_exceptions=True)
+            for p, psub in zip(new, bound, strict=True):
+                ok = not isinstance(psub, BaseException)
+                pullers[p] = asyncio.create_task(self._pull(p, inbox, psub if ok else None))
 
         await sync_pullers()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
@@ -155,16 +160,23 @@ class Worker:
             self._executor.shutdown(wait=True)
             self.log_stats("verifier stopped")
 
-    async def _pull(self, p: int, inbox: asyncio.Queue) -> None:
+    async def _bind(self, p: int):
+        await broker.ensure_partition_consumer(self.js, p, self.cfg.consumer)
+        psub = await self.js.pull_subscribe_bind(subjects.partition_durable(p),
+                                                 stream=subjects.STREAM)
+        # the consumer's real ack wait (it may predate this worker's settings)
+        info = await psub.consumer_info()
+        if info.config.ack_wait:
+            self._ack_wait_s = min(self._ack_wait_s, info.config.ack_wait)
+        return psub
+
+    async def _pull(self, p: int, inbox: asyncio.Queue, psub=None) -> None:
         """One partition's pull loop: keeps at most a batch's worth waiting locally, and
         survives broker outages (fetches fail until the connection is back)."""
-        psub = None
         while not self._stop.is_set():
             try:
                 if psub is None:
-                    await broker.ensure_partition_consumer(self.js, p, self.cfg.consumer)
-                    psub = await self.js.pull_subscribe_bind(subjects.partition_durable(p),
-                                                             stream=subjects.STREAM)
+                    psub = await self._bind(p)
                 room = self.cfg.max_batch - inbox.qsize()
                 if room <= 0:
                     await asyncio.sleep(0.005)
@@ -228,10 +240,9 @@ class Worker:
         if not work:
             return
         self.sessions.enforce_budget(keep={st.sid for _, st, _, _ in work})
-        if sum(len(st.committed) - (st.kv.length if st.kv else 0) for _, st, _, _ in work) > 256:
-            await asyncio.gather(*(_quietly(m.in_progress()) for m, *_ in work))  # long prefill
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
         try:
             outcomes = await loop.run_in_executor(
                 self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work])
@@ -242,6 +253,8 @@ class Worker:
                 st.kv = None
                 await _quietly(m.nak(delay=1.0))
             return
+        finally:
+            keepalive.cancel()
         verify_s = time.perf_counter() - t0
         self.stats.batches += 1
         self.stats.busy_s += verify_s
@@ -275,6 +288,13 @@ class Worker:
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
         await asyncio.gather(*pubs)  # each handles its own failure
+
+    async def _keep_alive(self, msgs) -> None:
+        """A long forward (a long prompt's prefill on a CPU) must not look like a dead worker:
+        mark the batch in progress every third of the ack wait while it runs."""
+        while True:
+            await asyncio.sleep(self._ack_wait_s / 3)
+            await asyncio.gather(*(_quietly(m.in_progress()) for m in msgs))
 
     async def _parse(self, m) -> tuple[str, DraftBlock] | None:
         try:
