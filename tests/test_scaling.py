@@ -46,6 +46,7 @@ async def test_two_workers_affinity_and_kv_hits(nats_server, tiny_pair, target_d
         assert len({rec.worker for rec in r.rounds[1:]}) <= 1, "a session hopped workers"
     assert {rec.worker for rec in steady} == {"w0", "w1"}, "both workers should serve sessions"
     hit_rate = sum(rec.kv_hit for rec in steady) / len(steady)
+    print(f"steady-state KV hit rate {hit_rate:.3f} over {len(steady)} rounds")
     assert hit_rate >= 0.95, f"KV cache hit rate {hit_rate:.3f}"
 
 
