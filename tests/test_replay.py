@@ -4,6 +4,7 @@ tamper detection, and the timeline plot."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -139,3 +140,25 @@ def test_one_log_reader():
     assert w.read_session is replay.read_session
     assert asyncio.iscoroutinefunction(replay.read_session)
     assert decode is not None
+
+
+async def test_replay_cli_views(nats_server, tiny_pair, tmp_path):
+    target, draft = tiny_pair
+    results = await run_sessions(nats_server.url, draft, target)
+    sid = results[1].session_id
+    url = ["--nats", nats_server.url]
+    out = await replay_cli("--list", *url)
+    assert out.returncode == 0 and all(r.session_id in out.stdout for r in results)
+    assert out.stdout.count("closed") == len(results)
+    out = await replay_cli(sid, "--tokenizer", DEFAULT_TARGET, *url)
+    assert out.returncode == 0, out.stderr
+    assert f"session {sid} (closed)" in out.stdout
+    assert f"{len(results[1].token_ids)} tokens in {len(results[1].rounds)} rounds" in out.stdout
+    out = await replay_cli(sid, "--json", "--no-text", *url)
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert lines[0]["session"]["sid"] == sid and lines[0]["tokens"] == len(results[1].token_ids)
+    assert [x["round"] for x in lines[1:]] == list(range(len(results[1].rounds)))
+    assert sum(len(x["tokens"]) for x in lines[1:]) == len(results[1].token_ids)
+    png = tmp_path / "t.png"
+    out = await replay_cli(*[r.session_id for r in results], "--plot", str(png), *url)
+    assert out.returncode == 0 and png.stat().st_size > 10_000
