@@ -15,15 +15,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import structlog
 import torch
 
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
 
+log = structlog.get_logger(__name__)
+
 
 class Mode(enum.StrEnum):
     OFF = "off"
-    SINGLE = "single"  # one guess: the best leaf and the draft's top next token
+    SINGLE = "single"  # one guess: the favourite path and the draft's top next token
     MULTI = "multi"  # the top few guesses, drafted in order of likelihood
 
 
@@ -80,6 +83,13 @@ class Proactive:
             self.busy_s += time.perf_counter() - t0
 
     async def _run(self) -> None:
+        try:
+            await self._guess_and_draft()
+        except Exception:  # a guess is an optimisation: its failure must not end the session
+            log.exception("proactive drafting failed; continuing without it")
+            self.heads.clear()
+
+    async def _guess_and_draft(self) -> None:
         t = self.tree
         for path in self._guesses():
             if self._cancel:

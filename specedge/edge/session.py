@@ -161,9 +161,11 @@ class EdgeSession:
             self.log.warning("undecodable verdict ignored", error=str(exc))
             return
         if isinstance(msg, Verdict | Rejected) and msg.round >= self.round:
-            if msg.round not in self._inbox:
+            have = self._inbox.get(msg.round)
+            # a verdict beats a rejection of the same round (e.g. a worker that saw a stale copy)
+            if have is None or (isinstance(have, Rejected) and isinstance(msg, Verdict)):
                 self._inbox[msg.round] = msg
-                self._arrival[msg.round] = time.perf_counter()
+                self._arrival.setdefault(msg.round, time.perf_counter())
             self._arrived.set()
 
     async def _publish(self, subject: str, msg, kind: str, round_no: int) -> None:
@@ -200,8 +202,8 @@ class EdgeSession:
             self._arrival.setdefault(msg.round, time.perf_counter())
 
     async def _await_verdict(self, block: DraftBlock) -> tuple[Verdict, float]:
-        """Wait for this round's verdict; re-publish the same block (same message id, so the
-        broker deduplicates) if none arrives in time."""
+        """Wait for this round's verdict. If none arrives in time, look it up in the stream (it
+        may have been published while we were disconnected), then re-publish the block."""
         for attempt in range(self.p.max_retries + 2):
             deadline = time.monotonic() + self.p.verdict_timeout_s
             while self.round not in self._inbox:
@@ -230,7 +232,7 @@ class EdgeSession:
             await self._publish(subjects.draft(self.sid), block, f"draft.{attempt + 1}",
                                 self.round)
         raise TimeoutError(f"session {self.sid}: no verdict for round {self.round} after "
-                           f"{self.p.max_retries + 1} attempts")
+                           f"{self.p.max_retries + 2} waits of {self.p.verdict_timeout_s}s")
 
     async def _run_model(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.ex, fn, *args)
