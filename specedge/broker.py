@@ -269,3 +269,28 @@ async def queued_blocks(js, partitions: int = subjects.PARTITIONS) -> int:
 def run_setup(url: str, stream: StreamSettings = StreamSettings(),
               consumer: ConsumerSettings = ConsumerSettings()) -> None:
     asyncio.run(setup(url, stream, consumer))
+
+
+def main(argv=None) -> int:
+    """python -m specedge.broker setup --nats URL [--replicas N]: create the stream and the
+    partition consumers up front (verifiers also do it when they start)."""
+    import argparse
+
+    from specedge import logs
+
+    p = argparse.ArgumentParser(prog="python -m specedge.broker", description=main.__doc__)
+    p.add_argument("command", choices=["setup"])
+    p.add_argument("--nats", default=os.environ.get("SPECEDGE_NATS"), required=False)
+    p.add_argument("--replicas", type=int, default=1, help="3 on a 3-node cluster")
+    p.add_argument("--partitions", type=int, default=subjects.PARTITIONS)
+    a = p.parse_args(argv)
+    if not a.nats:
+        p.error("pass --nats URL or set SPECEDGE_NATS")
+    logs.configure("info")
+    run_setup(a.nats, StreamSettings(replicas=a.replicas, partitions=a.partitions))
+    log.info("stream and partition consumers ready", url=a.nats, replicas=a.replicas)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
