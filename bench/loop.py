@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.stack import Stack, split_cores
+from bench.stack import Stack, markdown_table, pin_edge
 from bench.workload import load
 from schemas import Sampling
 from specedge import broker, logs
@@ -107,13 +107,8 @@ def aggregate(rows: list[dict], key: str) -> list[dict]:
 
 
 def table(rows: list[dict], first: list[str]) -> str:
-    cols = first + ["tokens_per_round", "acceptance", "draft_ms", "broker_ms", "verify_ms",
-                    "round_ms", "tokens_per_s", "itl_p50_ms"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(
-            f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, first + ["tokens_per_round", "acceptance", "draft_ms", "broker_ms",
+                                         "verify_ms", "round_ms", "tokens_per_s", "itl_p50_ms"])
 
 
 def main(argv=None) -> int:
@@ -126,9 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results/loop")
     a = p.parse_args(argv)
     logs.configure("warning")
-    vcores, ecores = split_cores()
-    os.sched_setaffinity(0, ecores)
-    torch.set_num_threads(len(ecores))
+    vcores, ecores = pin_edge()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok, draft = load_tokenizer(DEFAULT_DRAFT), load_model(DEFAULT_DRAFT)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.stack import Stack, delta, split_cores
+from bench.stack import Stack, delta, markdown_table, pin_edge
 from bench.workload import load
 from specedge import broker, logs
 from specedge.config import TreeShape
@@ -90,15 +90,10 @@ def summarize(results, vstats, edges, mode) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["edges", "proactive", "itl_p50_ms", "itl_p90_ms", "tokens_per_round", "hit_rate",
-            "draft_ms_per_round", "hidden_ms_per_round", "wait_ms_per_round",
-            "server_busy_ms_per_token", "react_ms_max"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join(
-            "-" if r[c] is None else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
-            for c in cols) + " |")
-    return "\n".join(out)
+    return markdown_table(rows, [
+        "edges", "proactive", "itl_p50_ms", "itl_p90_ms", "tokens_per_round", "hit_rate",
+        "draft_ms_per_round", "hidden_ms_per_round", "wait_ms_per_round",
+        "server_busy_ms_per_token", "react_ms_max"])
 
 
 def main(argv=None) -> int:
@@ -116,9 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results/proactive")
     a = p.parse_args(argv)
     logs.configure("warning")
-    vcores, ecores = split_cores()
-    os.sched_setaffinity(0, ecores)
-    torch.set_num_threads(len(ecores))
+    vcores, ecores = pin_edge()
     tok, draft = load_tokenizer(DEFAULT_DRAFT), load_model(DEFAULT_DRAFT)
     qs = load(per_category=1, categories=["coding", "writing", "translation", "qa", "math",
                                           "summarization", "rag", "roleplay"])

@@ -25,6 +25,26 @@ def split_cores() -> tuple[list[int], list[int]]:
     return cores[:half], cores[half:] or cores[:half]
 
 
+def pin_edge() -> tuple[list[int], list[int]]:
+    """Run this (edge) process on the edge cores with as many torch threads; returns
+    (verifier cores, edge cores)."""
+    import torch
+
+    vcores, ecores = split_cores()
+    os.sched_setaffinity(0, ecores)
+    torch.set_num_threads(len(ecores))
+    return vcores, ecores
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(
+            "-" if r[c] is None else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
+            for c in cols) + " |")
+    return "\n".join(out)
+
+
 @dataclass
 class Stack:
     vcores: list[int]
