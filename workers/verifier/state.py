@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from schemas import Sampling, SessionOpened, unpack_ids
+from schemas import Sampling, SessionOpened, digest_ids, unpack_ids
 from specedge.kvstore import SessionKV
 
 
@@ -22,12 +22,20 @@ class SessionState:
     finished: bool = False
     kv: SessionKV | None = None  # target KV for a prefix of C (length kv.length)
     last_verdicts: dict[int, bytes] = field(default_factory=dict)  # round -> encoded verdict
+    _digest: bytes = field(default=b"", repr=False)
+    _digest_len: int = field(default=-1, repr=False)
 
     @classmethod
     def from_opened(cls, sid: str, o: SessionOpened) -> SessionState:
         prompt = unpack_ids(o.prompt)
         return cls(sid, o.sampling, o.seed, o.max_new_tokens, frozenset(unpack_ids(o.eos_ids)),
                    len(prompt), prompt)
+
+    def digest(self) -> bytes:
+        """digest_ids(committed), memoised by length: C only ever grows in place."""
+        if self._digest_len != len(self.committed):
+            self._digest, self._digest_len = digest_ids(self.committed), len(self.committed)
+        return self._digest
 
     @property
     def generated(self) -> int:
@@ -78,19 +86,20 @@ class SessionTable:
         return sum(s.kv.nbytes for s in self._s.values() if s.kv is not None)
 
     def enforce_budget(self, keep: set[str]) -> None:
-        """Evict least recently used KV (not the sessions in `keep`) until within budget."""
+        """Evict least recently used KV (not the sessions in `keep`) until within budget.
+        Totals are summed once and decremented per eviction: this runs every batch."""
         if self.kv_budget_tokens is None and self.kv_budget_bytes is None:
             return
+        tokens, nbytes = self.kv_tokens(), self.kv_bytes()
         for sid, st in list(self._s.items()):
-            if self._within_budget():
+            if ((self.kv_budget_tokens is None or tokens <= self.kv_budget_tokens)
+                    and (self.kv_budget_bytes is None or nbytes <= self.kv_budget_bytes)):
                 return
             if st.kv is not None and sid not in keep:
+                tokens -= st.kv.capacity
+                nbytes -= st.kv.nbytes
                 st.kv = None
                 self.evictions += 1
-
-    def _within_budget(self) -> bool:
-        return ((self.kv_budget_tokens is None or self.kv_tokens() <= self.kv_budget_tokens)
-                and (self.kv_budget_bytes is None or self.kv_bytes() <= self.kv_budget_bytes))
 
     def __len__(self) -> int:
         return len(self._s)

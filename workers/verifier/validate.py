@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import DraftBlock, SessionOpened, digest_ids, unpack_ids
+from schemas import DraftBlock, SessionOpened, unpack_ids
 from specedge.config import Limits
 from specedge.tree import TreeError, validate_parents
 from workers.verifier.state import SessionState
@@ -49,7 +49,7 @@ def check_block(b: DraftBlock, st: SessionState, limits: Limits, vocab_size: int
     if b.round != st.round or b.committed_len != len(st.committed):
         raise BlockError("stale", f"block for round {b.round} at length {b.committed_len}; "
                          f"session is at round {st.round}, length {len(st.committed)}")
-    if b.digest and b.digest != digest_ids(st.committed):
+    if b.digest and b.digest != st.digest():
         raise BlockError("diverged", "the block's committed sequence differs from the log's")
     if b.root != st.committed[-1]:
         raise BlockError("invalid_tree", f"root {b.root} is not the last committed token")

@@ -22,7 +22,6 @@ from schemas import (
     VerifyTimings,
     WireError,
     decode,
-    digest_ids,
     encode,
     pack_ids,
 )
@@ -320,7 +319,7 @@ class Worker:
         """Session state for the block (rebuilt from the log if needed) and its checks."""
         st = self.sessions.get(sid)
         if st is not None and block.round == st.round and block.digest and (
-                block.digest != digest_ids(st.committed)):
+                block.digest != st.digest()):
             st = None  # our cached state diverged from the log (e.g. another worker's verdict)
         if st is None or block.round > st.round:
             try:
@@ -350,6 +349,7 @@ class Worker:
         seq, next_round, finished = committed_sequence(slog)
         st = SessionState.from_opened(sid, slog.opened)
         st.committed, st.round, st.finished = seq, next_round, finished
+        st._digest_len = -1  # C was replaced wholesale: forget the memoised digest
         for v in slog.verdicts()[-4:]:  # a redelivered block gets its verdict again, not "stale"
             st.remember(v.round, encode(v))
         self.sessions.put(st)
