@@ -5,6 +5,7 @@ and a graceful drain. Output must always equal the target alone, token for token
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 
@@ -24,6 +25,18 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(256) for _ in range(rng.randint(2, 30))] for _ in range(n)]
 
 
+@contextlib.asynccontextmanager
+async def proc_workers(url: str, target_dir: str, log_dir, n: int = 2):
+    """n verifier processes through their CLI, started and balanced over the partitions."""
+    ws = [ProcWorker(url, target_dir, f"w{i}", log_dir) for i in range(n)]
+    try:
+        await wait_balanced(url, {w.name for w in ws})
+        yield ws
+    finally:
+        for w in ws:
+            w.stop()
+
+
 def assert_lossless(target, ps, results, new):
     for p, r in zip(ps, results, strict=True):
         assert r.token_ids == reference_greedy(target, p, new)
@@ -32,14 +45,9 @@ def assert_lossless(target, ps, results, new):
 async def test_two_workers_affinity_and_kv_hits(nats_server, tiny_pair, target_dir, tmp_path):
     target, draft = tiny_pair
     url = nats_server.url
-    ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
-    try:
-        await wait_balanced(url, {"w0", "w1"})
+    async with proc_workers(url, target_dir, tmp_path):
         ps = prompts(16, 1)
         results = await generate(url, draft, ps, max_new_tokens=32)
-    finally:
-        for w in ws:
-            w.stop()
     assert_lossless(target, ps, results, 32)
     steady = [rec for r in results for rec in r.rounds[1:]]
     for r in results:
@@ -53,9 +61,7 @@ async def test_two_workers_affinity_and_kv_hits(nats_server, tiny_pair, target_d
 async def test_kill_9_mid_run(nats_server, tiny_pair, target_dir, tmp_path):
     target, draft = tiny_pair
     url = nats_server.url
-    ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
-    try:
-        await wait_balanced(url, {"w0", "w1"})
+    async with proc_workers(url, target_dir, tmp_path) as ws:
         ps = prompts(8, 2)
         run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=200,
                                            emulate_rtt_ms=40, verdict_timeout_s=10))
@@ -63,9 +69,6 @@ async def test_kill_9_mid_run(nats_server, tiny_pair, target_dir, tmp_path):
         assert not run.done()
         ws[0].signal(signal.SIGKILL)
         results = await run
-    finally:
-        for w in ws:
-            w.stop()
     assert_lossless(target, ps, results, 200)
     served = [rec.worker for r in results for rec in r.rounds]
     assert "w0" in served and served.count("w1") > served.count("w0")
@@ -105,9 +108,7 @@ async def test_cluster_node_killed_mid_run(tiny_pair, target_dir, tmp_path):
                 await asyncio.sleep(0.5)
         else:
             raise TimeoutError("cluster JetStream never became ready")
-        ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
-        try:
-            await wait_balanced(url, {"w0", "w1"})
+        async with proc_workers(url, target_dir, tmp_path):
             ps = prompts(6, 4)
             run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=160,
                                                emulate_rtt_ms=40, verdict_timeout_s=8))
@@ -115,9 +116,6 @@ async def test_cluster_node_killed_mid_run(tiny_pair, target_dir, tmp_path):
             assert not run.done()
             nodes[1].stop(kill=True)
             results = await run
-        finally:
-            for w in ws:
-                w.stop()
     finally:
         for n in nodes:
             n.cleanup()
@@ -138,9 +136,7 @@ async def test_kv_budget_forces_evictions(nats_server, tiny_pair):
 async def test_sigterm_drains_under_load(nats_server, tiny_pair, target_dir, tmp_path):
     target, draft = tiny_pair
     url = nats_server.url
-    ws = [ProcWorker(url, target_dir, f"w{i}", tmp_path) for i in range(2)]
-    try:
-        await wait_balanced(url, {"w0", "w1"})
+    async with proc_workers(url, target_dir, tmp_path) as ws:
         ps = prompts(8, 6)
         run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=160,
                                            emulate_rtt_ms=40, verdict_timeout_s=8))
@@ -151,9 +147,6 @@ async def test_sigterm_drains_under_load(nats_server, tiny_pair, target_dir, tmp
         assert rc == 0
         assert '"verifier stopped"' in ws[0].log()
         results = await run
-    finally:
-        for w in ws:
-            w.stop()
     assert_lossless(target, ps, results, 160)
 
 
