@@ -34,6 +34,31 @@ class TreeShape:
         return cls(budget=length, depth=length, width=1, topk=1)
 
     def check(self) -> TreeShape:
-        if min(self.budget, self.depth, self.width, self.topk) < 1:
-            raise ValueError(f"tree shape values must be >= 1: {self}")
+        # budget 0 is plain decoding: the block carries the root only, the verdict one token
+        if self.budget < 0 or min(self.depth, self.width, self.topk) < 1:
+            raise ValueError(f"tree shape: budget must be >= 0, the others >= 1: {self}")
         return self
+
+    def with_budget(self, budget: int) -> TreeShape:
+        """This shape resized to `budget` nodes (a verifier's load hint): no deeper than the
+        budget, and wider when the budget outgrows depth x width, so a bigger tree costs the
+        edge more nodes per draft forward rather than more forwards."""
+        b = max(0, budget)
+        depth = max(1, min(self.depth, b))
+        width = max(self.width, -(-b // depth))
+        return TreeShape(b, depth, width, max(self.topk, min(width, 4)))
+
+
+@dataclass(frozen=True)
+class AdaptiveBudget:
+    """The verifier's load hint: the tree budget it suggests in every verdict.
+
+    The target forward costs about the same up to a knee of batch tokens and then grows with
+    them (DESIGN section 7), so the verifier aims each batch at `batch_tokens`: with n sessions
+    active, budget = batch_tokens / n - 1 nodes each, clamped to [lo, hi]. Few sessions: big
+    trees (verification is nearly free); many: small ones (plain decoding's cost per token)."""
+
+    batch_tokens: int = 40
+    lo: int = 1
+    hi: int = 16
+    enabled: bool = True

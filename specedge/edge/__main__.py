@@ -28,7 +28,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line with the result")
     d = TreeShape()
-    p.add_argument("--tree-budget", type=int, default=d.budget, help="draft tree nodes")
+    p.add_argument("--tree-budget", type=int, default=d.budget,
+                   help="draft tree nodes (0: plain decoding, no draft model forwards)")
     p.add_argument("--tree-depth", type=int, default=d.depth, help="deepest draft node")
     p.add_argument("--tree-width", type=int, default=d.width, help="nodes added per draft step")
     p.add_argument("--tree-topk", type=int, default=d.topk, help="children considered per node")
@@ -37,6 +38,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proactive", choices=[m.value for m in Mode], default=Mode.SINGLE.value,
                    help="draft the next round while this one is verified: off, single guess, "
                         "or multi (the top few guesses)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="resize the tree to the budget the verifiers suggest from their load "
+                        "(default on); --no-adaptive keeps --tree-budget fixed")
+    p.add_argument("--max-tree-budget", type=int, default=16,
+                   help="the most nodes an adaptive tree may grow to")
     p.add_argument("--emulate-rtt-ms", type=float, default=0.0,
                    help="add this round trip (half each way) to publishes and verdicts")
 
@@ -83,7 +89,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             sampling=Sampling(a.temperature, a.top_p, a.top_k), seed=a.seed,
             eos_ids=eos_ids(tokenizer, draft.config, getattr(draft, "generation_config", None)),
             shape=shape_from(a), target_name=a.target, draft_name=a.model,
-            proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms)
+            proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
+            adaptive=a.adaptive, max_budget=a.max_tree_budget)
         session = EdgeSession(nc, nc.jetstream(), Drafter(PackedRunner(draft)), ex, params,
                               on_tokens=stream)
         result = await session.run()

@@ -40,7 +40,7 @@ class TreeBuilder:
         self._heap: list[tuple[float, int, int, int, int]] = []  # (-logp, seq, parent, tok, depth)
         self._seq = 0
         self._pending: list[int] = []  # nodes added but not yet forwarded
-        self.done = False
+        self.done = shape.budget == 0  # plain decoding: the root alone, no draft forward
         self.steps = 0
 
     def _push_children(self, node: int, logits: torch.Tensor, base_logp: float, depth: int) -> None:
@@ -104,26 +104,31 @@ class Drafter:
     def catch_up(self, committed: list[int]) -> torch.Tensor:
         """KV recomputation: forward the committed tokens the draft KV lacks (at least the
         last one, whose logits are the root's distribution)."""
+        return self.runner.forward([self.catch_up_segment(committed)])[0][0]
+
+    def catch_up_segment(self, committed: list[int]) -> Segment:
         if self.kv.length >= len(committed):
             self.kv.truncate(len(committed) - 1)
         have = self.kv.length
         chain = committed[have:]
         m = len(chain)
-        seg = Segment(self.kv, torch.tensor(chain, dtype=torch.long),
-                      torch.arange(have, have + m), torch.ones(m, m, dtype=torch.bool).tril(),
-                      have, [m - 1])
-        return self.runner.forward([seg])[0][0]
+        return Segment(self.kv, torch.tensor(chain, dtype=torch.long),
+                       torch.arange(have, have + m), torch.ones(m, m, dtype=torch.bool).tril(),
+                       have, [m - 1])
 
     def forward_nodes(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
         """Forward tree nodes (all ancestors already forwarded, in node order)."""
+        return self.runner.forward([self.nodes_segment(tree, nodes)])[0]
+
+    def nodes_segment(self, tree: DraftTree, nodes: list[int]) -> Segment:
+        """The segment of forward_nodes, for callers that batch several drafters' forwards."""
         base = tree.committed_len
         anc = ancestor_mask(tree.parents, include_root=False)
         cols = tree.forwarded + len(nodes)
         mask = anc[[i - 1 for i in nodes]][:, :cols]
         positions = torch.tensor([base - 1 + tree.depths[i - 1] for i in nodes])
         toks = torch.tensor([tree.tokens[i - 1] for i in nodes], dtype=torch.long)
-        seg = Segment(self.kv, toks, positions, mask, base, list(range(len(nodes))))
-        return self.runner.forward([seg])[0]
+        return Segment(self.kv, toks, positions, mask, base, list(range(len(nodes))))
 
     def fork(self, tree: DraftTree, path: list[int]) -> Drafter:
         """A drafter whose KV covers C plus the forwarded part of `path` (a root-to-node path

@@ -119,6 +119,8 @@ class SessionParams:
     publish_timeout_s: float = 120.0  # keep retrying a publish through a broker outage this long
     proactive: Mode = Mode.SINGLE
     emulate_rtt_ms: float = 0.0  # half of it delays each publish, half each received verdict
+    adaptive: bool = True  # resize the tree to the budget the verifier suggests (load hint)
+    max_budget: int = 16  # never draft more nodes than this, whatever the hint
 
 
 class State(enum.StrEnum):
@@ -142,6 +144,7 @@ class EdgeSession:
         self.committed = list(params.prompt_ids)
         self.generated: list[int] = []
         self.round = 0
+        self.shape = params.shape.check()  # the tree shape of the next round
         self.state = State.OPENING
         self.log = log.bind(sid=self.sid)
         self._inbox: dict[int, Verdict | Rejected] = {}
@@ -257,9 +260,10 @@ class EdgeSession:
             await self._publish(subjects.session(self.sid), opened, "open", 0)
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
             # Prefill everything but the last prompt token; the first round recomputes it.
-            await self._run_model(self.drafter.catch_up, self.committed[:-1] or self.committed)
+            if self.shape.budget:  # budget 0 is plain decoding: no draft model at all
+                await self._run_model(self.drafter.catch_up, self.committed[:-1] or self.committed)
             finished = False
-            pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.p.shape)
+            pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.shape)
             hidden_s, hit = 0.0, None
             while not finished:
                 self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
@@ -279,8 +283,8 @@ class EdgeSession:
                 await self._publish(subjects.draft(self.sid), block, "draft", self.round)
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
                 pro = None
-                if self.p.proactive is not Mode.OFF:
-                    pro = Proactive(self.committed, tree, self.drafter, self.p.shape,
+                if self.p.proactive is not Mode.OFF and tree.size:
+                    pro = Proactive(self.committed, tree, self.drafter, self.shape,
                                     self.p.proactive, self._run_model)
                     pro.start()
                 v, t_arrival = await self._await_verdict(block)
@@ -295,13 +299,16 @@ class EdgeSession:
                     self.drafter, pending = head.drafter, head.builder
                     hidden_s, hit = head.busy_s, True
                 else:
-                    await self._run_model(self.drafter.rollback, tree, accepted)
+                    if tree.size:
+                        await self._run_model(self.drafter.rollback, tree, accepted)
                     hit = None if pro is None or v.finished else False
                     hidden_s = 0.0
                 self.committed.extend(toks)
                 self.generated.extend(toks)
+                if self.p.adaptive and v.budget > 0 and self.shape.budget > 0:
+                    self.shape = self.p.shape.with_budget(min(v.budget, self.p.max_budget))
                 if head is None:
-                    pending = TreeBuilder(self.drafter, self.committed, self.p.shape)
+                    pending = TreeBuilder(self.drafter, self.committed, self.shape)
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now

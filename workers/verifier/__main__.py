@@ -13,7 +13,7 @@ import structlog
 from specedge import broker, logs, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
 from specedge.cli import DTYPES, add_common, apply_threads
-from specedge.config import Limits
+from specedge.config import AdaptiveBudget, Limits
 from workers.verifier.worker import Worker, WorkerConfig
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
@@ -47,6 +47,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-depth", type=int, default=Limits.max_depth)
     p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
+    ad = AdaptiveBudget()
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ad.enabled,
+                   help="suggest a draft tree budget in every verdict from this worker's load")
+    p.add_argument("--adaptive-batch-tokens", type=int, default=ad.batch_tokens,
+                   help="batch size in tokens the suggested budgets aim at (the forward's knee)")
+    p.add_argument("--adaptive-max-budget", type=int, default=ad.hi,
+                   help="largest tree budget suggested")
     p.add_argument("--name", default=None, help="worker name in verdicts and logs")
     p.add_argument("--partitions", type=int, default=subjects.PARTITIONS,
                    help="partition count of the stream (fixed when the stream is created)")
@@ -72,7 +79,9 @@ async def amain(a: argparse.Namespace) -> int:
 
     model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
     limits = Limits(a.max_nodes, a.max_depth, a.max_prompt_tokens, a.max_new_tokens)
-    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, kv_budget_tokens=a.kv_budget[0],
+    adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,
+                              a.adaptive_max_budget, a.adaptive)
+    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive, kv_budget_tokens=a.kv_budget[0],
                        kv_budget_bytes=a.kv_budget[1],
                        partitions=a.partitions, lease_ttl_s=a.lease_ttl,
                        lease_renew_s=max(0.2, a.lease_ttl / 5),

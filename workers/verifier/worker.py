@@ -26,11 +26,12 @@ from schemas import (
     pack_ids,
 )
 from specedge import broker, subjects
-from specedge.config import Limits
+from specedge.config import AdaptiveBudget, Limits
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
 from workers.verifier.engine import Engine
 from workers.verifier.leases import Leases
+from workers.verifier.load import LoadMeter
 from workers.verifier.state import SessionState, SessionTable
 from workers.verifier.validate import BlockError, CheckedBlock, check_block, check_opened
 
@@ -46,6 +47,7 @@ class WorkerStats:
     kv_misses: int = 0
     tokens: int = 0  # committed by this worker's verdicts
     busy_s: float = 0.0
+    budget: int = 0  # the last load hint sent
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -55,6 +57,7 @@ class WorkerConfig:
     fetch_timeout_s: float = 1.0
     gather_s: float = 0.003  # after the first block of a batch, how long others may join
     limits: Limits = field(default_factory=Limits)
+    adaptive: AdaptiveBudget = field(default_factory=AdaptiveBudget)
     kv_budget_tokens: int | None = None
     kv_budget_bytes: int | None = None
     partitions: int = subjects.PARTITIONS
@@ -77,6 +80,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self.load = LoadMeter(self.cfg.adaptive)
         self.ready = asyncio.Event()
 
     def stop(self) -> None:
@@ -100,7 +105,7 @@ class Worker:
                              self.cfg.lease_renew_s)
         await self.leases.start()
         csub = await nc.subscribe(f"{subjects.PREFIX}.session.*", cb=self._on_session_msg)
-        inbox: asyncio.Queue = asyncio.Queue()
+        inbox = self._inbox
         pullers: dict[int, asyncio.Task] = {}
         lease_task = asyncio.create_task(self.leases.run(self._stop))
 
@@ -195,6 +200,7 @@ class Worker:
         log.info(event, worker=self.cfg.name, batches=st.batches, blocks=st.blocks,
                  tokens=st.tokens, busy_s=round(st.busy_s, 4), rejected=st.rejected,
                  kv_hits=st.kv_hits, kv_misses=st.kv_misses, sessions=len(self.sessions),
+                 budget=st.budget,
                  kv_bytes=self.sessions.kv_bytes())
 
     async def _on_session_msg(self, m) -> None:
@@ -205,6 +211,7 @@ class Worker:
             return
         if isinstance(msg, SessionClosed):
             self.sessions.drop(sid)  # frees its KV
+            self.load.forget(sid)
             log.debug("session closed", sid=sid)
 
     # -- one batch -----------------------------------------------------------------------
@@ -239,6 +246,9 @@ class Worker:
         if not work:
             return
         self.sessions.enforce_budget(keep={st.sid for _, st, _, _ in work})
+        self.load.observe([st.sid for _, st, _, _ in work],
+                          self._inbox.qsize() + len(self._deferred), time.monotonic())
+        budget = self.stats.budget = self.load.budget(time.monotonic(), len(work))
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
@@ -268,7 +278,7 @@ class Worker:
                 v=SCHEMA_VERSION, round=blk.round, committed_len=len(st.committed),
                 accepted=pack_ids(res.accepted), tokens=pack_ids(toks),
                 next_token=res.next_token, bonus=res.bonus, finished=finished,
-                worker=self.cfg.name, t=time.time(),
+                worker=self.cfg.name, budget=budget, t=time.time(),
                 timings=VerifyTimings(queued_s=queued, verify_s=verify_s, batch_size=len(work),
                                       batch_tokens=batch_tokens, kv_hit=out.kv_hit),
             )

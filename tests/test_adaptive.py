@@ -1,0 +1,76 @@
+"""Load-adaptive speculation: the verifier's budget hint (pure policy and meter), edges that
+follow it, and plain decoding (budget 0) through the same path. Lossless throughout."""
+
+from __future__ import annotations
+
+import pytest
+
+from specedge.config import AdaptiveBudget, TreeShape
+from tests.stack import generate, reference_greedy, running_worker
+from tests.test_e2e_tiny import prompts
+from workers.verifier.load import LoadMeter, suggest_budget
+
+
+def test_budget_shrinks_with_load_and_respects_bounds():
+    pol = AdaptiveBudget(batch_tokens=40, lo=1, hi=16)
+    got = [suggest_budget(n, pol) for n in (1, 2, 4, 8, 16, 64)]
+    assert got == [16, 16, 9, 4, 1, 1]
+    assert got == sorted(got, reverse=True)
+    assert suggest_budget(4, AdaptiveBudget(enabled=False)) == 0  # no opinion
+
+
+def test_meter_counts_live_sessions_not_just_the_batch():
+    m = LoadMeter(AdaptiveBudget(batch_tokens=40))
+    t = 0.0
+    for _ in range(5):  # 8 sessions whose blocks trickle in one per batch, every 0.1 s
+        for i in range(8):
+            t += 0.1
+            m.observe([f"s{i}"], 0, t)
+    assert m.active(t, batch=1) == 8
+    assert m.budget(t, batch=1) == 4
+    t += 30  # they went quiet: only the batch at hand and its queue count
+    m.observe(["s0"], 2, t)
+    assert m.active(t, batch=1) == 3
+    for i in range(8):
+        m.forget(f"s{i}")
+    assert m.active(t) == 2
+
+
+def test_shape_with_budget():
+    base = TreeShape(budget=8, depth=6, width=2, topk=2)
+    assert base.with_budget(3) == TreeShape(3, 3, 2, 2)
+    big = base.with_budget(16)
+    assert (big.budget, big.depth) == (16, 6) and big.width * big.depth >= 16
+    assert base.with_budget(0).budget == 0
+    with pytest.raises(ValueError):
+        TreeShape(budget=-1).check()
+
+
+@pytest.mark.asyncio
+async def test_edges_follow_the_hint_and_stay_lossless(nats_server, tiny_pair):
+    target, draft = tiny_pair
+    ps = prompts(2, seed=3)
+    pol = AdaptiveBudget(batch_tokens=4, lo=1, hi=16)  # one session -> 3 nodes
+    async with running_worker(target, nats_server.url, adaptive=pol):
+        follow = await generate(nats_server.url, draft, ps[:1], max_new_tokens=30)
+        fixed = await generate(nats_server.url, draft, ps[1:], max_new_tokens=30,
+                               adaptive=False)
+    r = follow[0]
+    assert r.rounds[0].nodes == 8  # the first round uses the edge's own shape
+    assert all(rec.nodes <= 3 for rec in r.rounds[1:]) and len(r.rounds) > 2
+    assert all(rec.nodes == 8 for rec in fixed[0].rounds[:-1])
+    for p, res in zip(ps, follow + fixed, strict=True):
+        assert res.token_ids == reference_greedy(target, p, 30)
+
+
+@pytest.mark.asyncio
+async def test_budget_zero_is_plain_decoding(nats_server, tiny_pair):
+    target, draft = tiny_pair
+    ps = prompts(3, seed=5)
+    async with running_worker(target, nats_server.url) as w:
+        res = await generate(nats_server.url, draft, ps, max_new_tokens=12,
+                             shape=TreeShape(budget=0))
+    for p, r in zip(ps, res, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 12)
+        assert len(r.rounds) == 12 and all(rec.nodes == 0 for rec in r.rounds)
+    assert w.stats.tokens == 36
