@@ -1,0 +1,55 @@
+"""The SpecEdge configurations: edge sessions in this process (on the edge cores, sharing one
+draft model, each with its own draft KV) against a verifier process on its own cores."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from schemas import Sampling
+from specedge import broker
+from specedge.config import TreeShape
+from specedge.edge.drafter import Drafter
+from specedge.edge.proactive import Mode
+from specedge.edge.session import EdgeSession, SessionParams, SessionResult
+from specedge.runner import PackedRunner
+
+
+def record(q: dict, r: SessionResult) -> dict:
+    judged = [x for x in r.rounds if x.hit is not None]
+    return {"category": q["category"], "tokens": len(r.token_ids), "rounds": len(r.rounds),
+            "accepted": sum(x.accepted for x in r.rounds),
+            "drafted": sum(x.depth for x in r.rounds), "itl": r.itl, "ttft_s": r.ttft_s,
+            "hits": sum(bool(x.hit) for x in judged), "judged": len(judged),
+            "draft_s": sum(x.draft_s for x in r.rounds),
+            "nodes": sum(x.nodes for x in r.rounds), "token_ids": r.token_ids}
+
+
+async def run_edges(url: str, runner: PackedRunner, jobs: list[tuple[dict, list[int]]],
+                    edges: int, *, sampling: Sampling, max_new_tokens: int,
+                    eos: tuple[int, ...], shape: TreeShape, proactive: Mode, adaptive: bool,
+                    rtt_ms: float, seed0: int = 0, progress=None) -> list[dict]:
+    """`edges` sessions at a time, each edge taking the next prompt when its session ends."""
+    ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
+    nc = await broker.connect(url, "bench-edge")
+    js = nc.jetstream()
+    queue = list(enumerate(jobs))
+    out: list[tuple[int, dict]] = []
+
+    async def edge_loop() -> None:
+        while queue:
+            i, (q, ids) = queue.pop(0)
+            p = SessionParams(prompt_ids=ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                              seed=seed0 + i, eos_ids=eos, shape=shape, proactive=proactive,
+                              adaptive=adaptive, emulate_rtt_ms=rtt_ms, verdict_timeout_s=120)
+            res = await EdgeSession(nc, js, Drafter(runner), ex, p).run()
+            out.append((i, record(q, res)))
+            if progress:
+                progress.update()
+
+    try:
+        await asyncio.gather(*(edge_loop() for _ in range(edges)))
+    finally:
+        ex.shutdown()
+        await nc.close()
+    return [r for _, r in sorted(out, key=lambda x: x[0])]
