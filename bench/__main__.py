@@ -34,6 +34,7 @@ from bench.workload import load
 from schemas import Sampling
 from specedge import logs
 from specedge.config import TreeShape
+from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.proactive import Mode
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
@@ -67,6 +68,9 @@ def parse(argv=None) -> argparse.Namespace:
                    choices=[m.value for m in Mode if m is not Mode.OFF])
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="specedge edges follow the verifier's budget hint")
+    p.add_argument("--coalesce", action=argparse.BooleanOptionalAction, default=True,
+                   help="emulate parallel edge devices: pack the emulated edges' coinciding "
+                        "draft forwards (they share this machine's edge cores)")
     p.add_argument("--budgets", type=int, nargs="*", default=None,
                    help="fixed tree budgets compared with the adaptive one at the largest "
                         "concurrency (specedge, greedy)")
@@ -151,7 +155,7 @@ def run_server_side(a, runs, vcores, eos, tmp: Path) -> list[dict]:
 
 
 def run_edge_side(a, draft, runs, vcores, eos, bar) -> list[dict]:
-    runner = PackedRunner(draft)
+    runner = CoalescingRunner(PackedRunner(draft)) if a.coalesce else PackedRunner(draft)
     base = TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
     stack = Stack(vcores, ["--model", a.target, "--max-batch", str(a.max_batch)]).start()
     rows = []

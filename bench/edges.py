@@ -1,5 +1,10 @@
 """The SpecEdge configurations: edge sessions in this process (on the edge cores, sharing one
-draft model, each with its own draft KV) against a verifier process on its own cores."""
+draft model, each with its own draft KV) against a verifier process on its own cores.
+
+Emulating N edge devices on one core: each session drafts in its own thread and their draft
+forwards are packed together when they coincide (specedge.edge.coalesce), so N edges draft in
+about the time one takes, as N devices would; without it they would queue for the core and
+reach the verifier one after another, which no real fleet of edges does."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from schemas import Sampling
 from specedge import broker
 from specedge.config import TreeShape
+from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionResult
@@ -25,12 +31,12 @@ def record(q: dict, r: SessionResult) -> dict:
             "nodes": sum(x.nodes for x in r.rounds), "token_ids": r.token_ids}
 
 
-async def run_edges(url: str, runner: PackedRunner, jobs: list[tuple[dict, list[int]]],
+async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: list[tuple[dict, list[int]]],
                     edges: int, *, sampling: Sampling, max_new_tokens: int,
                     eos: tuple[int, ...], shape: TreeShape, proactive: Mode, adaptive: bool,
                     rtt_ms: float, seed0: int = 0, progress=None) -> list[dict]:
     """`edges` sessions at a time, each edge taking the next prompt when its session ends."""
-    ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
+    ex = ThreadPoolExecutor(edges, thread_name_prefix="draft")
     nc = await broker.connect(url, "bench-edge")
     js = nc.jetstream()
     queue = list(enumerate(jobs))

@@ -12,6 +12,7 @@ import torch
 from schemas import Sampling
 from specedge import broker
 from specedge.config import TreeShape
+from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.runner import PackedRunner
@@ -34,12 +35,15 @@ async def running_worker(model, url: str, **cfg):
 async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_tokens: int = 24,
                    shape: TreeShape | None = None, sampling: Sampling | None = None,
                    seeds: list[int] | None = None, eos_ids: tuple[int, ...] = (),
-                   **params):
-    """Run one edge session per prompt, all concurrently, sharing one draft model."""
+                   coalesce: bool = False, **params):
+    """Run one edge session per prompt, all concurrently, sharing one draft model (with
+    `coalesce`, each in its own thread, their draft forwards packed together)."""
     nc = await broker.connect(url, "test-edge")
     js = nc.jetstream()
     runner = PackedRunner(draft_model)
-    ex = ThreadPoolExecutor(1)
+    if coalesce:
+        runner = CoalescingRunner(runner, window_s=0.005)
+    ex = ThreadPoolExecutor(len(prompts) if coalesce else 1)
     try:
         sessions = [
             EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
