@@ -27,6 +27,10 @@ test: models
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the whole benchmark table (about an hour here); `make bench ARGS=--quick` in under 10 minutes
+bench: models
+	$(PY) -m bench $(ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 

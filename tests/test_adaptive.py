@@ -74,3 +74,18 @@ async def test_budget_zero_is_plain_decoding(nats_server, tiny_pair):
         assert r.token_ids == reference_greedy(target, p, 12)
         assert len(r.rounds) == 12 and all(rec.nodes == 0 for rec in r.rounds)
     assert w.stats.tokens == 36
+
+
+def test_hold_waits_only_for_sessions_due_within_a_forward():
+    m = LoadMeter()
+    m.observe_verify(0.5)
+    for t in (0.0, 1.0, 2.0):  # a and b every second, b 0.3 s behind a; c is overdue
+        m.observe(["a"], 0, t)
+        m.observe(["b"], 0, t + 0.3)
+    m.observe(["c"], 0, 1.2)
+    now = 3.0  # a's block is in hand; b is due at 3.3, within one forward (0.5 s)
+    until = m.hold_until(now, {"a"}, factor=1.0)
+    assert until == pytest.approx(3.32)
+    assert m.hold_until(now, {"a"}, factor=0.5) is None  # b is due beyond half a forward
+    assert m.hold_until(now, {"a", "b"}, factor=1.0) is None  # nobody else is due
+    assert m.hold_until(now, {"a"}, factor=0) is None  # disabled

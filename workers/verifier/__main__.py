@@ -54,6 +54,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="batch size in tokens the suggested budgets aim at (the forward's knee)")
     p.add_argument("--adaptive-max-budget", type=int, default=ad.hi,
                    help="largest tree budget suggested")
+    p.add_argument("--batch-hold", type=float, default=WorkerConfig.batch_hold,
+                   help="wait for blocks of active sessions that are due within this many "
+                        "forwards, so out-of-phase sessions share a forward (0: never wait)")
     p.add_argument("--name", default=None, help="worker name in verdicts and logs")
     p.add_argument("--partitions", type=int, default=subjects.PARTITIONS,
                    help="partition count of the stream (fixed when the stream is created)")
@@ -81,7 +84,8 @@ async def amain(a: argparse.Namespace) -> int:
     limits = Limits(a.max_nodes, a.max_depth, a.max_prompt_tokens, a.max_new_tokens)
     adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,
                               a.adaptive_max_budget, a.adaptive)
-    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive, kv_budget_tokens=a.kv_budget[0],
+    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
+                       batch_hold=a.batch_hold, kv_budget_tokens=a.kv_budget[0],
                        kv_budget_bytes=a.kv_budget[1],
                        partitions=a.partitions, lease_ttl_s=a.lease_ttl,
                        lease_renew_s=max(0.2, a.lease_ttl / 5),

@@ -48,6 +48,7 @@ class WorkerStats:
     tokens: int = 0  # committed by this worker's verdicts
     busy_s: float = 0.0
     budget: int = 0  # the last load hint sent
+    hold_s: float = 0.0  # time spent waiting for due blocks to join a batch
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -56,6 +57,9 @@ class WorkerConfig:
     max_batch: int = 8
     fetch_timeout_s: float = 1.0
     gather_s: float = 0.003  # after the first block of a batch, how long others may join
+    # wait for blocks of active sessions due within this many forwards (0: never wait;
+    # see load.py for why)
+    batch_hold: float = 1.0
     limits: Limits = field(default_factory=Limits)
     adaptive: AdaptiveBudget = field(default_factory=AdaptiveBudget)
     kv_budget_tokens: int | None = None
@@ -140,6 +144,7 @@ class Worker:
                     await asyncio.sleep(self.cfg.gather_s)
                 while not inbox.empty() and len(msgs) + len(self._deferred) < self.cfg.max_batch:
                     msgs.append(inbox.get_nowait())
+                await self._hold(msgs)
                 await self._process(msgs)
         finally:
             # Drain: no more pulls; whatever was pulled but not started goes back at once.
@@ -163,6 +168,32 @@ class Worker:
             await nc.close()
             self._executor.shutdown(wait=True)
             self.log_stats("verifier stopped")
+
+    async def _hold(self, msgs: list) -> None:
+        """Wait (briefly, and only with nothing else queued) for blocks of active sessions
+        that are due now, so that they share this forward instead of the next one."""
+        in_hand = {sid for _, (sid, _) in self._deferred}
+        for m in msgs:
+            try:
+                in_hand.add(subjects.sid_of(m.subject))
+            except ValueError:
+                pass
+        t0 = time.monotonic()
+        while len(msgs) + len(self._deferred) < self.cfg.max_batch:
+            until = self.load.hold_until(time.monotonic(), in_hand, self.cfg.batch_hold)
+            left = (until or 0) - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                m = await asyncio.wait_for(self._inbox.get(), left)
+            except TimeoutError:
+                break
+            msgs.append(m)
+            try:
+                in_hand.add(subjects.sid_of(m.subject))
+            except ValueError:
+                pass
+        self.stats.hold_s += time.monotonic() - t0
 
     async def _bind(self, p: int):
         await broker.ensure_partition_consumer(self.js, p, self.cfg.consumer)
@@ -200,7 +231,7 @@ class Worker:
         log.info(event, worker=self.cfg.name, batches=st.batches, blocks=st.blocks,
                  tokens=st.tokens, busy_s=round(st.busy_s, 4), rejected=st.rejected,
                  kv_hits=st.kv_hits, kv_misses=st.kv_misses, sessions=len(self.sessions),
-                 budget=st.budget,
+                 budget=st.budget, hold_s=round(st.hold_s, 4),
                  kv_bytes=self.sessions.kv_bytes())
 
     async def _on_session_msg(self, m) -> None:
@@ -265,6 +296,7 @@ class Worker:
         finally:
             keepalive.cancel()
         verify_s = time.perf_counter() - t0
+        self.load.observe_verify(verify_s)
         self.stats.batches += 1
         self.stats.busy_s += verify_s
         self.stats.batch_sizes.append(len(work))
