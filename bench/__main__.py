@@ -89,7 +89,7 @@ def parse(argv=None) -> argparse.Namespace:
     quick = {"edges": [1, 4], "temperatures": [0.0], "min_prompts": 2, "max_new_tokens": 32,
              "budgets": [], "out": "bench/results/quick"}
     full = {"edges": [1, 4, 8], "temperatures": [0.0, 0.7], "min_prompts": 4,
-            "max_new_tokens": 64, "budgets": [4, 8, 16], "out": "bench/results/main"}
+            "max_new_tokens": 64, "budgets": [1, 2, 4, 8], "out": "bench/results/main"}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)

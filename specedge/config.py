@@ -56,9 +56,10 @@ class AdaptiveBudget:
     The target forward costs about the same up to a knee of batch tokens and then grows with
     them (DESIGN section 7), so the verifier aims each batch at `batch_tokens`: with n sessions
     active, budget = batch_tokens / n - 1 nodes each, clamped to [lo, hi]. Few sessions: big
-    trees (verification is nearly free); many: small ones (plain decoding's cost per token)."""
+    trees (verification is nearly free); many: small ones (plain decoding's cost per token).
+    batch_tokens 0 means: measure the knee when the verifier starts."""
 
-    batch_tokens: int = 40
+    batch_tokens: int = 0  # 0: measure this machine's knee at start-up (workers/verifier)
     lo: int = 1
     hi: int = 16
     enabled: bool = True

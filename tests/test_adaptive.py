@@ -89,3 +89,19 @@ def test_hold_waits_only_for_sessions_due_within_a_forward():
     assert m.hold_until(now, {"a"}, factor=0.5) is None  # b is due beyond half a forward
     assert m.hold_until(now, {"a", "b"}, factor=1.0) is None  # nobody else is due
     assert m.hold_until(now, {"a"}, factor=0) is None  # disabled
+
+
+def test_knee_is_the_last_nearly_free_size():
+    from workers.verifier.engine import knee
+
+    assert knee({1: 0.39, 8: 0.41, 16: 0.51, 24: 0.65, 32: 0.79}) == 16
+    assert knee({1: 1.0, 8: 2.0}) == 1
+    assert knee({1: 0.01, 64: 0.011, 128: 0.012, 256: 0.014}) == 256  # a GPU-like curve
+
+
+@pytest.mark.asyncio
+async def test_worker_calibrates_its_batch_target(nats_server, tiny_pair):
+    target, _ = tiny_pair
+    async with running_worker(target, nats_server.url) as w:  # batch_tokens 0: measure
+        assert w.cfg.adaptive.batch_tokens >= 1
+        assert w.load.policy.batch_tokens == w.cfg.adaptive.batch_tokens

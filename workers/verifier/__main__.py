@@ -51,7 +51,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ad.enabled,
                    help="suggest a draft tree budget in every verdict from this worker's load")
     p.add_argument("--adaptive-batch-tokens", type=int, default=ad.batch_tokens,
-                   help="batch size in tokens the suggested budgets aim at (the forward's knee)")
+                   help="batch size in tokens the suggested budgets aim at (the forward's knee; "
+                        "0, the default: measured at start-up)")
     p.add_argument("--adaptive-max-budget", type=int, default=ad.hi,
                    help="largest tree budget suggested")
     p.add_argument("--batch-hold", type=float, default=WorkerConfig.batch_hold,

@@ -58,3 +58,37 @@ class Engine:
             st.kv.keep(have, keep)
             out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens)))
         return out
+
+
+def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = (1, 8, 16, 24, 32, 48, 64, 96,
+                                                                  128, 192, 256),
+                  context: int = 256, stop_ratio: float = 2.0) -> dict[int, float]:
+    """Seconds of one forward of n new tokens over `context` cached ones, for growing n; stops
+    once a forward costs stop_ratio times the single-token one (past the knee)."""
+    import time
+
+    kv = new_store(runner.model)
+    ctx = torch.arange(context) % runner.vocab_size
+    full = torch.ones(context, context, dtype=torch.bool).tril()
+    runner.forward([Segment(kv, ctx, torch.arange(context), full, 0, [context - 1])])
+    costs: dict[int, float] = {}
+    for n in sizes:
+        best = float("inf")
+        for _ in range(2):
+            kv.truncate(context)
+            seg = Segment(kv, torch.full((n,), 1), torch.arange(context, context + n),
+                          torch.ones(n, n, dtype=torch.bool).tril(), context, [n - 1])
+            t0 = time.perf_counter()
+            runner.forward([seg])
+            best = min(best, time.perf_counter() - t0)
+        costs[n] = best
+        if best > stop_ratio * costs[sizes[0]]:
+            break
+    return costs
+
+
+def knee(costs: dict[int, float], ratio: float = 1.5) -> int:
+    """The most tokens a forward takes for at most `ratio` times the cost of one token: where
+    verifying more tokens stops being nearly free."""
+    base = costs[min(costs)]
+    return max(n for n, c in costs.items() if c <= ratio * base)

@@ -4,6 +4,7 @@ verdicts, ack. Handlers stay thin; validation lives in validate.py, the model in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -29,7 +30,7 @@ from specedge import broker, subjects
 from specedge.config import AdaptiveBudget, Limits
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
-from workers.verifier.engine import Engine
+from workers.verifier.engine import Engine, forward_costs, knee
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
 from workers.verifier.state import SessionState, SessionTable
@@ -123,6 +124,8 @@ class Worker:
                 ok = not isinstance(psub, BaseException)
                 pullers[p] = asyncio.create_task(self._pull(p, inbox, psub if ok else None))
 
+        if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
+            await self._calibrate()  # before pulling: blocks must not wait on it unacked
         await sync_pullers()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
                  vocab=self.engine.vocab_size, partitions=sorted(self.leases.owned))
@@ -168,6 +171,17 @@ class Worker:
             await nc.close()
             self._executor.shutdown(wait=True)
             self.log_stats("verifier stopped")
+
+    async def _calibrate(self) -> None:
+        """Find this machine's knee of forward cost against batch tokens: the batch size the
+        budget hints aim at (a CPU's knee is a few dozen tokens, a GPU's hundreds)."""
+        loop = asyncio.get_running_loop()
+        costs = await loop.run_in_executor(self._executor, forward_costs, self.engine.runner)
+        tokens = knee(costs)
+        self.cfg.adaptive = dataclasses.replace(self.cfg.adaptive, batch_tokens=tokens)
+        self.load.policy = self.cfg.adaptive
+        log.info("forward cost calibrated", batch_tokens=tokens,
+                 costs_ms={n: round(c * 1000, 1) for n, c in costs.items()})
 
     async def _hold(self, msgs: list) -> None:
         """Wait (briefly, and only with nothing else queued) for blocks of active sessions
