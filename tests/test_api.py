@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 
-import httpx2 as httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -107,9 +110,30 @@ async def test_openai_client_streams_lossless_chat(nats_server, tiny_pair, tok):
     assert usage.total_tokens == usage.prompt_tokens + n
 
 
-async def _get(url: str) -> httpx.Response:
-    async with httpx.AsyncClient() as c:
-        return await c.get(url)
+@dataclass
+class Reply:
+    status_code: int
+    text: str
+
+    def json(self):
+        return json.loads(self.text)
+
+
+async def _http(url: str, method: str = "GET", data: bytes | None = None) -> Reply:
+    """A plain HTTP call (stdlib, in a thread), for what the openai client will not send."""
+    def call() -> Reply:
+        req = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return Reply(r.status, r.read().decode())
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.read().decode())
+    return await asyncio.to_thread(call)
+
+
+async def _get(url: str) -> Reply:
+    return await _http(url)
 
 
 async def test_concurrent_requests_lossless_and_metrics_consistent(nats_server, tiny_pair, tok):
@@ -220,18 +244,17 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
                 await client.chat.completions.create(model="tiny-target", messages=msgs, **bad)
             assert e.value.body["param"] == param and e.value.body["type"] == (
                 "invalid_request_error")
-        async with httpx.AsyncClient(base_url=base) as raw:
-            r = await raw.post("/v1/chat/completions", content=b"{not json")
-            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-            r = await raw.get("/v1/nope")
-            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-            r = await raw.get("/v1/chat/completions")
-            assert r.status_code == 405 and "error" in r.json()
-            # The verifier's own limits come back as a 400 with its reason code.
-            r = await raw.post("/v1/completions", json={
-                "model": "tiny-target", "prompt": "x" * 100, "max_tokens": 4})
-            assert r.status_code == 400, r.text
-            assert r.json()["error"]["code"] == "invalid_session"
+        r = await _http(f"{base}/v1/chat/completions", "POST", b"{not json")
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        r = await _http(f"{base}/v1/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = await _http(f"{base}/v1/chat/completions")
+        assert r.status_code == 405 and "error" in r.json()
+        # The verifier's own limits come back as a 400 with its reason code.
+        r = await _http(f"{base}/v1/completions", "POST", json.dumps({
+            "model": "tiny-target", "prompt": "x" * 100, "max_tokens": 4}).encode())
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_session"
 
         # A stop string ends the text right before it, with finish_reason "stop".
         ids = chat_ids(tok, "Count.")
