@@ -281,3 +281,32 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
     assert edge["specedge_edge_http_requests_total{endpoint=chat,status=404}"] == 1
     assert edge["specedge_edge_http_requests_total{endpoint=chat,status=400}"] == 5
 
+
+
+def test_demo_api_mode_streams_through_openai_and_checks_the_target(tiny_pair, tok, tmp_path):
+    """`python -m specedge.demo --api --check` end to end (embedded broker, verifier process,
+    edge serve, openai client, target-alone comparison), here with the tiny pair on disk."""
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    target, draft = tiny_pair
+    tdir, ddir = tmp_path / "target", tmp_path / "draft"
+    for model, d in ((target, tdir), (draft, ddir)):
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+    p = subprocess.run(
+        [sys.executable, "-m", "specedge.demo", "--target", str(tdir), "--draft", str(ddir),
+         "--dtype", "float64", "--api", "--check", "--port", "0", "--prompt", "Hello there",
+         "--max-new-tokens", "20", "--threads", "1", "--verifier-threads", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # transformers reloads this tokenizer with its own decoder: compare with what it loads
+    from specedge.models import load_tokenizer
+
+    loaded = load_tokenizer(str(ddir))
+    ids = chat_ids(loaded, "Hello there")
+    assert p.stdout == loaded.decode(reference_greedy(target, ids, 20))
+    assert "[identical to the target alone, greedy]" in p.stderr
+    assert "[openai client: 20 tokens" in p.stderr
