@@ -310,3 +310,56 @@ def test_demo_api_mode_streams_through_openai_and_checks_the_target(tiny_pair, t
     assert p.stdout == loaded.decode(reference_greedy(target, ids, 20))
     assert "[identical to the target alone, greedy]" in p.stderr
     assert "[openai client: 20 tokens" in p.stderr
+
+
+async def test_edge_serve_process_answers_and_stops_on_sigterm(nats_server, tiny_pair, tok,
+                                                               tmp_path):
+    """The real `python -m specedge.edge serve` process (port 0: it logs the one it got),
+    the openai client against it, then SIGTERM: it stops serving and exits 0."""
+    import signal
+    import sys
+
+    from specedge.models import load_tokenizer
+    from tests.procs import ROOT
+
+    target, draft = tiny_pair
+    ddir = tmp_path / "draft"
+    draft.save_pretrained(ddir)
+    tok.save_pretrained(ddir)
+    loaded = load_tokenizer(str(ddir))
+    lines: list[dict] = []
+    serving = asyncio.Event()
+
+    async def read_log(stream) -> None:
+        async for raw in stream:
+            if raw.startswith(b"{"):
+                lines.append(json.loads(raw))
+                if lines[-1].get("event") == "serving":
+                    serving.set()
+
+    async with running_worker(target, nats_server.url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "specedge.edge", "serve", "--nats", nats_server.url,
+            "--model", str(ddir), "--target", "tiny", "--dtype", "float64", "--port", "0",
+            "--threads", "1", "--log-level", "info",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+        reader = asyncio.create_task(read_log(proc.stderr))
+        try:
+            await asyncio.wait_for(serving.wait(), 120)
+            url = next(x["url"] for x in lines if x.get("event") == "serving")
+            assert (await _get(url.removesuffix("/v1") + "/ready")).status_code == 200
+            client = openai.AsyncOpenAI(base_url=url, api_key="x")
+            r = await client.completions.create(model="tiny", prompt="abc", max_tokens=16)
+            await client.close()
+            assert r.choices[0].text == loaded.decode(
+                reference_greedy(target, loaded("abc")["input_ids"], 16))
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.wait_for(proc.wait(), 30)
+            await reader
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert rc == 0
+    assert lines[0]["event"] == "config" and lines[0]["port"] == 0
+    assert any(x.get("event") == "stopping: finishing requests in flight" for x in lines)
