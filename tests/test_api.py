@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -273,8 +274,31 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
                 pieces.append(ch.choices[0].delta.content)
         assert "".join(pieces) == full[:full.index(stop)]
         await client.close()
+
+        # A client that goes away mid-stream cancels its session (closed on the broker).
+        def read_then_hang_up() -> bytes:
+            host, port = base.removeprefix("http://").split(":")
+            body = json.dumps({"model": "tiny-target", "prompt": "abc", "max_tokens": 4000,
+                               "stream": True}).encode()
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                got = b""
+                while b"data: {" not in got:
+                    got += sock.recv(4096)
+            return got
+        assert b"text/event-stream" in await asyncio.to_thread(read_then_hang_up)
+        for _ in range(200):
+            edge = scrape((await _get(f"{base}/metrics")).text)
+            if edge.get("specedge_edge_sessions_total{outcome=cancelled}"):
+                break
+            await asyncio.sleep(0.05)
+        assert edge["specedge_edge_sessions_active"] == 0
         ver = scrape((await _get(f"{w.http.url}/metrics")).text)
         edge = scrape((await _get(f"{base}/metrics")).text)
+    assert edge["specedge_edge_sessions_total{outcome=cancelled}"] == 1
+    assert ver["specedge_verifier_tokens_total"] < 4000  # it did not run to the end
     assert ver["specedge_verifier_rejects_total{reason=invalid_session}"] == 1
     assert edge["specedge_edge_sessions_total{outcome=rejected}"] == 1
     assert edge["specedge_edge_sessions_total{outcome=stopped}"] == 2

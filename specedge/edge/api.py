@@ -10,6 +10,7 @@ the output is exactly the target's, and a request that asks for something else g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -192,12 +193,15 @@ class EdgeService:
                 slog.exception("session failed")
                 raise ApiError(500, f"generation failed: {exc!r}") from None
             finally:
-                if not task.done():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                # Bookkeeping first: under a disconnect, Starlette's cancel scope cancels
+                # every further await here too.
                 if outcome != "ok":
                     self.metrics.sessions.labels(outcome).inc()
                 self.metrics.active.dec()
+                if not task.done():
+                    task.cancel()  # the session publishes its SessionClosed on the way out
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.gather(task, return_exceptions=True)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
@@ -404,7 +408,24 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "X-SpecEdge-Session": sid}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return _ClosingStream(events(), gen.aclose, media_type="text/event-stream",
+                          headers=headers)
+
+
+class _ClosingStream(StreamingResponse):
+    """When the client goes away, Starlette abandons the body iterator where it stands
+    (suspended at a yield), so its finally blocks would wait for garbage collection; close
+    the generation explicitly so the session is cancelled and closed on the broker now."""
+
+    def __init__(self, body, on_close: Callable, **kw):
+        super().__init__(body, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 def build_app(service: EdgeService) -> Starlette:
