@@ -1,6 +1,10 @@
 """python -m specedge.demo: the whole stack on this machine. Starts an embedded nats-server, one
 verifier process with the target model, and an edge with the draft model; answers a prompt,
-streaming; shuts everything down (also on Ctrl-C)."""
+streaming; shuts everything down (also on Ctrl-C).
+
+--api: the edge runs as `specedge.edge serve` and the official openai client streams the
+answer from it (--check: then compare with the target model alone, greedy). --serve: keep
+the OpenAI-compatible endpoint up until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from specedge import broker, logs, subjects
+from specedge import broker, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
 from specedge.edge.__main__ import add_generation_args
 
@@ -34,7 +38,14 @@ def parse(argv=None) -> argparse.Namespace:
     add_generation_args(p)
     p.add_argument("--verifier-threads", type=int, default=None,
                    help="torch threads for the verifier (default: half the cores)")
-    return p.parse_args(argv)
+    p.add_argument("--api", action="store_true",
+                   help="answer through `edge serve` with the openai client")
+    p.add_argument("--check", action="store_true",
+                   help="with --api: compare with the target alone (greedy; loads it here too)")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the OpenAI-compatible API until Ctrl-C")
+    p.add_argument("--port", type=int, default=8000, help="API port for --api/--serve")
+    return settings.parse_args(p, "demo", argv)
 
 
 async def wait_verifier(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -65,13 +76,89 @@ async def amain(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> 
     tok, draft = await loop.run_in_executor(None, lambda: (
         load_tokenizer(a.draft), load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)))
     await wait_verifier(url, verifier)
+    if a.api or a.serve:
+        return await api_demo(a, url, draft, tok)
     log.info("stack ready; answering", prompt=a.prompt[:60])
     return await run_edge(a, url, draft=draft, tokenizer=tok)
+
+
+async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:
+    """`edge serve` in this process; the openai client streams a chat completion from it."""
+    from specedge.edge import serve
+
+    a.nats, a.host, a.served_model_name = url, "127.0.0.1", None
+    a.max_sessions, a.max_tokens_limit, a.grace_s = 16, 4096, 5.0
+    stop = asyncio.Event()
+    started = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve.serve(a, stop, draft=draft, tokenizer=tok, started=started))
+    server = await asyncio.wait_for(started, 60)
+    base = f"{server.url}/v1"
+    model = serve.serve_config(a).model_id
+    try:
+        if a.serve:
+            print(f"OpenAI-compatible API on {base} (model {model!r}); Ctrl-C to stop\n"
+                  f"  curl {base}/chat/completions -H 'Content-Type: application/json' -d "
+                  f"'{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+                  f"\"content\": \"Hello\"}}], \"stream\": true}}'", file=sys.stderr, flush=True)
+            await asyncio.Event().wait()  # until Ctrl-C
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=base, api_key="not-needed")
+        text, usage = "", None
+        t0 = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": a.prompt}], stream=True,
+            max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+            stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            elif chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.flush()
+        wall = time.perf_counter() - t0
+        await client.close()
+        print(f"\n[openai client: {usage.completion_tokens} tokens in {wall:.1f}s via {base}]",
+              file=sys.stderr)
+        if a.check:
+            same = await asyncio.get_running_loop().run_in_executor(
+                None, check_against_target, a, tok, text, usage.completion_tokens)
+            print("[identical to the target alone, greedy]" if same else
+                  "[differs from the target alone: see above]", file=sys.stderr)
+        return {"text": text}
+    finally:
+        stop.set()
+        await task
+
+
+def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
+    """The target alone, greedy, on the same prompt ids (bf16: a reference near-tie can flip
+    honestly, see DESIGN.md section 7; the first difference is printed)."""
+    import torch
+
+    from specedge.edge.text import prompt_ids
+    from specedge.models import load_model
+
+    target = load_model(a.target, dtype=DTYPES[a.dtype], device=a.device)
+    ids = prompt_ids(tok, a.prompt, True)
+    with torch.no_grad():
+        out = target.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                              dtype=torch.long), max_new_tokens=n, do_sample=False)
+    ref = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    if ref == text:
+        return True
+    i = next((k for k, (x, y) in enumerate(zip(ref, text, strict=False)) if x != y),
+             min(len(ref), len(text)))
+    print(f"first difference at character {i}: target alone {ref[i:i + 40]!r}, "
+          f"served {text[i:i + 40]!r}", file=sys.stderr)
+    return False
 
 
 def main(argv=None) -> int:
     a = parse(argv)
     logs.configure(a.log_level)
+    log.info("config", command="demo", **settings.effective(a))
     from specedge.models import resolve
 
     for ref in (a.target, a.draft):

@@ -1,5 +1,6 @@
 """python -m specedge.edge: generate with the draft model here and verification on the
-verifier fleet, streaming the committed text."""
+verifier fleet, streaming the committed text. `python -m specedge.edge serve` runs the same
+as a local OpenAI-compatible endpoint (see specedge/edge/serve.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import structlog
+
 from schemas import Sampling
-from specedge import broker, logs
+from specedge import broker, logs, settings
 from specedge.cli import DTYPES, add_common, apply_threads
 from specedge.config import TreeShape
 from specedge.edge.proactive import Mode
@@ -61,7 +64,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--target", default=DEFAULT_TARGET, help="target model name (for the record)")
     add_common(p)
     add_generation_args(p)
-    return p.parse_args(argv)
+    from specedge.edge.serve import SERVE_ONLY
+
+    return settings.parse_args(p, "edge", argv, sibling_keys=SERVE_ONLY)
 
 
 async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
@@ -112,8 +117,14 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from specedge.edge import serve
+
+        return serve.main(argv[1:])
     a = parse(argv)
     logs.configure(a.log_level)
+    structlog.get_logger("specedge.edge").info("config", command="edge", **settings.effective(a))
     apply_threads(a.threads)
     if not a.nats:
         print("specedge.edge: no broker given; pass --nats nats://HOST:PORT or set SPECEDGE_NATS "

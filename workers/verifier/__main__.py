@@ -10,7 +10,7 @@ import sys
 
 import structlog
 
-from specedge import broker, logs, subjects
+from specedge import broker, logs, settings, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
 from specedge.cli import DTYPES, add_common, apply_threads
 from specedge.config import AdaptiveBudget, Limits
@@ -68,7 +68,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-deliver", type=int, default=ConsumerSettings.max_deliver)
     p.add_argument("--lease-ttl", type=float, default=6.0,
                    help="seconds after which a silent worker's partitions move")
-    return p.parse_args(argv)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics, /health and /ready on this port (0: any free port; "
+                        "default: off)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
+    return settings.parse_args(p, "verifier", argv)
 
 
 async def amain(a: argparse.Namespace) -> int:
@@ -92,7 +96,8 @@ async def amain(a: argparse.Namespace) -> int:
                        lease_renew_s=max(0.2, a.lease_ttl / 5),
                        stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
                        consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
-                                                 max_deliver=a.max_deliver))
+                                                 max_deliver=a.max_deliver),
+                       metrics_port=a.metrics_port, metrics_host=a.metrics_host)
     if a.name:
         cfg.name = a.name
     w = Worker(model, url, cfg)
@@ -111,6 +116,7 @@ async def amain(a: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     a = parse(argv)
     logs.configure(a.log_level)
+    structlog.get_logger("workers.verifier").info("config", **settings.effective(a))
     apply_threads(a.threads)
     logs.install_uvloop()
     return asyncio.run(amain(a))

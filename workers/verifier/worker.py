@@ -26,8 +26,9 @@ from schemas import (
     encode,
     pack_ids,
 )
-from specedge import broker, subjects
+from specedge import broker, metrics, subjects
 from specedge.config import AdaptiveBudget, Limits
+from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
 from workers.verifier.engine import Engine, forward_costs, knee
@@ -71,6 +72,8 @@ class WorkerConfig:
     consumer: broker.ConsumerSettings = field(default_factory=broker.ConsumerSettings)
     stream: broker.StreamSettings = field(default_factory=broker.StreamSettings)
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    metrics_port: int | None = None  # /metrics /health /ready; None: off, 0: any free port
+    metrics_host: str = "0.0.0.0"
 
 
 class Worker:
@@ -81,6 +84,8 @@ class Worker:
         self.sessions = SessionTable(self.cfg.kv_budget_tokens,
                                      kv_budget_bytes=self.cfg.kv_budget_bytes)
         self.stats = WorkerStats()
+        self.metrics = metrics.VerifierMetrics(self.cfg.max_batch)
+        self.http: HttpServer | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._stop = asyncio.Event()
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
@@ -127,6 +132,7 @@ class Worker:
         if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
             await self._calibrate()  # before pulling: blocks must not wait on it unacked
         await sync_pullers()
+        observers = await self._start_observability()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
                  vocab=self.engine.vocab_size, partitions=sorted(self.leases.owned))
         self.ready.set()
@@ -135,6 +141,7 @@ class Worker:
                 if self.leases.changed.is_set():
                     self.leases.changed.clear()
                     await sync_pullers()
+                self.metrics.queue_depth.set(inbox.qsize() + len(self._deferred))
                 msgs = []
                 if not self._deferred:
                     try:
@@ -170,6 +177,10 @@ class Worker:
                 log.warning("could not release leases", error=str(exc))
             await nc.close()
             self._executor.shutdown(wait=True)
+            for t in observers:
+                t.cancel()
+            if self.http:
+                await self.http.stop()
             self.log_stats("verifier stopped")
 
     async def _calibrate(self) -> None:
@@ -208,6 +219,20 @@ class Worker:
             except ValueError:
                 pass
         self.stats.hold_s += time.monotonic() - t0
+
+    async def _start_observability(self) -> list[asyncio.Task]:
+        """/metrics, /health and /ready (ready while pulling; 503 once draining), and the
+        consumer-lag poll behind the lag gauges."""
+        if self.cfg.metrics_port is None:
+            return []
+        app = metrics.app(self.metrics.registry,
+                          lambda: self.ready.is_set() and not self._stop.is_set(),
+                          lambda: {"worker": self.cfg.name,
+                                   "partitions": sorted(self.leases.owned)})
+        self.http = await HttpServer(app, self.cfg.metrics_host, self.cfg.metrics_port,
+                                     "verifier-metrics").start()
+        return [asyncio.create_task(metrics.poll_forever(
+            lambda: self.metrics.poll_consumers(self.js, self.leases.owned), 2.0, "lag"))]
 
     async def _bind(self, p: int):
         await broker.ensure_partition_consumer(self.js, p, self.cfg.consumer)
@@ -315,6 +340,7 @@ class Worker:
         self.stats.busy_s += verify_s
         self.stats.batch_sizes.append(len(work))
         batch_tokens = sum(o.new_tokens for o in outcomes)
+        self.metrics.batch(len(work), batch_tokens, verify_s)
         pubs = []
         for (m, st, blk, queued), out in zip(work, outcomes, strict=True):
             res = out.walk
@@ -339,9 +365,12 @@ class Worker:
             self.stats.blocks += 1
             self.stats.kv_hits += out.kv_hit
             self.stats.kv_misses += not out.kv_hit
+            self.metrics.verdict(len(toks), len(res.accepted), max(blk.depths, default=0),
+                                 out.kv_hit)
             pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
+        self.metrics.kv(self.sessions.kv_bytes(), len(self.sessions))
         await asyncio.gather(*pubs)  # each handles its own failure
 
     async def _keep_alive(self, msgs) -> None:
@@ -358,6 +387,8 @@ class Worker:
             log.warning("draft on a malformed subject; terminated", subject=m.subject)
             await _quietly(m.term())
             return None
+        if m.metadata.num_delivered > 1:
+            self.metrics.redeliveries.inc()
         try:
             block = decode(m.data)
             if not isinstance(block, DraftBlock):
@@ -414,6 +445,7 @@ class Worker:
 
     async def _reject(self, m, sid: str, round_no: int, code: str, reason: str) -> None:
         self.stats.rejected += 1
+        self.metrics.rejects.labels(code).inc()
         log.warning("block rejected", sid=sid, round=round_no, code=code, reason=reason)
         r = Rejected(v=SCHEMA_VERSION, round=round_no, code=code, reason=reason,
                      worker=self.cfg.name, t=time.time())

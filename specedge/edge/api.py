@@ -1,0 +1,491 @@
+"""The edge as a local OpenAI-compatible endpoint: /v1/models, /v1/chat/completions and
+/v1/completions, streamed as server-sent events, each request its own session on the fleet.
+
+Every request becomes one EdgeSession sharing the edge's draft model (one executor thread, so
+the draft model's forwards never race) and its NATS connection. Parameters that would change
+the target's distribution (penalties, logit bias) are refused rather than silently ignored:
+the output is exactly the target's, and a request that asks for something else gets a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from schemas import Sampling
+from specedge import metrics, subjects
+from specedge.config import TreeShape
+from specedge.edge.drafter import Drafter
+from specedge.edge.proactive import Mode
+from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
+from specedge.edge.text import Detokenizer, eos_ids
+from specedge.runner import PackedRunner
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model_id: str  # the name clients pass as "model" (the target's: it decides the output)
+    target_name: str = ""
+    draft_name: str = ""
+    shape: TreeShape = field(default_factory=TreeShape)
+    proactive: Mode = Mode.SINGLE
+    emulate_rtt_ms: float = 0.0
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 4096
+    temperature: float = 0.0  # defaults for requests that leave a parameter out
+    top_p: float = 1.0
+    top_k: int = 0
+    max_sessions: int = 16  # concurrent sessions; more requests wait for a slot
+    verdict_timeout_s: float = 30.0
+
+
+class ApiError(Exception):
+    """An OpenAI-style error body with its HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    seed: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    session_id: str
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+_DONE = object()
+
+
+class EdgeService:
+    """What the HTTP handlers share: the NATS connection, the draft model and its thread, the
+    tokenizer, the metrics and the concurrency limit."""
+
+    def __init__(self, nc, draft_model, tokenizer, cfg: ServeConfig,
+                 edge_metrics: metrics.EdgeMetrics | None = None):
+        self.nc, self.js = nc, nc.jetstream()
+        self.tok, self.cfg = tokenizer, cfg
+        self.runner = PackedRunner(draft_model)
+        self.vocab_size = self.runner.vocab_size
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="draft")
+        self.eos = eos_ids(tokenizer, draft_model.config,
+                           getattr(draft_model, "generation_config", None))
+        self.metrics = edge_metrics or metrics.EdgeMetrics()
+        self.slots = asyncio.Semaphore(cfg.max_sessions)
+        self.draining = False
+
+    def ready(self) -> bool:
+        return not self.draining and self.nc.is_connected
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
+
+    async def generate(self, req: GenRequest, sid: str) -> AsyncIterator[str | Finish]:
+        """Text deltas as verdicts commit tokens, then one Finish. Stop strings are held back
+        until they can no longer begin one; a hit cancels the session (it closes itself)."""
+        t0 = time.perf_counter()
+        slog = log.bind(sid=sid)
+        params = SessionParams(
+            prompt_ids=req.prompt_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
+            seed=req.seed, eos_ids=self.eos, shape=self.cfg.shape,
+            target_name=self.cfg.target_name, draft_name=self.cfg.draft_name,
+            proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
+            verdict_timeout_s=self.cfg.verdict_timeout_s)
+        arrivals: asyncio.Queue = asyncio.Queue()
+
+        def on_tokens(toks: list[int]) -> None:
+            arrivals.put_nowait((time.perf_counter(), toks))
+
+        async with self.slots:
+            self.metrics.active.inc()
+            session = EdgeSession(self.nc, self.js, Drafter(self.runner), self.executor, params,
+                                  on_tokens=on_tokens, sid=sid)
+            task = asyncio.create_task(session.run())
+            task.add_done_callback(lambda _: arrivals.put_nowait(_DONE))
+            detok = Detokenizer(self.tok)
+            text, sent, n_tokens, last_at, last_tok = "", 0, 0, None, None
+            hold = max((len(s) for s in req.stop), default=1) - 1
+            outcome = "cancelled"  # unless it ends otherwise: the client went away
+            try:
+                while (item := await arrivals.get()) is not _DONE:
+                    at, toks = item
+                    self.metrics.token_times(at, last_at, t0, len(toks))
+                    last_at, n_tokens, last_tok = at, n_tokens + len(toks), toks[-1]
+                    text += detok.push(toks)
+                    cut = _find_stop(text, req.stop, max(0, sent - hold))
+                    if cut is not None:
+                        if cut > sent:
+                            yield text[sent:cut]
+                        outcome = "stopped"
+                        slog.info("stop string reached; closing session", tokens=n_tokens)
+                        yield Finish("stop", len(req.prompt_ids), n_tokens, sid)
+                        return
+                    if len(text) - hold > sent:
+                        yield text[sent:len(text) - hold]
+                        sent = len(text) - hold
+                result = task.result()  # raises what the session raised
+                text += detok.flush()
+                cut = _find_stop(text, req.stop, max(0, sent - hold))
+                end = len(text) if cut is None else cut
+                if end > sent:
+                    yield text[sent:end]
+                self.metrics.session_done(result.rounds)
+                outcome = "ok"
+                eos_hit = last_tok is not None and last_tok in self.eos
+                reason = "stop" if cut is not None or eos_hit or n_tokens < req.max_tokens \
+                    else "length"
+                yield Finish(reason, len(req.prompt_ids), n_tokens, sid)
+            except SessionRejected as exc:
+                outcome = "rejected"
+                r = exc.rejected
+                raise ApiError(400 if r.code.startswith("invalid") else 502,
+                               f"the verifier rejected the request: {r.reason}",
+                               code=r.code) from None
+            except TimeoutError:
+                outcome = "timeout"
+                raise ApiError(504, "no verdict from the verifier fleet in time; is a verifier "
+                               "running on this broker?", code="verifier_timeout") from None
+            except ApiError:
+                raise
+            except Exception as exc:
+                outcome = "error"
+                slog.exception("session failed")
+                raise ApiError(500, f"generation failed: {exc!r}") from None
+            finally:
+                # Bookkeeping first: under a disconnect, Starlette's cancel scope cancels
+                # every further await here too.
+                if outcome != "ok":
+                    self.metrics.sessions.labels(outcome).inc()
+                self.metrics.active.dec()
+                if not task.done():
+                    task.cancel()  # the session publishes its SessionClosed on the way out
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.gather(task, return_exceptions=True)
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+        want = " or ".join({int: "an integer", float: "a number", str: "a string",
+                            bool: "a boolean", list: "an array", dict: "an object"}[k]
+                           for k in kinds)
+        raise ApiError(400, f"'{name}' must be {want}, got {json.dumps(v)}", param=name)
+    return v
+
+
+def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int) -> dict:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required", param="model")
+    if model != cfg.model_id:
+        raise ApiError(404, f"The model '{model}' does not exist; this endpoint serves "
+                       f"'{cfg.model_id}'", param="model", code="model_not_found")
+    if _get(body, "n", (int,), 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if _get(body, name, (int, float), 0) not in (0, 1 if name == "repetition_penalty" else 0):
+            raise ApiError(400, f"'{name}' is not supported: it would change the target model's "
+                           "distribution, and the output here is exactly the target's",
+                           param=name)
+    if body.get("logit_bias"):
+        raise ApiError(400, "'logit_bias' is not supported (lossless decoding)",
+                       param="logit_bias")
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
+        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported", param=name)
+    rf = body.get("response_format")
+    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
+                       param="response_format")
+    max_tokens = _get(body, "max_completion_tokens", (int,),
+                      _get(body, "max_tokens", (int,), cfg.default_max_tokens))
+    if not 1 <= max_tokens <= cfg.max_tokens_limit:
+        raise ApiError(400, f"'max_tokens' must be between 1 and {cfg.max_tokens_limit}",
+                       param="max_tokens")
+    temperature = float(_get(body, "temperature", (int, float), cfg.temperature))
+    if not 0 <= temperature <= 2:
+        raise ApiError(400, "'temperature' must be between 0 and 2", param="temperature")
+    top_p = float(_get(body, "top_p", (int, float), cfg.top_p))
+    if not 0 < top_p <= 1:
+        raise ApiError(400, "'top_p' must be in (0, 1]", param="top_p")
+    top_k = _get(body, "top_k", (int,), cfg.top_k)
+    if not 0 <= top_k <= vocab_size:
+        raise ApiError(400, f"'top_k' must be between 0 and {vocab_size}", param="top_k")
+    seed = _get(body, "seed", (int,), None)
+    if seed is None:
+        seed = secrets.randbits(31)  # like OpenAI: without a seed, sampling is not repeatable
+    elif not 0 <= seed < 2**63:
+        raise ApiError(400, "'seed' must be a non-negative 64-bit integer", param="seed")
+    stop = _get(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a string or up to 4 non-empty strings", param="stop")
+    stream = _get(body, "stream", (bool,), False)
+    so = _get(body, "stream_options", (dict,), {})
+    if so and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true",
+                       param="stream_options")
+    include_usage = bool(_get(so, "include_usage", (bool,), False))
+    return dict(max_tokens=max_tokens, sampling=Sampling(temperature, top_p, top_k), seed=seed,
+                stop=stop, stream=stream, include_usage=include_usage)
+
+
+def _chat_prompt(body: dict, tok) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user",
+                                                            "assistant"):
+            raise ApiError(400, f"messages[{i}]: 'role' must be system, developer, user or "
+                           "assistant", param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise ApiError(400, f"messages[{i}]: only text content parts are supported",
+                               param=f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}]: 'content' must be a string",
+                           param=f"messages[{i}].content")
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": content})
+    if not getattr(tok, "chat_template", None):
+        raise ApiError(400, "this model has no chat template; use /v1/completions",
+                       param="messages")
+    ids = tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _completion_prompt(body: dict, tok, vocab_size: int) -> list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
+        p = p[0]  # a batch of one
+    if isinstance(p, str) and p:
+        return list(tok(p)["input_ids"])
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
+                                         for t in p):
+        if not all(0 <= t < vocab_size for t in p):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+        return p
+    raise ApiError(400, "'prompt' must be a non-empty string or array of token ids "
+                   "(one prompt per request)", param="prompt")
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> Response:
+    created = int(time.time())
+    sid = subjects.new_session_id()
+    gen = service.generate(req, sid)
+    try:
+        first = await anext(gen)  # errors before the first token get a real status code
+    except ApiError as exc:
+        return exc.response()
+    except StopAsyncIteration:
+        return ApiError(500, "generation ended without a result").response()
+
+    def envelope(choice: dict, chunk: bool, rid: str) -> dict:
+        obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
+        return {"id": rid, "object": obj + (".chunk" if chunk and kind == "chat" else ""),
+                "created": created, "model": model, "system_fingerprint": None,
+                "choices": [choice]}
+
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + sid  # replay finds it by this id
+
+    if not req.stream:
+        parts = [] if isinstance(first, Finish) else [first]
+        fin = first if isinstance(first, Finish) else None
+        try:
+            async for item in gen:
+                if isinstance(item, Finish):
+                    fin = item
+                else:
+                    parts.append(item)
+        except ApiError as exc:
+            return exc.response()
+        assert fin is not None
+        text = "".join(parts)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": fin.reason, "logprobs": None} if kind == "chat" else
+                  {"index": 0, "text": text, "finish_reason": fin.reason, "logprobs": None})
+        body = envelope(choice, False, rid) | {"usage": fin.usage()}
+        return JSONResponse(body, headers={"X-SpecEdge-Session": fin.session_id})
+
+    def delta(text: str | None, reason: str | None, role: bool = False) -> dict:
+        if kind == "chat":
+            d: dict = {"role": "assistant", "content": ""} if role else (
+                {"content": text} if text is not None else {})
+            c = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+        else:
+            c = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        out = envelope(c, True, rid)
+        if req.include_usage:
+            out["usage"] = None
+        return out
+
+    async def events() -> AsyncIterator[bytes]:
+        item = first
+        try:
+            if kind == "chat":
+                yield _sse(delta(None, None, role=True))
+            while True:
+                if isinstance(item, Finish):
+                    yield _sse(delta(None, item.reason))
+                    if req.include_usage:
+                        yield _sse(envelope({}, True, rid) | {"choices": [],
+                                                               "usage": item.usage()})
+                    break
+                yield _sse(delta(item, None))
+                item = await anext(gen)
+        except ApiError as exc:  # mid-stream: the status is sent already; say it in-band
+            yield _sse(exc.body())
+        finally:
+            await gen.aclose()  # a client that went away cancels its session here
+        yield _sse("[DONE]")
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+               "X-SpecEdge-Session": sid}
+    return _ClosingStream(events(), gen.aclose, media_type="text/event-stream",
+                          headers=headers)
+
+
+class _ClosingStream(StreamingResponse):
+    """When the client goes away, Starlette abandons the body iterator where it stands
+    (suspended at a yield), so its finally blocks would wait for garbage collection; close
+    the generation explicitly so the session is cancelled and closed on the broker now."""
+
+    def __init__(self, body, on_close: Callable, **kw):
+        super().__init__(body, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+def build_app(service: EdgeService) -> Starlette:
+    cfg = service.cfg
+
+    def counted(endpoint: str, fn: Callable) -> Callable:
+        async def handler(request: Request) -> Response:
+            try:
+                resp = await fn(request)
+            except ApiError as exc:
+                resp = exc.response()
+            service.metrics.requests.labels(endpoint, str(resp.status_code)).inc()
+            return resp
+        return handler
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": cfg.model_id, "object": "model", "created": 0, "owned_by": "specedge",
+             "draft": cfg.draft_name}]})
+
+    async def chat(request: Request) -> Response:
+        body = await body_of(request)
+        common = _parse_common(body, cfg, service.vocab_size)
+        ids = _chat_prompt(body, service.tok)
+        return await _run(service, GenRequest(ids, **common), "chat", cfg.model_id)
+
+    async def completions(request: Request) -> Response:
+        body = await body_of(request)
+        common = _parse_common(body, cfg, service.vocab_size)
+        for name, ok in (("echo", False), ("suffix", None)):
+            if body.get(name) not in (ok, None):
+                raise ApiError(400, f"'{name}' is not supported", param=name)
+        if body.get("best_of") not in (None, 1):
+            raise ApiError(400, "only best_of=1 is supported", param="best_of")
+        ids = _completion_prompt(body, service.tok, service.vocab_size)
+        return await _run(service, GenRequest(ids, **common), "text", cfg.model_id)
+
+    async def http_error(_: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+    async def server_error(_: Request, exc: Exception) -> Response:
+        log.exception("request failed", error=repr(exc))
+        return ApiError(500, "internal error; see the edge's log").response()
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", counted("models", models), methods=["GET"]),
+            Route("/v1/chat/completions", counted("chat", chat), methods=["POST"]),
+            Route("/v1/completions", counted("completions", completions), methods=["POST"]),
+            *metrics.routes(service.metrics.registry, service.ready,
+                            lambda: {"model": cfg.model_id}),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error})

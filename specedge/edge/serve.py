@@ -1,0 +1,120 @@
+"""python -m specedge.edge serve: the edge as a local OpenAI-compatible endpoint.
+
+Loads the draft model once, connects to the broker and serves /v1/models,
+/v1/chat/completions and /v1/completions (plus /metrics, /health, /ready) until SIGTERM or
+Ctrl-C; then it stops taking requests, lets the ones in flight finish, and exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from specedge import broker, logs, settings
+from specedge.cli import DTYPES, add_common, apply_threads
+from specedge.edge.proactive import Mode
+
+log = structlog.get_logger("specedge.edge.serve")
+
+SERVE_ONLY = frozenset({"host", "port", "served_model_name", "max_sessions", "max_tokens_limit",
+                        "grace_s"})
+
+
+def parser() -> argparse.ArgumentParser:
+    from specedge.edge.__main__ import add_generation_args
+    from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    p = argparse.ArgumentParser(prog="python -m specedge.edge serve", description=__doc__)
+    p.add_argument("--model", default=DEFAULT_DRAFT, help="draft model: cache name, dir or hub id")
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help="target model name (what the verifiers run; the served model id)")
+    add_common(p)
+    add_generation_args(p)  # --max-new-tokens, --temperature... are the requests' defaults
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: this machine "
+                   "only; the endpoint has no authentication)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients pass (default: the target's name)")
+    p.add_argument("--max-sessions", type=int, default=16,
+                   help="requests generating at once; more wait for a slot")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="largest max_tokens a request may ask for")
+    p.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM, how long requests in flight may take to finish")
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    a = settings.parse_args(parser(), "edge", argv)
+    for name in ("port", "max_sessions", "max_tokens_limit", "max_new_tokens"):
+        if getattr(a, name) < (0 if name == "port" else 1):
+            parser().error(f"--{name.replace('_', '-')} must be positive")
+    return a
+
+
+def serve_config(a: argparse.Namespace):
+    from specedge.edge.__main__ import shape_from
+    from specedge.edge.api import ServeConfig
+
+    return ServeConfig(
+        model_id=a.served_model_name or Path(a.target.rstrip("/")).name,
+        target_name=a.target, draft_name=a.model, shape=shape_from(a),
+        proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
+        default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions)
+
+
+async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenizer=None,
+                started: asyncio.Future | None = None) -> None:
+    """Serve until `stop` is set. `started` (if given) receives the HttpServer once listening."""
+    from specedge.edge.api import EdgeService, build_app
+    from specedge.httpserver import HttpServer
+    from specedge.models import load_model, load_tokenizer
+
+    loop = asyncio.get_running_loop()
+    if draft is None:  # one thread: transformers' lazy imports are not safe to race
+        tokenizer, draft = await loop.run_in_executor(None, lambda: (
+            load_tokenizer(a.model), load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)))
+    nc = await broker.connect(a.nats, "edge-api")
+    service = EdgeService(nc, draft, tokenizer, serve_config(a))
+    server = HttpServer(build_app(service), a.host, a.port, "edge-api")
+    server.server.config.timeout_graceful_shutdown = a.grace_s
+    try:
+        await server.start()
+        log.info("serving", url=f"{server.url}/v1", model=service.cfg.model_id,
+                 draft=a.model, broker=settings.mask("nats", a.nats))
+        if started is not None:
+            started.set_result(server)
+        await stop.wait()
+        service.draining = True  # /ready turns 503 first, so a balancer stops sending work
+        log.info("stopping: finishing requests in flight", grace_s=a.grace_s)
+    finally:
+        await server.stop()
+        service.close()
+        await nc.close()
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    logs.configure(a.log_level)
+    log.info("config", command="edge serve", **settings.effective(a))
+    apply_threads(a.threads)
+    if not a.nats:
+        print("specedge.edge serve: no broker given; pass --nats nats://HOST:PORT or set "
+              "SPECEDGE_NATS (or run `python -m specedge.demo --serve`)", file=sys.stderr)
+        return 2
+    logs.install_uvloop()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(a, stop)
+
+    asyncio.run(run())
+    return 0
