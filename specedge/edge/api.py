@@ -29,6 +29,7 @@ from starlette.routing import Route
 from schemas import Sampling
 from specedge import metrics, subjects
 from specedge.config import TreeShape
+from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
@@ -46,6 +47,8 @@ class ServeConfig:
     shape: TreeShape = field(default_factory=TreeShape)
     proactive: Mode = Mode.SINGLE
     emulate_rtt_ms: float = 0.0
+    adaptive: bool = True  # follow the verifiers' tree budget hints
+    max_budget: int = 16
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     temperature: float = 0.0  # defaults for requests that leave a parameter out
@@ -106,9 +109,11 @@ class EdgeService:
                  edge_metrics: metrics.EdgeMetrics | None = None):
         self.nc, self.js = nc, nc.jetstream()
         self.tok, self.cfg = tokenizer, cfg
-        self.runner = PackedRunner(draft_model)
+        # concurrent requests draft in their own threads; coinciding draft forwards are
+        # packed into one (about the cost of one on this hardware)
+        self.runner = CoalescingRunner(PackedRunner(draft_model))
         self.vocab_size = self.runner.vocab_size
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="draft")
+        self.executor = ThreadPoolExecutor(cfg.max_sessions, thread_name_prefix="draft")
         self.eos = eos_ids(tokenizer, draft_model.config,
                            getattr(draft_model, "generation_config", None))
         self.metrics = edge_metrics or metrics.EdgeMetrics()
@@ -131,7 +136,8 @@ class EdgeService:
             seed=req.seed, eos_ids=self.eos, shape=self.cfg.shape,
             target_name=self.cfg.target_name, draft_name=self.cfg.draft_name,
             proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
-            verdict_timeout_s=self.cfg.verdict_timeout_s)
+            verdict_timeout_s=self.cfg.verdict_timeout_s, adaptive=self.cfg.adaptive,
+            max_budget=self.cfg.max_budget)
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:

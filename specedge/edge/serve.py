@@ -64,6 +64,7 @@ def serve_config(a: argparse.Namespace):
         model_id=a.served_model_name or Path(a.target.rstrip("/")).name,
         target_name=a.target, draft_name=a.model, shape=shape_from(a),
         proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
+        adaptive=a.adaptive, max_budget=a.max_tree_budget,
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions)
 
