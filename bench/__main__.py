@@ -56,7 +56,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--temperatures", type=float, nargs="*", default=None)
     p.add_argument("--sampled-edges", type=int, nargs="*", default=None,
                    help="concurrency levels also run at the non-zero temperatures "
-                        "(default: all)")
+                        "(default: 4)")
     p.add_argument("--prompts-per-edge", type=int, default=2)
     p.add_argument("--min-prompts", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -87,14 +87,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--draft", default=DEFAULT_DRAFT)
     a = p.parse_args(argv)
     quick = {"edges": [1, 4], "temperatures": [0.0], "min_prompts": 2, "max_new_tokens": 32,
-             "budgets": [], "out": "bench/results/quick"}
+             "budgets": [], "sampled_edges": [], "out": "bench/results/quick"}
     full = {"edges": [1, 4, 8], "temperatures": [0.0, 0.7], "min_prompts": 4,
-            "max_new_tokens": 64, "budgets": [1, 2, 4, 8], "out": "bench/results/main"}
+            "max_new_tokens": 64, "budgets": [1, 2, 4, 8], "sampled_edges": [4],
+            "out": "bench/results/main"}
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    if a.sampled_edges is None:
-        a.sampled_edges = a.edges
     return a
 
 
