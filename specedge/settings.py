@@ -24,7 +24,7 @@ from typing import Any
 SECTIONS = ("verifier", "edge", "demo")
 _NOT_CONFIGURABLE = {"help", "config", "command"}
 _SECRET_WORDS = {"password", "passwd", "secret", "token", "creds", "credentials", "key",
-                 "nkey", "jwt", "seed"}
+                 "nkey", "jwt"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -156,7 +156,9 @@ def resolve_defaults(p: argparse.ArgumentParser, section: str, path: str | None,
 
 
 def _secret(key: str) -> bool:
-    return bool(set(re.split(r"[_\-.]", key.lower())) & _SECRET_WORDS)
+    words = re.split(r"[_\-.]", key.lower())
+    # an NKey seed is a secret; the sampling `seed` is not
+    return bool(set(words) & _SECRET_WORDS) or (words[-1] == "seed" and len(words) > 1)
 
 
 _URL_PASSWORD = re.compile(r"(?P<pre>[a-z]+://[^:/@\s]*:)[^@\s]+@")

@@ -100,7 +100,8 @@ def test_yaml_file_and_masking(tmp_path):
     assert a.nats == "nats://edge:s3cret@broker:4222" and a.seed == 5
     shown = settings.effective(a)
     assert shown["nats"] == "nats://edge:***@broker:4222"
-    assert shown["seed"] == "***"
+    assert shown["seed"] == 5  # the sampling seed is not a secret; an NKey seed is
+    assert settings.mask("nkey_seed", "SUAB") == "***"
     assert shown["max_new_tokens"] == 128  # "tokens" is not "token": not a secret
     assert settings.mask("user_creds", "/path") == "***"
     assert settings.mask("api_key", "abc") == "***"
@@ -117,5 +118,5 @@ def test_first_log_line_is_the_masked_config(tmp_path):
     assert p.returncode == 2
     first = json.loads(p.stderr.splitlines()[0])
     assert first["event"] == "config" and first["command"] == "edge serve"
-    assert (first["port"], first["max_sessions"], first["seed"]) == (8123, 3, "***")
+    assert (first["port"], first["max_sessions"], first["seed"]) == (8123, 3, 99)
     assert "no broker given" in p.stderr
