@@ -83,13 +83,14 @@ class EmbeddedNats:
 
     def __init__(self, store_dir: str | os.PathLike | None = None, port: int | None = None,
                  config_file: str | None = None, extra_args: list[str] | None = None,
-                 cpus: list[int] | None = None):
+                 cpus: list[int] | None = None, env: dict[str, str] | None = None):
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="specedge-nats-"))
         self.port = port or free_port()
         self.config_file = config_file
         self.extra_args = extra_args or []
         self.cpus = cpus  # pin the server (benchmarks keep it off the verifier's cores)
+        self.env = env  # extra environment: a config may read e.g. TLS file paths from it
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -104,7 +105,8 @@ class EmbeddedNats:
         args += self.extra_args
         self.store_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by proc
-        self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env} if self.env else None)
         if self.cpus:
             os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = time.monotonic() + timeout
@@ -186,7 +188,7 @@ async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None
     """Create the SPECEDGE stream, or update it to these settings; idempotent."""
     cfg = StreamConfig(
         name=subjects.STREAM,
-        subjects=[f"{subjects.PREFIX}.>"],
+        subjects=subjects.stream_subjects(),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=settings.max_age_s,

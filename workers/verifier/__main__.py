@@ -12,8 +12,8 @@ import structlog
 
 from specedge import broker, logs, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
-from specedge.cli import DTYPES, add_common, apply_threads
-from specedge.config import Limits
+from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
+from specedge.config import Limits, add_limit_args
 from workers.verifier.worker import Worker, WorkerConfig
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
@@ -43,10 +43,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-budget", type=parse_budget, default=(None, None),
                    help="KV cache budget: tokens (e.g. 200000) or bytes with a unit (e.g. "
                         "8GiB, 512MB); least recently used sessions lose their KV first")
-    p.add_argument("--max-nodes", type=int, default=Limits.max_nodes)
-    p.add_argument("--max-depth", type=int, default=Limits.max_depth)
-    p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
-    p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
+    add_limit_args(p)  # --max-nodes, --max-message-bytes, --max-sessions-per-edge, ...
     p.add_argument("--name", default=None, help="worker name in verdicts and logs")
     p.add_argument("--partitions", type=int, default=subjects.PARTITIONS,
                    help="partition count of the stream (fixed when the stream is created)")
@@ -71,14 +68,15 @@ async def amain(a: argparse.Namespace) -> int:
     from specedge.models import load_model
 
     model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
-    limits = Limits(a.max_nodes, a.max_depth, a.max_prompt_tokens, a.max_new_tokens)
+    limits = Limits.from_args(a)
     cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, kv_budget_tokens=a.kv_budget[0],
                        kv_budget_bytes=a.kv_budget[1],
                        partitions=a.partitions, lease_ttl_s=a.lease_ttl,
                        lease_renew_s=max(0.2, a.lease_ttl / 5),
                        stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
                        consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
-                                                 max_deliver=a.max_deliver))
+                                                 max_deliver=a.max_deliver),
+                       connect_opts=connect_opts(a))
     if a.name:
         cfg.name = a.name
     w = Worker(model, url, cfg)

@@ -18,6 +18,7 @@ from schemas import (
     DraftBlock,
     Rejected,
     SessionClosed,
+    SessionOpened,
     Verdict,
     VerifyTimings,
     WireError,
@@ -29,10 +30,17 @@ from specedge import broker, subjects
 from specedge.config import Limits
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
+from workers.verifier.admission import Admission
 from workers.verifier.engine import Engine
 from workers.verifier.leases import Leases
 from workers.verifier.state import SessionState, SessionTable
-from workers.verifier.validate import BlockError, CheckedBlock, check_block, check_opened
+from workers.verifier.validate import (
+    BlockError,
+    CheckedBlock,
+    check_block,
+    check_opened,
+    check_size,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +50,8 @@ class WorkerStats:
     batches: int = 0
     blocks: int = 0
     rejected: int = 0
+    dropped: int = 0  # bad messages dropped with a log line (nowhere to answer)
+    failed_batches: int = 0
     kv_hits: int = 0
     kv_misses: int = 0
     tokens: int = 0  # committed by this worker's verdicts
@@ -63,6 +73,7 @@ class WorkerConfig:
     consumer: broker.ConsumerSettings = field(default_factory=broker.ConsumerSettings)
     stream: broker.StreamSettings = field(default_factory=broker.StreamSettings)
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    connect_opts: dict = field(default_factory=dict)  # credentials, TLS, inbox prefix
 
 
 class Worker:
@@ -77,6 +88,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
+        self.admission = Admission(self.cfg.limits)
         self.ready = asyncio.Event()
 
     def stop(self) -> None:
@@ -84,7 +96,7 @@ class Worker:
         self._stop.set()
 
     async def run(self) -> None:
-        nc = await broker.connect(self.url, f"verifier-{self.cfg.name}")
+        nc = await broker.connect(self.url, f"verifier-{self.cfg.name}", **self.cfg.connect_opts)
         js = nc.jetstream()
         self.nc, self.js = nc, js
         for attempt in range(60):  # a fresh cluster answers JetStream calls only once ready
@@ -99,7 +111,7 @@ class Worker:
         self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
                              self.cfg.lease_renew_s)
         await self.leases.start()
-        csub = await nc.subscribe(f"{subjects.PREFIX}.session.*", cb=self._on_session_msg)
+        csub = await nc.subscribe(subjects.all_sessions(), cb=self._on_session_msg)
         inbox: asyncio.Queue = asyncio.Queue()
         pullers: dict[int, asyncio.Task] = {}
         lease_task = asyncio.create_task(self.leases.run(self._stop))
@@ -198,12 +210,21 @@ class Worker:
                  kv_bytes=self.sessions.kv_bytes())
 
     async def _on_session_msg(self, m) -> None:
+        """Every session's open and close: per-edge session counts, and KV freed on close.
+        Nothing here answers (the partition's owner rejects the session's blocks)."""
         try:
             sid = subjects.sid_of(m.subject)
+            check_size(m.data, self.cfg.limits)
             msg = decode(m.data)
-        except (ValueError, WireError):
+        except (ValueError, WireError) as exc:  # BlockError is a ValueError
+            self.stats.dropped += 1
+            log.warning("bad session message dropped", subject=m.subject, round=None,
+                        error=str(exc)[:200])
             return
-        if isinstance(msg, SessionClosed):
+        if isinstance(msg, SessionOpened):
+            self.admission.opened(sid)
+        elif isinstance(msg, SessionClosed):
+            self.admission.closed(sid)
             self.sessions.drop(sid)  # frees its KV
             log.debug("session closed", sid=sid)
 
@@ -246,6 +267,7 @@ class Worker:
             outcomes = await loop.run_in_executor(
                 self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work])
         except Exception:
+            self.stats.failed_batches += 1
             log.exception("batch forward failed; blocks will be redelivered",
                           sids=[st.sid for _, st, _, _ in work])
             for m, st, _, _ in work:
@@ -299,15 +321,22 @@ class Worker:
         try:
             sid = subjects.sid_of(m.subject)
         except ValueError:
-            log.warning("draft on a malformed subject; terminated", subject=m.subject)
+            self.stats.dropped += 1
+            log.warning("draft on a malformed subject; terminated", subject=m.subject, round=None)
             await _quietly(m.term())
             return None
+        block = None
         try:
+            check_size(m.data, self.cfg.limits)
             block = decode(m.data)
             if not isinstance(block, DraftBlock):
                 raise WireError(f"expected a draft block, got {type(block).__name__}")
+            self.admission.admit(sid, block.round)  # per-edge limits, before any real work
+        except BlockError as exc:
+            await self._reject(m, sid, block.round if block else -1, exc.code, exc.reason)
+            return None
         except WireError as exc:
-            await self._reject(m, sid, -1, "bad_message", str(exc))
+            await self._reject(m, sid, -1, "bad_message", str(exc)[:500])
             return None
         age = time.time() - m.metadata.timestamp.timestamp()
         if age > self.cfg.limits.max_block_age_s:
