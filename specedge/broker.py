@@ -235,10 +235,10 @@ async def ensure_partition_consumer(
 
 
 async def setup(url: str, stream: StreamSettings = StreamSettings(),
-                consumer: ConsumerSettings = ConsumerSettings()) -> None:
+                consumer: ConsumerSettings = ConsumerSettings(), **connect_opts) -> None:
     """One-shot: the stream and every partition's consumer exist, so nothing an edge publishes
     before the first verifier starts is missed. Used by the demo and the fixtures."""
-    nc = await connect(url, "specedge-setup")
+    nc = await connect(url, "specedge-setup", **connect_opts)
     try:
         js = nc.jetstream()
         await ensure_stream(js, stream)
@@ -269,8 +269,8 @@ async def queued_blocks(js, partitions: int = subjects.PARTITIONS) -> int:
 
 
 def run_setup(url: str, stream: StreamSettings = StreamSettings(),
-              consumer: ConsumerSettings = ConsumerSettings()) -> None:
-    asyncio.run(setup(url, stream, consumer))
+              consumer: ConsumerSettings = ConsumerSettings(), **connect_opts) -> None:
+    asyncio.run(setup(url, stream, consumer, **connect_opts))
 
 
 def main(argv=None) -> int:
@@ -279,17 +279,20 @@ def main(argv=None) -> int:
     import argparse
 
     from specedge import logs
+    from specedge.cli import add_auth, connect_opts
 
     p = argparse.ArgumentParser(prog="python -m specedge.broker", description=main.__doc__)
     p.add_argument("command", choices=["setup"])
     p.add_argument("--nats", default=os.environ.get("SPECEDGE_NATS"), required=False)
+    add_auth(p)  # an authenticated broker: the operator's (or a verifier's) key
     p.add_argument("--replicas", type=int, default=1, help="3 on a 3-node cluster")
     p.add_argument("--partitions", type=int, default=subjects.PARTITIONS)
     a = p.parse_args(argv)
     if not a.nats:
         p.error("pass --nats URL or set SPECEDGE_NATS")
     logs.configure("info")
-    run_setup(a.nats, StreamSettings(replicas=a.replicas, partitions=a.partitions))
+    run_setup(a.nats, StreamSettings(replicas=a.replicas, partitions=a.partitions),
+              **connect_opts(a))
     log.info("stream and partition consumers ready", url=a.nats, replicas=a.replicas)
     return 0
 
