@@ -40,6 +40,8 @@ class _Open:
 class _Bucket:
     tokens: float
     at: float
+    refused: int = 0  # since the last warning
+    warned: float = float("-inf")
 
 
 class Admission:
@@ -107,6 +109,11 @@ class Admission:
         b.at = now
         if b.tokens < 1.0:
             self.refused["rate_limited"] += 1
+            b.refused += 1
+            if now - b.warned > 5.0:  # one line per edge per 5 s, not one per message
+                log.warning("edge over its round rate; refusing", sid=sid, round=round_no,
+                            edge=edge, refused=b.refused, rate=rate, burst=burst)
+                b.warned, b.refused = now, 0
             raise BlockError("rate_limited", f"edge {edge!r} sends more than {rate:g} rounds/s "
                              f"(burst {burst}); round {round_no} refused")
         b.tokens -= 1.0

@@ -325,18 +325,23 @@ class Worker:
             log.warning("draft on a malformed subject; terminated", subject=m.subject, round=None)
             await _quietly(m.term())
             return None
-        block = None
+        block, err = None, None
         try:
             check_size(m.data, self.cfg.limits)
             block = decode(m.data)
             if not isinstance(block, DraftBlock):
                 raise WireError(f"expected a draft block, got {type(block).__name__}")
-            self.admission.admit(sid, block.round)  # per-edge limits, before any real work
         except BlockError as exc:
-            await self._reject(m, sid, block.round if block else -1, exc.code, exc.reason)
-            return None
+            err = exc
         except WireError as exc:
-            await self._reject(m, sid, -1, "bad_message", str(exc)[:500])
+            err = BlockError("bad_message", str(exc)[:500])
+        round_no = block.round if isinstance(block, DraftBlock) else -1
+        try:  # per-edge limits before any real work; bad messages spend the allowance too
+            self.admission.admit(sid, round_no)
+        except BlockError as exc:
+            err = exc
+        if err is not None:
+            await self._reject(m, sid, round_no, err.code, err.reason)
             return None
         age = time.time() - m.metadata.timestamp.timestamp()
         if age > self.cfg.limits.max_block_age_s:
@@ -387,12 +392,19 @@ class Worker:
 
     async def _reject(self, m, sid: str, round_no: int, code: str, reason: str) -> None:
         self.stats.rejected += 1
-        log.warning("block rejected", sid=sid, round=round_no, code=code, reason=reason)
         r = Rejected(v=SCHEMA_VERSION, round=round_no, code=code, reason=reason,
                      worker=self.cfg.name, t=time.time())
         try:
-            await self.js.publish(subjects.verdict(sid), encode(r),
-                                  headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
+            if code == "rate_limited":
+                # A flood must cost one cheap answer each: a core publish (the edge listens with
+                # a core subscription), not logged per message (Admission logs the edge once).
+                log.debug("block rejected", sid=sid, round=round_no, code=code)
+                await self.nc.publish(subjects.verdict(sid), encode(r))
+            else:
+                log.warning("block rejected", sid=sid, round=round_no, code=code, reason=reason)
+                await self.js.publish(
+                    subjects.verdict(sid), encode(r),
+                    headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
         except Exception as exc:  # the rejection is advisory; never let it stop the worker
             log.warning("could not publish rejection", sid=sid, error=str(exc))
         await _quietly(m.term())
