@@ -90,14 +90,20 @@ def committed_sequence(slog: SessionLog) -> tuple[list[int], int, bool]:
     return seq, next_round, finished
 
 
-async def read_session(js, sid: str, *, timeout: float = 5.0) -> SessionLog:
-    """Every message of one session, in stream order, through an ephemeral consumer."""
+async def read_session(js, sid: str, *, timeout: float = 5.0,
+                       drafts: bool = True) -> SessionLog:
+    """Every message of one session, in stream order, through an ephemeral consumer. Without
+    drafts: just what rebuilds the committed sequence (an edge's drafts, hostile ones
+    included, then cost a rebuild nothing)."""
     slog = SessionLog(sid)
+    filters = subjects.log_filters(sid)
+    if not drafts:
+        filters = [f for f in filters if ".draft." not in f]
     sub = await js.pull_subscribe(
         "",
         stream=subjects.STREAM,
         config=ConsumerConfig(
-            filter_subjects=subjects.log_filters(sid),
+            filter_subjects=filters,
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.ALL,
             inactive_threshold=30.0,

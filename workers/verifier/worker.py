@@ -376,7 +376,7 @@ class Worker:
         return st, checked
 
     async def _load(self, sid: str) -> SessionState:
-        slog = await read_session(self.js, sid)
+        slog = await read_session(self.js, sid, drafts=False)
         if slog.opened is None:
             raise LogError(f"no SessionOpened for session {sid}")
         check_opened(slog.opened, self.cfg.limits, self.engine.vocab_size)
