@@ -88,7 +88,7 @@ async def load(url: str, sessions: int, rounds: int, nodes: int, vocab: int) -> 
 
     t = asyncio.create_task(tick())
     t0 = time.perf_counter()
-    await asyncio.gather(*(synthetic_session(nc, js, f"syn{i}-{int(t0)}", rounds, nodes, vocab,
+    await asyncio.gather(*(synthetic_session(nc, js, f"syn{i}.{int(t0)}", rounds, nodes, vocab,
                                              done) for i in range(sessions)))
     t.cancel()
     bar.close()

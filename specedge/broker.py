@@ -83,13 +83,14 @@ class EmbeddedNats:
 
     def __init__(self, store_dir: str | os.PathLike | None = None, port: int | None = None,
                  config_file: str | None = None, extra_args: list[str] | None = None,
-                 cpus: list[int] | None = None):
+                 cpus: list[int] | None = None, env: dict[str, str] | None = None):
         self._own_dir = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="specedge-nats-"))
         self.port = port or free_port()
         self.config_file = config_file
         self.extra_args = extra_args or []
         self.cpus = cpus  # pin the server (benchmarks keep it off the verifier's cores)
+        self.env = env  # extra environment: a config may read e.g. TLS file paths from it
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -104,7 +105,8 @@ class EmbeddedNats:
         args += self.extra_args
         self.store_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by proc
-        self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env} if self.env else None)
         if self.cpus:
             os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = time.monotonic() + timeout
@@ -186,7 +188,7 @@ async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None
     """Create the SPECEDGE stream, or update it to these settings; idempotent."""
     cfg = StreamConfig(
         name=subjects.STREAM,
-        subjects=[f"{subjects.PREFIX}.>"],
+        subjects=subjects.stream_subjects(),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_age=settings.max_age_s,
@@ -233,10 +235,10 @@ async def ensure_partition_consumer(
 
 
 async def setup(url: str, stream: StreamSettings = StreamSettings(),
-                consumer: ConsumerSettings = ConsumerSettings()) -> None:
+                consumer: ConsumerSettings = ConsumerSettings(), **connect_opts) -> None:
     """One-shot: the stream and every partition's consumer exist, so nothing an edge publishes
     before the first verifier starts is missed. Used by the demo and the fixtures."""
-    nc = await connect(url, "specedge-setup")
+    nc = await connect(url, "specedge-setup", **connect_opts)
     try:
         js = nc.jetstream()
         await ensure_stream(js, stream)
@@ -267,8 +269,8 @@ async def queued_blocks(js, partitions: int = subjects.PARTITIONS) -> int:
 
 
 def run_setup(url: str, stream: StreamSettings = StreamSettings(),
-              consumer: ConsumerSettings = ConsumerSettings()) -> None:
-    asyncio.run(setup(url, stream, consumer))
+              consumer: ConsumerSettings = ConsumerSettings(), **connect_opts) -> None:
+    asyncio.run(setup(url, stream, consumer, **connect_opts))
 
 
 def main(argv=None) -> int:
@@ -277,17 +279,20 @@ def main(argv=None) -> int:
     import argparse
 
     from specedge import logs
+    from specedge.cli import add_auth, connect_opts
 
     p = argparse.ArgumentParser(prog="python -m specedge.broker", description=main.__doc__)
     p.add_argument("command", choices=["setup"])
     p.add_argument("--nats", default=os.environ.get("SPECEDGE_NATS"), required=False)
+    add_auth(p)  # an authenticated broker: the operator's (or a verifier's) key
     p.add_argument("--replicas", type=int, default=1, help="3 on a 3-node cluster")
     p.add_argument("--partitions", type=int, default=subjects.PARTITIONS)
     a = p.parse_args(argv)
     if not a.nats:
         p.error("pass --nats URL or set SPECEDGE_NATS")
     logs.configure("info")
-    run_setup(a.nats, StreamSettings(replicas=a.replicas, partitions=a.partitions))
+    run_setup(a.nats, StreamSettings(replicas=a.replicas, partitions=a.partitions),
+              **connect_opts(a))
     log.info("stream and partition consumers ready", url=a.nats, replicas=a.replicas)
     return 0
 

@@ -14,11 +14,38 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=os.environ.get("SPECEDGE_NATS"),
                    help="broker URL (default: $SPECEDGE_NATS)")
+    add_auth(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="model dtype; bfloat16 uses the CPU's AMX units")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default=os.environ.get("SPECEDGE_LOG", "info"))
+
+
+def add_auth(p: argparse.ArgumentParser) -> None:
+    """Broker credentials and TLS (see specedge/auth.py and deploy/nats/secure.conf)."""
+    env = os.environ.get
+    p.add_argument("--nkey-seed", default=env("SPECEDGE_NKEY_SEED"),
+                   help="NKey seed file of this process's broker user ($SPECEDGE_NKEY_SEED)")
+    p.add_argument("--creds", default=env("SPECEDGE_CREDS"),
+                   help="JWT .creds file, for brokers run with nsc accounts ($SPECEDGE_CREDS)")
+    p.add_argument("--tls-ca", default=env("SPECEDGE_TLS_CA"),
+                   help="CA bundle that signed the broker's certificate ($SPECEDGE_TLS_CA)")
+    p.add_argument("--tls-cert", default=env("SPECEDGE_TLS_CERT_CLIENT"),
+                   help="client certificate, for mutual TLS ($SPECEDGE_TLS_CERT_CLIENT)")
+    p.add_argument("--tls-key", default=env("SPECEDGE_TLS_KEY_CLIENT"),
+                   help="client key, for mutual TLS ($SPECEDGE_TLS_KEY_CLIENT)")
+    p.add_argument("--inbox-prefix", default=env("SPECEDGE_INBOX_PREFIX"),
+                   help="reply inbox prefix; an edge defaults to _INBOX_<edge name>, the only "
+                        "inbox its broker user may read ($SPECEDGE_INBOX_PREFIX)")
+
+
+def connect_opts(a: argparse.Namespace, inbox_prefix: str | None = None) -> dict:
+    """broker.connect keyword arguments from the flags of add_auth."""
+    from specedge.auth import connect_options
+
+    return connect_options(a.nkey_seed, a.creds, a.tls_ca, a.tls_cert, a.tls_key,
+                           a.inbox_prefix or inbox_prefix)
 
 
 def apply_threads(n: int | None) -> None:

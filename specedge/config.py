@@ -2,18 +2,63 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What a verifier accepts from an edge. Anything beyond is rejected with a reason."""
+    """What a verifier accepts from an edge. Anything beyond is rejected with a reason.
+    Every field is also a verifier flag (--max-nodes ...) of the same name."""
 
     max_nodes: int = 64
     max_depth: int = 16
     max_prompt_tokens: int = 8192
     max_new_tokens: int = 4096
     max_block_age_s: float = 300.0  # older drafts (e.g. left in the stream) are terminated
+    # bodies larger than this are refused before decoding (the broker's max_payload is the
+    # outer bound; a 64-node block is well under 1 KiB, an 8k-token prompt 32 KiB)
+    max_message_bytes: int = 64 * 1024
+    max_eos_ids: int = 64
+    max_model_name_chars: int = 256
+    min_temperature: float = 1e-3  # 0 (greedy) or at least this: 1e-300 overflows the logits
+    max_temperature: float = 100.0
+    # Per edge (the first token of the session id, i.e. one set of credentials). Sessions are
+    # counted fleet-wide (every verifier sees every open and close); rounds per second are a
+    # token bucket per verifier. Generous defaults: an operator tightens them per deployment.
+    max_sessions_per_edge: int = 256
+    edge_rounds_per_s: float = 1000.0
+    edge_rounds_burst: int = 2000
+    session_idle_s: float = 600.0  # an open session silent this long stops counting
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> Limits:
+        return cls(**{f.name: getattr(a, f.name) for f in fields(cls) if hasattr(a, f.name)})
+
+
+_LIMIT_HELP = {
+    "max_nodes": "draft tree nodes per block",
+    "max_depth": "draft tree depth",
+    "max_prompt_tokens": "prompt length at session open",
+    "max_new_tokens": "max_new_tokens a session may ask for",
+    "max_block_age_s": "seconds after which a queued block is terminated unverified",
+    "max_message_bytes": "largest message body accepted (refused before decoding)",
+    "max_eos_ids": "stop tokens per session",
+    "max_model_name_chars": "length of the model names in a session opening",
+    "min_temperature": "smallest non-zero sampling temperature",
+    "max_temperature": "largest sampling temperature",
+    "max_sessions_per_edge": "sessions one edge may have open at once (fleet-wide)",
+    "edge_rounds_per_s": "rounds per second one edge may send to this verifier",
+    "edge_rounds_burst": "burst size of the per-edge round rate",
+    "session_idle_s": "an open session silent this long no longer counts against its edge",
+}
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """One flag per Limits field (--max-nodes, ...), dest = the field name."""
+    for f in fields(Limits):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+                       default=f.default, help=f"{_LIMIT_HELP[f.name]} (default {f.default})")
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def load_tokenizer_for(sv: SessionView, ref: str | None):
 async def list_sessions(js, limit: int = 50) -> list[SessionView]:
     """Sessions opened most recently (by their SessionOpened), newest first."""
     sub = await js.pull_subscribe("", stream=subjects.STREAM, config=ConsumerConfig(
-        filter_subject=f"{subjects.PREFIX}.session.*", ack_policy=AckPolicy.NONE,
+        filter_subject=subjects.all_sessions(), ack_policy=AckPolicy.NONE,
         deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, mem_storage=True))
     sids: list[str] = []
     try:

@@ -34,34 +34,38 @@ class LogEntry:
 
 @dataclass
 class SessionLog:
+    """A message counts only on its own kind's subject: an edge may publish anything to its
+    session and draft subjects (a Verdict body included), but only verifiers publish verdicts."""
+
     sid: str
     entries: list[LogEntry] = field(default_factory=list)
 
+    def _of(self, kind: str, cls: type) -> list:
+        return [e.msg for e in self.entries if e.kind == kind and isinstance(e.msg, cls)]
+
     @property
     def opened(self) -> SessionOpened | None:
-        return next((e.msg for e in self.entries if isinstance(e.msg, SessionOpened)), None)
+        return next(iter(self._of("session", SessionOpened)), None)
 
     @property
     def closed(self) -> SessionClosed | None:
-        return next((e.msg for e in self.entries if isinstance(e.msg, SessionClosed)), None)
+        return next(iter(self._of("session", SessionClosed)), None)
 
     def verdicts(self) -> list[Verdict]:
         """One verdict per round (the first; a duplicate is a redelivery), in round order."""
         by_round: dict[int, Verdict] = {}
-        for e in self.entries:
-            if isinstance(e.msg, Verdict):
-                by_round.setdefault(e.msg.round, e.msg)
+        for v in self._of("verdict", Verdict):
+            by_round.setdefault(v.round, v)
         return [by_round[r] for r in sorted(by_round)]
 
     def drafts(self) -> dict[int, DraftBlock]:
         out: dict[int, DraftBlock] = {}
-        for e in self.entries:
-            if isinstance(e.msg, DraftBlock):
-                out.setdefault(e.msg.round, e.msg)
+        for d in self._of("draft", DraftBlock):
+            out.setdefault(d.round, d)
         return out
 
     def rejections(self) -> list[Rejected]:
-        return [e.msg for e in self.entries if isinstance(e.msg, Rejected)]
+        return self._of("verdict", Rejected)
 
 
 class LogError(ValueError):
@@ -86,14 +90,20 @@ def committed_sequence(slog: SessionLog) -> tuple[list[int], int, bool]:
     return seq, next_round, finished
 
 
-async def read_session(js, sid: str, *, timeout: float = 5.0) -> SessionLog:
-    """Every message of one session, in stream order, through an ephemeral consumer."""
+async def read_session(js, sid: str, *, timeout: float = 5.0,
+                       drafts: bool = True) -> SessionLog:
+    """Every message of one session, in stream order, through an ephemeral consumer. Without
+    drafts: just what rebuilds the committed sequence (an edge's drafts, hostile ones
+    included, then cost a rebuild nothing)."""
     slog = SessionLog(sid)
+    filters = subjects.log_filters(sid)
+    if not drafts:
+        filters = [f for f in filters if ".draft." not in f]
     sub = await js.pull_subscribe(
         "",
         stream=subjects.STREAM,
         config=ConsumerConfig(
-            filter_subjects=subjects.log_filters(sid),
+            filter_subjects=filters,
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.ALL,
             inactive_threshold=30.0,

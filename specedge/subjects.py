@@ -1,4 +1,8 @@
-"""Subject names, message ids and the session-id rule: one place for the naming contract."""
+"""Subject names, message ids and the session-id rule: one place for the naming contract.
+
+A session id is two subject tokens, `<edge>.<nonce>`: the edge's name (its NATS identity, so
+the broker's per-user permissions can pin an edge to `specedge.*.<edge>.*`, since permissions
+only wildcard whole tokens) and a random nonce that nobody else can guess."""
 
 from __future__ import annotations
 
@@ -9,18 +13,33 @@ PREFIX = "specedge"
 STREAM = "SPECEDGE"
 LEASES = "specedge_leases"  # KV bucket: verifier membership and partition leases
 # Sessions hash into a fixed number of partitions by the stream's subject transform
-# (specedge.draft.<sid> is stored as specedge.draft.<p>.<sid>); a worker serves a set of them.
+# (specedge.draft.<edge>.<nonce> is stored as specedge.draft.<p>.<edge>.<nonce>); a worker
+# serves a set of them.
 PARTITIONS = 16
+ANON = "anon"  # the edge name when the broker is not authenticated
 
-_SID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EDGE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+KINDS = ("session", "draft", "verdict")
 
 
-def new_session_id() -> str:
-    return secrets.token_urlsafe(12)
+def valid_edge(name: str) -> bool:
+    return bool(_EDGE.match(name))
+
+
+def new_session_id(edge: str = ANON) -> str:
+    if not valid_edge(edge):
+        raise ValueError(f"bad edge name {edge!r}: 1-32 of A-Z a-z 0-9 _ -")
+    return f"{edge}.{secrets.token_urlsafe(12)}"
 
 
 def valid_sid(sid: str) -> bool:
-    return bool(_SID.match(sid))
+    edge, dot, nonce = sid.partition(".")
+    return bool(dot) and valid_edge(edge) and bool(_TOKEN.match(nonce))
+
+
+def edge_of(sid: str) -> str:
+    return sid.partition(".")[0]
 
 
 def session(sid: str) -> str:
@@ -35,18 +54,32 @@ def verdict(sid: str) -> str:
     return f"{PREFIX}.verdict.{sid}"
 
 
+def stream_subjects() -> list[str]:
+    """What the stream stores: exactly the three session subjects, so nothing else (e.g. a
+    publish straight to a partition's stored subject) can enter a verifier's work queue."""
+    return [f"{PREFIX}.{kind}.*.*" for kind in KINDS]
+
+
+def all_sessions() -> str:
+    """Every session's open/close subject (verifiers count open sessions per edge on it)."""
+    return f"{PREFIX}.session.*.*"
+
+
 def log_filters(sid: str) -> list[str]:
     """Every stored subject of one session: its log, in stream order."""
     return [session(sid), f"{PREFIX}.draft.*.{sid}", verdict(sid)]
 
 
 def draft_transform(partitions: int = PARTITIONS) -> tuple[str, str]:
-    """(source, destination) of the stream's subject transform that partitions drafts."""
-    return f"{PREFIX}.draft.*", f"{PREFIX}.draft.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+    """(source, destination) of the stream's subject transform that partitions drafts by a
+    hash of both session-id tokens."""
+    return (f"{PREFIX}.draft.*.*",
+            f"{PREFIX}.draft.{{{{partition({partitions},1,2)}}}}.{{{{wildcard(1)}}}}"
+            f".{{{{wildcard(2)}}}}")
 
 
 def partition_filter(p: int) -> str:
-    return f"{PREFIX}.draft.{p}.*"
+    return f"{PREFIX}.draft.{p}.*.*"
 
 
 def partition_durable(p: int) -> str:
@@ -56,13 +89,29 @@ def partition_durable(p: int) -> str:
 def sid_of(subject: str) -> str:
     """The session id is taken from the subject, never from a body."""
     parts = subject.split(".")
-    ok = (len(parts) == 3 and parts[1] in ("session", "draft", "verdict")) or (
-        len(parts) == 4 and parts[1] == "draft" and parts[2].isdigit())
-    if not ok or parts[0] != PREFIX or not valid_sid(parts[-1]):
+    ok = (len(parts) == 4 and parts[1] in KINDS) or (
+        len(parts) == 5 and parts[1] == "draft" and parts[2].isdigit())
+    sid = ".".join(parts[-2:])
+    if not ok or parts[0] != PREFIX or not valid_sid(sid):
         raise ValueError(f"not a session subject: {subject!r}")
-    return parts[-1]
+    return sid
 
 
 def msg_id(sid: str, round_no: int, kind: str) -> str:
     """Nats-Msg-Id: a retry or a redelivered verdict is deduplicated by the broker."""
     return f"{sid}:{round_no}:{kind}"
+
+
+def edge_permissions(edge: str, inbox_prefix: str | None = None) -> dict[str, list[str]]:
+    """What an edge may do on the broker: publish its own sessions' opens/closes and drafts,
+    receive its own verdicts and the replies on its own inbox (JetStream publish acks).
+    Nothing else; in particular no `$JS.API` (no streams, consumers or log reads)."""
+    if not valid_edge(edge):
+        raise ValueError(f"bad edge name {edge!r}")
+    return {"publish": [session(f"{edge}.*"), draft(f"{edge}.*")],
+            "subscribe": [verdict(f"{edge}.*"), f"{inbox_prefix or edge_inbox(edge)}.>"]}
+
+
+def edge_inbox(edge: str) -> str:
+    """An edge's inbox prefix: its replies are readable by it alone."""
+    return f"_INBOX_{edge}"

@@ -35,10 +35,12 @@ async def running_worker(model, url: str, **cfg):
 async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_tokens: int = 24,
                    shape: TreeShape | None = None, sampling: Sampling | None = None,
                    seeds: list[int] | None = None, eos_ids: tuple[int, ...] = (),
-                   coalesce: bool = False, **params):
-    """Run one edge session per prompt, all concurrently, sharing one draft model (with
-    `coalesce`, each in its own thread, their draft forwards packed together)."""
-    nc = await broker.connect(url, "test-edge")
+                   coalesce: bool = False, connect_opts: dict | None = None,
+                   sids: list[str] | None = None, return_exceptions: bool = False, **params):
+    """Run one edge session per prompt, all concurrently, sharing one draft model (over one
+    connection: with `connect_opts` as one edge user, whose name `sids` must carry; with
+    `coalesce`, each session in its own thread, their draft forwards packed together)."""
+    nc = await broker.connect(url, "test-edge", **(connect_opts or {}))
     js = nc.jetstream()
     runner = PackedRunner(draft_model)
     if coalesce:
@@ -49,10 +51,11 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
             EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
                 prompt_ids=p, max_new_tokens=max_new_tokens, sampling=sampling or Sampling(),
                 seed=(seeds[i] if seeds else i), eos_ids=eos_ids, shape=shape or TreeShape(),
-                **({"verdict_timeout_s": 20} | params)))
+                **({"verdict_timeout_s": 20} | params)), sid=sids[i] if sids else None)
             for i, p in enumerate(prompts)
         ]
-        return await asyncio.gather(*(s.run() for s in sessions))
+        return await asyncio.gather(*(s.run() for s in sessions),
+                                    return_exceptions=return_exceptions)
     finally:
         ex.shutdown()
         await nc.close()

@@ -29,12 +29,12 @@ async def test_setup_cli_creates_partitioned_stream_idempotently(tmp_path):
             await js.consumer_info(subjects.STREAM, subjects.partition_durable(p))
         # drafts are stored under their partition; duplicates are dropped by message id
         for _ in range(2):
-            ack = await js.publish(subjects.draft("abc"), encode(SessionClosed(v=1)),
-                                   headers={"Nats-Msg-Id": "abc:0:draft"})
+            ack = await js.publish(subjects.draft("anon.abc"), encode(SessionClosed(v=1)),
+                                   headers={"Nats-Msg-Id": "anon.abc:0:draft"})
         assert ack.duplicate
-        msg = await js.get_last_msg(subjects.STREAM, f"{subjects.PREFIX}.draft.*.abc")
+        msg = await js.get_last_msg(subjects.STREAM, f"{subjects.PREFIX}.draft.*.anon.abc")
         part = int(msg.subject.split(".")[2])
-        assert 0 <= part < subjects.PARTITIONS and subjects.sid_of(msg.subject) == "abc"
+        assert 0 <= part < subjects.PARTITIONS and subjects.sid_of(msg.subject) == "anon.abc"
         await nc.close()
     finally:
         srv.cleanup()

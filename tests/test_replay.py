@@ -74,7 +74,7 @@ async def copy_session(src_js, dst_js, sid: str, alter_round: int | None) -> Non
             msg = Verdict(**{f: getattr(msg, f) for f in msg.__struct_fields__} |
                           {"tokens": pack_ids(toks), "next_token": toks[-1]})
         subject = {"session": subjects.session(sid), "verdict": subjects.verdict(sid)}.get(
-            e.kind, f"{subjects.PREFIX}.draft.0.{sid}")
+            e.kind, subjects.draft(sid))
         await dst_js.publish(subject, encode(msg))
 
 

@@ -50,15 +50,15 @@ async def test_bad_blocks_are_rejected_and_others_served(nats_server, tiny_pair)
     verdicts: dict[str, list] = {}
 
     async def collect(m):
-        verdicts.setdefault(subjects.sid_of(m.subject), []).append(decode(m.data))
+        verdicts.setdefault(subjects.sid_of(m.subject).split(".")[1], []).append(decode(m.data))
 
-    await nc.subscribe(f"{subjects.PREFIX}.verdict.*", cb=collect)
+    await nc.subscribe(subjects.verdict("*.*"), cb=collect)
     prompt = [5, 6, 7, 8]
 
     async def open_session(sid):
         o = SessionOpened(v=SCHEMA_VERSION, prompt=pack_ids(prompt), sampling=Sampling(), seed=0,
                           max_new_tokens=8, eos_ids=b"", target="t", draft="d", vocab_size=256)
-        await js.publish(subjects.session(sid), encode(o))
+        await js.publish(subjects.session(f"bad.{sid}"), encode(o))
 
     def block(**kw):
         base = dict(v=SCHEMA_VERSION, round=0, committed_len=4, root=8, tokens=pack_ids([1, 2]),
@@ -88,7 +88,7 @@ async def test_bad_blocks_are_rejected_and_others_served(nats_server, tiny_pair)
         honest = asyncio.create_task(generate(nats_server.url, draft, honest_prompts,
                                               max_new_tokens=20, shape=TreeShape.chain(3)))
         for sid, (data, _) in bad.items():
-            await js.publish(subjects.draft(sid), data)
+            await js.publish(subjects.draft(f"bad.{sid}"), data)
         results = await honest
         for _ in range(100):
             if all(sid in verdicts for sid in bad):

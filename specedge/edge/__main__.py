@@ -7,19 +7,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from schemas import Sampling
-from specedge import broker, logs, settings
-from specedge.cli import DTYPES, add_common, apply_threads
+from specedge import broker, logs, settings, subjects
+from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.config import TreeShape
 from specedge.edge.proactive import Mode
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--edge-name", default=os.environ.get("SPECEDGE_EDGE", subjects.ANON),
+                   help="this edge's name: its broker user's subjects are specedge.*.<name>.* "
+                        "($SPECEDGE_EDGE; default anon, for an unauthenticated broker)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a number "
                    "is prime, with a short docstring.")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
@@ -86,7 +90,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             sys.stdout.write(detok.push(toks))
             sys.stdout.flush()
 
-    nc = await broker.connect(url, "edge")
+    edge = getattr(a, "edge_name", subjects.ANON)  # the demo has no --edge-name
+    nc = await broker.connect(url, f"edge-{edge}", **connect_opts(a, subjects.edge_inbox(edge)))
     ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
     try:
         params = SessionParams(
@@ -97,7 +102,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
             adaptive=a.adaptive, max_budget=a.max_tree_budget)
         session = EdgeSession(nc, nc.jetstream(), Drafter(PackedRunner(draft)), ex, params,
-                              on_tokens=stream)
+                              on_tokens=stream, sid=subjects.new_session_id(edge))
         result = await session.run()
     finally:
         ex.shutdown(wait=False)
@@ -131,7 +136,13 @@ def main(argv=None) -> int:
               "(or run `python -m specedge.demo` for a self-contained stack)", file=sys.stderr)
         return 2
     logs.install_uvloop()
-    asyncio.run(run_edge(a, a.nats))
+    from specedge.edge.session import SessionRejected
+
+    try:
+        asyncio.run(run_edge(a, a.nats))
+    except SessionRejected as exc:  # e.g. too_many_sessions, rate_limited: say why and stop
+        print(f"specedge.edge: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -49,6 +49,7 @@ class ServeConfig:
     emulate_rtt_ms: float = 0.0
     adaptive: bool = True  # follow the verifiers' tree budget hints
     max_budget: int = 16
+    edge_name: str = subjects.ANON  # the broker user's name: session ids are <edge>.<nonce>
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
     temperature: float = 0.0  # defaults for requests that leave a parameter out
@@ -344,7 +345,7 @@ def _sse(obj: dict | str) -> bytes:
 
 async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> Response:
     created = int(time.time())
-    sid = subjects.new_session_id()
+    sid = subjects.new_session_id(service.cfg.edge_name)
     gen = service.generate(req, sid)
     try:
         first = await anext(gen)  # errors before the first token get a real status code

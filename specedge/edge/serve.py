@@ -14,8 +14,8 @@ from pathlib import Path
 
 import structlog
 
-from specedge import broker, logs, settings
-from specedge.cli import DTYPES, add_common, apply_threads
+from specedge import broker, logs, settings, subjects
+from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.edge.proactive import Mode
 
 log = structlog.get_logger("specedge.edge.serve")
@@ -65,6 +65,7 @@ def serve_config(a: argparse.Namespace):
         target_name=a.target, draft_name=a.model, shape=shape_from(a),
         proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
         adaptive=a.adaptive, max_budget=a.max_tree_budget,
+        edge_name=getattr(a, "edge_name", subjects.ANON),
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions)
 
@@ -80,7 +81,9 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
     if draft is None:  # one thread: transformers' lazy imports are not safe to race
         tokenizer, draft = await loop.run_in_executor(None, lambda: (
             load_tokenizer(a.model), load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)))
-    nc = await broker.connect(a.nats, "edge-api")
+    edge = getattr(a, "edge_name", subjects.ANON)
+    nc = await broker.connect(a.nats, f"edge-api-{edge}",
+                              **connect_opts(a, subjects.edge_inbox(edge)))
     service = EdgeService(nc, draft, tokenizer, serve_config(a))
     server = HttpServer(build_app(service), a.host, a.port, "edge-api")
     server.server.config.timeout_graceful_shutdown = a.grace_s

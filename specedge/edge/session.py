@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import nats.errors
+import nats.js.errors
 import structlog
 
 from schemas import (
@@ -150,6 +151,7 @@ class EdgeSession:
         self._inbox: dict[int, Verdict | Rejected] = {}
         self._arrived = asyncio.Event()
         self._arrival: dict[int, float] = {}
+        self._lookup = True  # off once the stream read fails (an edge user has no $JS.API)
 
     def _to(self, state: State) -> None:
         self.log.debug("state", round=self.round, state=str(state), was=str(self.state))
@@ -194,11 +196,24 @@ class EdgeSession:
 
     async def _lookup_verdict(self) -> None:
         """A verdict published while we were disconnected never reaches our subscription; the
-        stream has it."""
+        stream has it. An edge user without JetStream API access cannot read it (the broker
+        refuses, the request times out): then rely on the re-publish, which a verifier answers
+        by replaying the verdict it remembers or rebuilds from the log."""
+        if not self._lookup:
+            return
         try:
-            raw = await self.js.get_last_msg(subjects.STREAM, subjects.verdict(self.sid))
+            raw = await asyncio.wait_for(
+                self.js.get_last_msg(subjects.STREAM, subjects.verdict(self.sid)), 2.0)
+        except nats.js.errors.NotFoundError:
+            return
+        except Exception as exc:
+            self._lookup = False
+            self.log.info("stream lookup unavailable; relying on re-publish", round=self.round,
+                          error=repr(exc))
+            return
+        try:
             msg = decode(raw.data)
-        except Exception:
+        except WireError:
             return
         if isinstance(msg, Verdict | Rejected) and msg.round == self.round:
             self._inbox.setdefault(msg.round, msg)

@@ -12,8 +12,8 @@ import structlog
 
 from specedge import broker, logs, settings, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
-from specedge.cli import DTYPES, add_common, apply_threads
-from specedge.config import AdaptiveBudget, Limits
+from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
+from specedge.config import AdaptiveBudget, Limits, add_limit_args
 from workers.verifier.worker import Worker, WorkerConfig
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
@@ -43,10 +43,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-budget", type=parse_budget, default=(None, None),
                    help="KV cache budget: tokens (e.g. 200000) or bytes with a unit (e.g. "
                         "8GiB, 512MB); least recently used sessions lose their KV first")
-    p.add_argument("--max-nodes", type=int, default=Limits.max_nodes)
-    p.add_argument("--max-depth", type=int, default=Limits.max_depth)
-    p.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
-    p.add_argument("--max-new-tokens", type=int, default=Limits.max_new_tokens)
+    add_limit_args(p)  # --max-nodes, --max-message-bytes, --max-sessions-per-edge, ...
     ad = AdaptiveBudget()
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ad.enabled,
                    help="suggest a draft tree budget in every verdict from this worker's load")
@@ -86,7 +83,7 @@ async def amain(a: argparse.Namespace) -> int:
     from specedge.models import load_model
 
     model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
-    limits = Limits(a.max_nodes, a.max_depth, a.max_prompt_tokens, a.max_new_tokens)
+    limits = Limits.from_args(a)
     adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,
                               a.adaptive_max_budget, a.adaptive)
     cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
@@ -97,7 +94,8 @@ async def amain(a: argparse.Namespace) -> int:
                        stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
                        consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
                                                  max_deliver=a.max_deliver),
-                       metrics_port=a.metrics_port, metrics_host=a.metrics_host)
+                       metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+                       connect_opts=connect_opts(a))
     if a.name:
         cfg.name = a.name
     w = Worker(model, url, cfg)

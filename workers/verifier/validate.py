@@ -25,19 +25,45 @@ class CheckedBlock:
     depths: list[int]
 
 
+def check_size(data: bytes, limits: Limits) -> None:
+    """Refuse an oversized body before spending a decode on it."""
+    if len(data) > limits.max_message_bytes:
+        raise BlockError("too_large", f"message of {len(data)} bytes; the limit is "
+                         f"{limits.max_message_bytes}")
+
+
+def _ids(data: bytes, what: str) -> list[int]:
+    try:
+        return unpack_ids(data)
+    except ValueError as exc:
+        raise BlockError("invalid_session", f"{what}: {exc}") from None
+
+
 def check_opened(o: SessionOpened, limits: Limits, vocab_size: int) -> None:
-    prompt = unpack_ids(o.prompt)
+    """Every field of a session opening, before any state is built from it."""
+    prompt = _ids(o.prompt, "prompt")
     if not 1 <= len(prompt) <= limits.max_prompt_tokens:
         raise BlockError("invalid_session", f"prompt has {len(prompt)} tokens; "
                          f"allowed 1..{limits.max_prompt_tokens}")
     if any(not 0 <= t < vocab_size for t in prompt):
         raise BlockError("invalid_session", "prompt token id outside the vocabulary")
+    eos = _ids(o.eos_ids, "eos_ids")
+    if len(eos) > limits.max_eos_ids or any(not 0 <= t < vocab_size for t in eos):
+        raise BlockError("invalid_session", f"eos_ids: at most {limits.max_eos_ids} ids inside "
+                         "the vocabulary")
     if not 1 <= o.max_new_tokens <= limits.max_new_tokens:
         raise BlockError("invalid_session", f"max_new_tokens {o.max_new_tokens} outside "
                          f"1..{limits.max_new_tokens}")
     s = o.sampling
-    if not (0.0 <= s.temperature <= 100.0 and 0.0 < s.top_p <= 1.0 and s.top_k >= 0):
-        raise BlockError("invalid_session", f"bad sampling parameters {s}")
+    t_ok = s.temperature == 0.0 or limits.min_temperature <= s.temperature <= limits.max_temperature
+    # written so that NaN fails every comparison
+    if not (t_ok and 0.0 < s.top_p <= 1.0 and s.top_k >= 0):
+        raise BlockError("invalid_session", f"bad sampling parameters {s}: temperature 0 or "
+                         f"{limits.min_temperature}..{limits.max_temperature}, top_p in (0, 1], "
+                         "top_k >= 0")
+    if max(len(o.target), len(o.draft)) > limits.max_model_name_chars:
+        raise BlockError("invalid_session", f"model names longer than "
+                         f"{limits.max_model_name_chars} characters")
     if o.vocab_size != vocab_size:
         raise BlockError("vocab_mismatch", f"draft vocabulary {o.vocab_size} != target "
                          f"vocabulary {vocab_size}")

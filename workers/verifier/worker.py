@@ -19,6 +19,7 @@ from schemas import (
     DraftBlock,
     Rejected,
     SessionClosed,
+    SessionOpened,
     Verdict,
     VerifyTimings,
     WireError,
@@ -31,11 +32,18 @@ from specedge.config import AdaptiveBudget, Limits
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
+from workers.verifier.admission import Admission
 from workers.verifier.engine import Engine, forward_costs, knee
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
 from workers.verifier.state import SessionState, SessionTable
-from workers.verifier.validate import BlockError, CheckedBlock, check_block, check_opened
+from workers.verifier.validate import (
+    BlockError,
+    CheckedBlock,
+    check_block,
+    check_opened,
+    check_size,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +53,8 @@ class WorkerStats:
     batches: int = 0
     blocks: int = 0
     rejected: int = 0
+    dropped: int = 0  # bad messages dropped with a log line (nowhere to answer)
+    failed_batches: int = 0
     kv_hits: int = 0
     kv_misses: int = 0
     tokens: int = 0  # committed by this worker's verdicts
@@ -74,6 +84,7 @@ class WorkerConfig:
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     metrics_port: int | None = None  # /metrics /health /ready; None: off, 0: any free port
     metrics_host: str = "0.0.0.0"
+    connect_opts: dict = field(default_factory=dict)  # credentials, TLS, inbox prefix
 
 
 class Worker:
@@ -92,6 +103,7 @@ class Worker:
         self._deferred: list = []  # blocks held back because their session was already batched
         self._inbox: asyncio.Queue = asyncio.Queue()
         self.load = LoadMeter(self.cfg.adaptive)
+        self.admission = Admission(self.cfg.limits)
         self.ready = asyncio.Event()
 
     def stop(self) -> None:
@@ -99,7 +111,7 @@ class Worker:
         self._stop.set()
 
     async def run(self) -> None:
-        nc = await broker.connect(self.url, f"verifier-{self.cfg.name}")
+        nc = await broker.connect(self.url, f"verifier-{self.cfg.name}", **self.cfg.connect_opts)
         js = nc.jetstream()
         self.nc, self.js = nc, js
         for attempt in range(60):  # a fresh cluster answers JetStream calls only once ready
@@ -114,7 +126,7 @@ class Worker:
         self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
                              self.cfg.lease_renew_s)
         await self.leases.start()
-        csub = await nc.subscribe(f"{subjects.PREFIX}.session.*", cb=self._on_session_msg)
+        csub = await nc.subscribe(subjects.all_sessions(), cb=self._on_session_msg)
         inbox = self._inbox
         pullers: dict[int, asyncio.Task] = {}
         lease_task = asyncio.create_task(self.leases.run(self._stop))
@@ -274,12 +286,21 @@ class Worker:
                  kv_bytes=self.sessions.kv_bytes())
 
     async def _on_session_msg(self, m) -> None:
+        """Every session's open and close: per-edge session counts, and KV freed on close.
+        Nothing here answers (the partition's owner rejects the session's blocks)."""
         try:
             sid = subjects.sid_of(m.subject)
+            check_size(m.data, self.cfg.limits)
             msg = decode(m.data)
-        except (ValueError, WireError):
+        except (ValueError, WireError) as exc:  # BlockError is a ValueError
+            self.stats.dropped += 1
+            log.warning("bad session message dropped", subject=m.subject, round=None,
+                        error=str(exc)[:200])
             return
-        if isinstance(msg, SessionClosed):
+        if isinstance(msg, SessionOpened):
+            self.admission.opened(sid)
+        elif isinstance(msg, SessionClosed):
+            self.admission.closed(sid)
             self.sessions.drop(sid)  # frees its KV
             self.load.forget(sid)
             log.debug("session closed", sid=sid)
@@ -326,6 +347,7 @@ class Worker:
             outcomes = await loop.run_in_executor(
                 self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work])
         except Exception:
+            self.stats.failed_batches += 1
             log.exception("batch forward failed; blocks will be redelivered",
                           sids=[st.sid for _, st, _, _ in work])
             for m, st, _, _ in work:
@@ -384,17 +406,29 @@ class Worker:
         try:
             sid = subjects.sid_of(m.subject)
         except ValueError:
-            log.warning("draft on a malformed subject; terminated", subject=m.subject)
+            self.stats.dropped += 1
+            log.warning("draft on a malformed subject; terminated", subject=m.subject, round=None)
             await _quietly(m.term())
             return None
         if m.metadata.num_delivered > 1:
             self.metrics.redeliveries.inc()
+        block, err = None, None
         try:
+            check_size(m.data, self.cfg.limits)
             block = decode(m.data)
             if not isinstance(block, DraftBlock):
                 raise WireError(f"expected a draft block, got {type(block).__name__}")
+        except BlockError as exc:
+            err = exc
         except WireError as exc:
-            await self._reject(m, sid, -1, "bad_message", str(exc))
+            err = BlockError("bad_message", str(exc)[:500])
+        round_no = block.round if isinstance(block, DraftBlock) else -1
+        try:  # per-edge limits before any real work; bad messages spend the allowance too
+            self.admission.admit(sid, round_no)
+        except BlockError as exc:
+            err = exc
+        if err is not None:
+            await self._reject(m, sid, round_no, err.code, err.reason)
             return None
         age = time.time() - m.metadata.timestamp.timestamp()
         if age > self.cfg.limits.max_block_age_s:
@@ -429,7 +463,7 @@ class Worker:
         return st, checked
 
     async def _load(self, sid: str) -> SessionState:
-        slog = await read_session(self.js, sid)
+        slog = await read_session(self.js, sid, drafts=False)
         if slog.opened is None:
             raise LogError(f"no SessionOpened for session {sid}")
         check_opened(slog.opened, self.cfg.limits, self.engine.vocab_size)
@@ -446,12 +480,19 @@ class Worker:
     async def _reject(self, m, sid: str, round_no: int, code: str, reason: str) -> None:
         self.stats.rejected += 1
         self.metrics.rejects.labels(code).inc()
-        log.warning("block rejected", sid=sid, round=round_no, code=code, reason=reason)
         r = Rejected(v=SCHEMA_VERSION, round=round_no, code=code, reason=reason,
                      worker=self.cfg.name, t=time.time())
         try:
-            await self.js.publish(subjects.verdict(sid), encode(r),
-                                  headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
+            if code == "rate_limited":
+                # A flood must cost one cheap answer each: a core publish (the edge listens with
+                # a core subscription), not logged per message (Admission logs the edge once).
+                log.debug("block rejected", sid=sid, round=round_no, code=code)
+                await self.nc.publish(subjects.verdict(sid), encode(r))
+            else:
+                log.warning("block rejected", sid=sid, round=round_no, code=code, reason=reason)
+                await self.js.publish(
+                    subjects.verdict(sid), encode(r),
+                    headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
         except Exception as exc:  # the rejection is advisory; never let it stop the worker
             log.warning("could not publish rejection", sid=sid, error=str(exc))
         await _quietly(m.term())
