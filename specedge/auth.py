@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         d = AuthDir(args.dir)
         d.init()
         print(f"wrote {d.path}/nats.conf, auth.conf and creds/{{verifier,operator}}.nk\n"
-              f"start: SPECEDGE_TLS_CERT=... SPECEDGE_TLS_KEY=... nats-server -c "
+              f"start: SPECEDGE_NATS_TLS_CERT=... SPECEDGE_NATS_TLS_KEY=... nats-server -c "
               f"{d.path}/nats.conf -sd /var/lib/specedge/nats")
     elif args.cmd == "add-edge":
         d = AuthDir(args.dir)

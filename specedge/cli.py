@@ -31,10 +31,10 @@ def add_auth(p: argparse.ArgumentParser) -> None:
                    help="JWT .creds file, for brokers run with nsc accounts ($SPECEDGE_CREDS)")
     p.add_argument("--tls-ca", default=env("SPECEDGE_TLS_CA"),
                    help="CA bundle that signed the broker's certificate ($SPECEDGE_TLS_CA)")
-    p.add_argument("--tls-cert", default=env("SPECEDGE_TLS_CERT_CLIENT"),
-                   help="client certificate, for mutual TLS ($SPECEDGE_TLS_CERT_CLIENT)")
-    p.add_argument("--tls-key", default=env("SPECEDGE_TLS_KEY_CLIENT"),
-                   help="client key, for mutual TLS ($SPECEDGE_TLS_KEY_CLIENT)")
+    p.add_argument("--tls-cert", default=env("SPECEDGE_TLS_CERT"),
+                   help="client certificate, for mutual TLS ($SPECEDGE_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("SPECEDGE_TLS_KEY"),
+                   help="client key, for mutual TLS ($SPECEDGE_TLS_KEY)")
     p.add_argument("--inbox-prefix", default=env("SPECEDGE_INBOX_PREFIX"),
                    help="reply inbox prefix; an edge defaults to _INBOX_<edge name>, the only "
                         "inbox its broker user may read ($SPECEDGE_INBOX_PREFIX)")

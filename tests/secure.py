@@ -102,7 +102,7 @@ def start_secure(tmp: Path, edges: list[str], consumer=None) -> SecureBroker:
     mport = broker.free_port()
     srv = broker.EmbeddedNats(store_dir=tmp / "nats", config_file=str(auth.path / "nats.conf"),
                               extra_args=["-m", str(mport)],
-                              env={"SPECEDGE_TLS_CERT": str(cert), "SPECEDGE_TLS_KEY": str(key)})
+                              env={"SPECEDGE_NATS_TLS_CERT": str(cert), "SPECEDGE_NATS_TLS_KEY": str(key)})
     srv.start()
     sb = SecureBroker(srv, auth, ca, mport)
     kw = {"consumer": consumer} if consumer else {}

@@ -62,7 +62,7 @@ class Engine:
 
 def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = (1, 8, 16, 24, 32, 48, 64, 96,
                                                                   128, 192, 256),
-                  context: int = 256, stop_ratio: float = 2.0) -> dict[int, float]:
+                  context: int = 128, stop_ratio: float = 1.6) -> dict[int, float]:
     """Seconds of one forward of n new tokens over `context` cached ones, for growing n; stops
     once a forward costs stop_ratio times the single-token one (past the knee)."""
     import time
