@@ -18,7 +18,7 @@ from schemas import (
     pack_ids,
 )
 from specedge import broker, subjects
-from specedge.config import TreeShape
+from specedge.config import AdaptiveBudget, TreeShape
 from tests.stack import generate, reference_greedy, running_worker, wait_queued
 
 pytestmark = pytest.mark.asyncio
@@ -32,7 +32,9 @@ async def test_one_target_forward_per_batch(nats_server, tiny_pair):
         prompts = [[(7 * i + j) % 256 for j in range(3 + 5 * i)] for i in range(6)]
         gen = asyncio.create_task(generate(nats_server.url, draft, prompts, max_new_tokens=16))
         await wait_queued(nats_server.url, 6)
-        async with running_worker(target, nats_server.url, max_batch=8) as w:
+        # a fixed batch target: no start-up calibration forwards in the count
+        async with running_worker(target, nats_server.url, max_batch=8,
+                                  adaptive=AdaptiveBudget(batch_tokens=16)) as w:
             results = await gen
     finally:
         hook.remove()

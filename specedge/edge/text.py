@@ -21,7 +21,9 @@ def eos_ids(tokenizer, model_config=None, generation_config=None) -> tuple[int, 
             ids.add(src)
         elif src:
             ids.update(int(x) for x in src)
-    return tuple(sorted(ids))
+    # an id the model cannot emit can never stop it; the verifiers refuse ids outside the vocab
+    vocab = getattr(model_config, "vocab_size", None)
+    return tuple(sorted(i for i in ids if vocab is None or 0 <= i < vocab))
 
 
 class Detokenizer:
