@@ -243,12 +243,9 @@ def main(argv=None) -> int:
     result = {"machine": machine(vcores, ecores), "settings": settings,
               "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    md = report.table(result["rows"]) + "\n"
-    (out / "table.md").write_text(md)
-    pngs = report.plots(result["rows"], out)
-    print(md)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, "
-          f"{', '.join(p.name for p in pngs)} in {time.time() - t_start:.0f} s", file=sys.stderr)
+    print(report.render(out))
+    print(f"wrote {out}/results.json, table.md and plots in {time.time() - t_start:.0f} s",
+          file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,7 @@ Pure functions over plain dicts, so the arithmetic is testable without running a
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -97,6 +98,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def ratios_table(rows: list[dict]) -> str:
+    """The headline: every ratio against ar and server-spec, one line per configuration."""
+    keys = [("server_tokens_per_busy_s", "busy tput"), ("server_tokens_per_wall_s", "wall tput"),
+            ("itl_p50_s", "ITL p50"), ("ttft_p50_s", "TTFT p50"), ("cost_per_mtok_usd", "cost")]
+    head = ["config", "edges", "T", "budget"] + [f"{n} x ar" for _, n in keys] + [
+        f"{n} x server-spec" for _, n in keys]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        va, vs = r.get("vs_ar") or {}, r.get("vs_server_spec") or {}
+        budget = "adaptive" if r.get("budget") is None else str(r["budget"])
+        if r["config"] in ("ar", "server-spec", "hf-assisted"):
+            budget = "-"
+        cells = [r["config"], str(r["edges"]), f"{r['temperature']:g}", budget]
+        cells += [_fmt(va.get(k)) for k, _ in keys] + [_fmt(vs.get(k)) for k, _ in keys]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def plots(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -171,3 +190,18 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         made.append(p)
     return made
+
+
+def render(out: Path) -> str:
+    """Write table.md and the plots of out/results.json; returns the Markdown."""
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    md = ratios_table(rows) + "\n\n" + table(rows) + "\n"
+    (out / "table.md").write_text(md)
+    plots(rows, out)
+    return md
+
+
+if __name__ == "__main__":  # python -m bench.report DIR: re-render a run's table and plots
+    import sys
+
+    print(render(Path(sys.argv[1])))
