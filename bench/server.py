@@ -39,6 +39,7 @@ class Live:
     rounds: int = 0
     accepted: int = 0
     drafted: int = 0
+    index: int = 0  # position in the job list: results come back in job order
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run_batched(kind: str, target, draft, jobs: list[tuple[dict, list[int]]], ed
                 st = SessionState(f"s{n}", sampling, n, max_new_tokens, frozenset(eos), len(ids),
                                   list(ids))
                 live.append(Live(q, st, time.perf_counter(),
-                                 Drafter(druns) if druns else None))
+                                 Drafter(druns) if druns else None, index=n))
             t_step = time.perf_counter()
             if druns:
                 trees = _draft_chains(druns, live, chain)
@@ -130,13 +131,14 @@ def run_batched(kind: str, target, draft, jobs: list[tuple[dict, list[int]]], ed
                 lv.t_last = now
                 if finished:
                     lv.st.kv = None
-                    done.append(_record(lv, rtt_s))
+                    done.append((lv.index, _record(lv, rtt_s)))
                     if progress:
                         progress.update()
                 else:
                     keep.append(lv)
             live = keep
-    return ServerRun(done, busy, time.perf_counter() - t0, sizes)
+    done.sort(key=lambda x: x[0])
+    return ServerRun([r for _, r in done], busy, time.perf_counter() - t0, sizes)
 
 
 class _Clock:
