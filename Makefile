@@ -27,7 +27,7 @@ test: models
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# the whole benchmark table (about an hour here); `make bench ARGS=--quick` in under 10 minutes
+# the whole benchmark table (about 35 minutes here); `make bench ARGS=--quick` in under 10 minutes
 bench: models
 	$(PY) -m bench $(ARGS)
 

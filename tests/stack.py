@@ -39,7 +39,8 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
                    sids: list[str] | None = None, return_exceptions: bool = False, **params):
     """Run one edge session per prompt, all concurrently, sharing one draft model (over one
     connection: with `connect_opts` as one edge user, whose name `sids` must carry; with
-    `coalesce`, each session in its own thread, their draft forwards packed together)."""
+    `coalesce`, each session in its own thread, their draft forwards packed together).
+    Sessions keep the shape they are given unless adaptive=True (the verifiers' hints)."""
     nc = await broker.connect(url, "test-edge", **(connect_opts or {}))
     js = nc.jetstream()
     runner = PackedRunner(draft_model)
@@ -51,7 +52,8 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
             EdgeSession(nc, js, Drafter(runner), ex, SessionParams(
                 prompt_ids=p, max_new_tokens=max_new_tokens, sampling=sampling or Sampling(),
                 seed=(seeds[i] if seeds else i), eos_ids=eos_ids, shape=shape or TreeShape(),
-                **({"verdict_timeout_s": 20} | params)), sid=sids[i] if sids else None)
+                **({"verdict_timeout_s": 20, "adaptive": False} | params)),
+                sid=sids[i] if sids else None)
             for i, p in enumerate(prompts)
         ]
         return await asyncio.gather(*(s.run() for s in sessions),

@@ -52,7 +52,8 @@ async def test_edges_follow_the_hint_and_stay_lossless(nats_server, tiny_pair):
     ps = prompts(2, seed=3)
     pol = AdaptiveBudget(batch_tokens=4, lo=1, hi=16)  # one session -> 3 nodes
     async with running_worker(target, nats_server.url, adaptive=pol):
-        follow = await generate(nats_server.url, draft, ps[:1], max_new_tokens=30)
+        follow = await generate(nats_server.url, draft, ps[:1], max_new_tokens=30,
+                                adaptive=True)
         fixed = await generate(nats_server.url, draft, ps[1:], max_new_tokens=30,
                                adaptive=False)
     r = follow[0]

@@ -104,7 +104,8 @@ async def test_verdict_interrupts_long_proactive_draft(nats_server, tiny_pair):
     ex = ThreadPoolExecutor(1)
     async with running_worker(target, nats_server.url, limits=Limits(max_depth=64)):
         s = EdgeSession(nc, nc.jetstream(), Drafter(runner), ex, SessionParams(
-            prompt_ids=PROMPTS[0], max_new_tokens=12, shape=shape, proactive=Mode.SINGLE))
+            prompt_ids=PROMPTS[0], max_new_tokens=12, shape=shape, proactive=Mode.SINGLE,
+            adaptive=False))  # keep the long draft: budget hints would shrink it
         res = await s.run()
     ex.shutdown()
     await nc.close()
