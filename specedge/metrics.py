@@ -78,6 +78,10 @@ class VerifierMetrics:
                                          "accepted / drafted)", ["position"], registry=r)
         self.redeliveries = Counter(p + "redeliveries", "Draft blocks delivered more than once",
                                     registry=r)
+        self.suggested_budget = Gauge(p + "suggested_budget", "Tree budget (nodes) suggested "
+                                      "in the last verdicts: the load hint", registry=r)
+        self.hold_seconds = Counter(p + "hold_seconds", "Time batches waited for blocks of "
+                                    "active sessions due within a forward", registry=r)
         for result in ("hit", "miss"):
             self.kv_lookups.labels(result)
         self._lookups = {True: 0, False: 0}

@@ -208,6 +208,8 @@ async def test_concurrent_requests_lossless_and_metrics_consistent(nats_server, 
     assert 0 < ver["specedge_verifier_busy_seconds_total"] == pytest.approx(
         ver["specedge_verifier_verify_seconds_sum"])
     assert ver["specedge_verifier_batch_fill_sum"] == pytest.approx(rounds / 8)
+    assert 1 <= ver["specedge_verifier_suggested_budget"] <= 16  # a load hint was sent
+    assert ver["specedge_verifier_hold_seconds_total"] >= 0
     assert max(w.stats.batch_sizes) > 1  # the concurrent sessions did share forwards
     assert (ver["specedge_verifier_kv_cache_lookups_total{result=hit}"]
             + ver["specedge_verifier_kv_cache_lookups_total{result=miss}"]) == rounds

@@ -231,6 +231,7 @@ class Worker:
             except ValueError:
                 pass
         self.stats.hold_s += time.monotonic() - t0
+        self.metrics.hold_seconds.inc(time.monotonic() - t0)
 
     async def _start_observability(self) -> list[asyncio.Task]:
         """/metrics, /health and /ready (ready while pulling; 503 once draining), and the
@@ -340,6 +341,7 @@ class Worker:
         self.load.observe([st.sid for _, st, _, _ in work],
                           self._inbox.qsize() + len(self._deferred), time.monotonic())
         budget = self.stats.budget = self.load.budget(time.monotonic(), len(work))
+        self.metrics.suggested_budget.set(budget)
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
