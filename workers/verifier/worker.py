@@ -123,6 +123,9 @@ class Worker:
                     raise
                 log.warning("stream not ready; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
+        if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
+            # before taking partitions: their blocks must not wait on it
+            await self._calibrate()
         self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
                              self.cfg.lease_renew_s)
         await self.leases.start()
@@ -141,8 +144,6 @@ class Worker:
                 ok = not isinstance(psub, BaseException)
                 pullers[p] = asyncio.create_task(self._pull(p, inbox, psub if ok else None))
 
-        if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
-            await self._calibrate()  # before pulling: blocks must not wait on it unacked
         await sync_pullers()
         observers = await self._start_observability()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
