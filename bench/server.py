@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     target, draft = load_model(spec["target"]), load_model(spec["draft"])
     eos = tuple(spec["eos"])
     # warm-up, excluded: a short run of each kind
-    warm = [(j["jobs"][0][0], j["jobs"][0][1]) for j in spec["jobs"][:1]]
+    warm = [tuple(spec["jobs"][0]["jobs"][0])]
     for kind in ("ar", "server-spec"):
         run_batched(kind, target, draft, warm, 1, Sampling(), 4, eos, spec["chain"])
     rows = []

@@ -106,9 +106,9 @@ class VerifierMetrics:
         self._lookups[kv_hit] += 1
         self.kv_hit_rate.set(self._lookups[True] / sum(self._lookups.values()))
 
-    def kv(self, nbytes: int, sessions: int) -> None:
-        self.kv_bytes.set(nbytes)
-        self.kv_sessions.set(sessions)
+    def watch_kv(self, nbytes: Callable[[], float], sessions: Callable[[], float]) -> None:
+        self.kv_bytes.set_function(nbytes)
+        self.kv_sessions.set_function(sessions)
 
     async def poll_consumers(self, js, owned: Iterable[int]) -> None:
         """Consumer lag of the partitions this worker serves (what KEDA scales on, seen from

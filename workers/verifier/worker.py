@@ -96,6 +96,8 @@ class Worker:
                                      kv_budget_bytes=self.cfg.kv_budget_bytes)
         self.stats = WorkerStats()
         self.metrics = metrics.VerifierMetrics(self.cfg.max_batch)
+        # read at scrape time: summing every session's KV is no work for the batch step
+        self.metrics.watch_kv(self.sessions.kv_bytes, lambda: len(self.sessions))
         self.http: HttpServer | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self._stop = asyncio.Event()
@@ -395,7 +397,6 @@ class Worker:
             pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
-        self.metrics.kv(self.sessions.kv_bytes(), len(self.sessions))
         await asyncio.gather(*pubs)  # each handles its own failure
 
     async def _keep_alive(self, msgs) -> None:
