@@ -37,8 +37,8 @@ from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.proactive import Mode
 from specedge.edge.text import eos_ids, prompt_ids
+from specedge.execution import PackedRunner
 from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
-from specedge.runner import PackedRunner
 
 CONFIGS = ("ar", "server-spec", "specedge-sync", "specedge", "hf-assisted")
 SERVER_SIDE = ("ar", "server-spec", "hf-assisted")

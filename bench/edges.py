@@ -18,7 +18,7 @@ from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionResult
-from specedge.runner import PackedRunner
+from specedge.execution import PackedRunner
 
 
 def record(q: dict, r: SessionResult) -> dict:

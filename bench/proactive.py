@@ -29,8 +29,8 @@ from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.edge.text import eos_ids, prompt_ids
+from specedge.execution import PackedRunner
 from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
-from specedge.runner import PackedRunner
 
 
 def pct(xs: list[float], q: float) -> float:

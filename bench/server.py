@@ -20,8 +20,8 @@ import torch
 
 from schemas import Sampling
 from specedge.edge.drafter import Drafter, DraftTree
-from specedge.runner import PackedRunner
-from specedge.verify import commit
+from specedge.execution import PackedRunner
+from specedge.execution.walk import commit
 from workers.verifier.engine import Engine
 from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
@@ -130,7 +130,9 @@ def run_batched(kind: str, target, draft, jobs: list[tuple[dict, list[int]]], ed
                     lv.itl += [(now - lv.t_last) / max(len(toks), 1)] * len(toks)
                 lv.t_last = now
                 if finished:
-                    lv.st.kv = None
+                    lv.st.kv.free()
+                    if lv.drafter is not None:
+                        lv.drafter.close()
                     done.append((lv.index, _record(lv, rtt_s)))
                     if progress:
                         progress.update()

@@ -28,8 +28,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import DraftBlock, SessionOpened, decode, unpack_ids
 from specedge import broker, logs, subjects
+from specedge.execution.tree import validate_parents
 from specedge.sessionlog import SessionLog, read_session
-from specedge.tree import validate_parents
 
 ABANDONED_AFTER_S = 300.0
 
@@ -180,7 +180,7 @@ def check(slog: SessionLog, model) -> CheckResult:
     st = SessionState.from_opened(slog.sid, o)
     st.sampling = Sampling(o.sampling.temperature, o.sampling.top_p, o.sampling.top_k)
     drafts = slog.drafts()
-    from specedge.verify import commit
+    from specedge.execution.walk import commit
 
     verdicts = slog.verdicts()
     for v in verdicts:

@@ -15,7 +15,7 @@ from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.session import EdgeSession, SessionParams
-from specedge.runner import PackedRunner
+from specedge.execution import PackedRunner
 from workers.verifier.leases import lease_owners, wait_balanced  # noqa: F401 (re-export)
 from workers.verifier.worker import Worker, WorkerConfig
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter, TreeBuilder
-from specedge.runner import PackedRunner
+from specedge.execution import PackedRunner
 
 
 def test_concurrent_drafting_is_packed_and_identical(tiny_pair):

@@ -15,7 +15,7 @@ from specedge.config import Limits, TreeShape
 from specedge.edge.drafter import Drafter, TreeBuilder
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams
-from specedge.runner import PackedRunner
+from specedge.execution import PackedRunner
 from tests.conftest import related_draft, tiny_model
 from tests.stack import generate, reference_greedy, running_worker
 
@@ -158,12 +158,15 @@ async def test_session_kv_after_misses_equals_fresh_prefill(nats_server, tiny_pa
     runner = PackedRunner(draft)
     async with running_worker(target, nats_server.url):
         s = EdgeSession(nc, nc.jetstream(), Drafter(runner), ex, SessionParams(
-            prompt_ids=PROMPTS[2], max_new_tokens=25, proactive=Mode.SINGLE))
+            prompt_ids=PROMPTS[2], max_new_tokens=25, proactive=Mode.SINGLE),
+            keep_draft_kv=True)
         res = await s.run()
     ex.shutdown()
     await nc.close()
     assert any(r.hit is False for r in res.rounds) and any(r.hit for r in res.rounds)
     kv = s.drafter.kv
+    # every guess's fork and every replaced drafter gave its blocks back to the pool
+    assert runner.pool.used_blocks == len(kv.blocks)
     fresh = Drafter(runner)
     fresh.catch_up(s.committed[: kv.length + 1])
     fresh.kv.truncate(kv.length)

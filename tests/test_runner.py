@@ -1,10 +1,12 @@
-"""The packed forward must give the same logits as the stock model run on each path alone."""
+"""The packed forward over the KV pool must give the same logits as the stock model run on
+each path alone, whatever the mix of segments; the pool's block-table edits (rollback, fork,
+eviction) must leave exactly the KV a fresh prefill would."""
 
+import pytest
 import torch
 
-from specedge.kvstore import new_store
-from specedge.runner import PackedRunner, Segment
-from specedge.tree import chain_then_tree_mask, depths_of, path_to
+from specedge.execution import KVPool, PackedRunner, PoolFull, Segment
+from specedge.execution.tree import depths_of, path_to
 from tests.conftest import tiny_model
 
 
@@ -13,24 +15,20 @@ def plain_logits(model, ids):
         return model(torch.tensor([ids])).logits[0, -1]
 
 
-def test_packed_batch_matches_plain_forward():
-    model = tiny_model(11)
-    runner = PackedRunner(model)
-    g = torch.Generator().manual_seed(0)
-    sessions = []
-    for length, parents in [(5, [0, 0, 1, 1, 3]), (17, []), (1, [0, 1, 2]), (9, [0, 0, 0, 2])]:
+def random_sessions(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5, [0, 0, 1, 1, 3]), (17, []), (1, [0, 1, 2]), (9, [0, 0, 0, 2]), (40, [0, 1])]
+    out = []
+    for i in range(n):
+        length, parents = shapes[i % len(shapes)]
+        length += i
         prompt = torch.randint(0, 256, (length,), generator=g).tolist()
         nodes = torch.randint(0, 256, (len(parents),), generator=g).tolist()
-        sessions.append((prompt, parents, nodes))
-    segs = []
-    for prompt, parents, nodes in sessions:
-        c = len(prompt)
-        pos = list(range(c)) + [c - 1 + d for d in depths_of(parents)]
-        segs.append(Segment(new_store(model), torch.tensor(prompt + nodes), torch.tensor(pos),
-                            chain_then_tree_mask(c, parents), 0,
-                            [c - 1] + [c + i for i in range(len(nodes))]))
-    out = runner.forward(segs)
-    assert runner.forward_calls == 1
+        out.append((prompt, parents, nodes))
+    return out
+
+
+def assert_tree_logits(model, sessions, out):
     for (prompt, parents, nodes), logits in zip(sessions, out, strict=True):
         assert torch.allclose(logits[0], plain_logits(model, prompt), atol=1e-10)
         for i in range(1, len(nodes) + 1):
@@ -38,22 +36,157 @@ def test_packed_batch_matches_plain_forward():
             assert torch.allclose(logits[i], plain_logits(model, prompt + path), atol=1e-10)
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_packed_batch_matches_plain_forward(block_size):
+    model = tiny_model(11)
+    runner = PackedRunner(model, block_size=block_size)
+    sessions = random_sessions(6)
+    segs = [Segment.tree(runner.new_seq(), p, nodes, parents, depths_of(parents))
+            for p, parents, nodes in sessions]
+    out = runner.forward(segs)
+    assert runner.forward_calls == 1
+    assert_tree_logits(model, sessions, out)
+
+
+def test_cached_prefix_then_tree_and_a_long_prefill_in_one_forward():
+    """Sessions at different points: a cached prefix with a chain and a tree on top, and a
+    prefill of 100 tokens packed with them (padded rows, different key lengths)."""
+    model = tiny_model(13)
+    runner = PackedRunner(model, block_size=8)
+    sessions = random_sessions(4, seed=3)
+    seqs = [runner.new_seq() for _ in sessions]
+    runner.forward([Segment.chain(s, p[: len(p) // 2 + 1]) for s, (p, _, _) in
+                    zip(seqs, sessions, strict=True)])
+    long_prompt = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(9))
+    segs = [Segment.tree(s, p[s.length:], nodes, parents, depths_of(parents))
+            for s, (p, parents, nodes) in zip(seqs, sessions, strict=True)]
+    segs.append(Segment.chain(runner.new_seq(), long_prompt.tolist()))
+    out = runner.forward(segs)
+    assert_tree_logits(model, sessions, out[:-1])
+    assert torch.allclose(out[-1][0], plain_logits(model, long_prompt.tolist()), atol=1e-10)
+
+
+def test_long_prefill_alone_and_in_pieces():
+    model = tiny_model(14)
+    runner = PackedRunner(model)
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    whole, pieces = runner.new_seq(), runner.new_seq()
+    (a,) = runner.forward([Segment.chain(whole, ids)])
+    for i in range(0, 300, 70):
+        (b,) = runner.forward([Segment.chain(pieces, ids[i : i + 70])])
+    ref = plain_logits(model, ids)
+    assert torch.allclose(a[0], ref, atol=1e-10) and torch.allclose(b[0], ref, atol=1e-10)
+    for x, y in zip(whole.view(), pieces.view(), strict=True):
+        assert torch.allclose(x, y, atol=1e-12)
+
+
+def test_one_attention_call_per_layer_for_32_sessions():
+    model = tiny_model(15, layers=3)
+    runner = PackedRunner(model)
+    sessions = random_sessions(32, seed=5)
+    segs = [Segment.tree(runner.new_seq(), p, nodes, parents, depths_of(parents))
+            for p, parents, nodes in sessions]
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return sdpa(*a, **k)
+
+    torch.nn.functional.scaled_dot_product_attention = counting
+    try:
+        out = runner.forward(segs)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert runner.attention_calls == 3 and len(calls) == 3  # layers x 1 forward
+    assert_tree_logits(model, sessions[:4], out[:4])
+
+
 def test_keep_rolls_back_to_the_accepted_path():
     model = tiny_model(12)
-    runner = PackedRunner(model)
+    runner = PackedRunner(model, block_size=4)
     prompt, parents, nodes = [3, 1, 4, 1, 5], [0, 0, 2, 1], [9, 2, 6, 5]
-    kv = new_store(model)
-    pos = list(range(5)) + [4 + d for d in depths_of(parents)]
-    runner.forward([Segment(kv, torch.tensor(prompt + nodes), torch.tensor(pos),
-                            chain_then_tree_mask(5, parents), 0, [4])])
+    kv = runner.new_seq()
+    runner.forward([Segment.tree(kv, prompt, nodes, parents, depths_of(parents))])
     kv.keep(0, list(range(5)) + [5 + 1, 5 + 2])  # accept node 2 then node 3
     assert kv.length == 7
     seq = prompt + [2, 6]
-    (logits,) = runner.forward([Segment(kv, torch.tensor([8]), torch.tensor([7]),
-                                        torch.ones(1, 1, dtype=torch.bool), 7, [0])])
+    (logits,) = runner.forward([Segment.chain(kv, [8])])
     assert torch.allclose(logits[0], plain_logits(model, seq + [8]), atol=1e-10)
-    fresh = new_store(model)
-    runner.forward([Segment(fresh, torch.tensor(seq + [8]), torch.arange(8),
-                            torch.ones(8, 8, dtype=torch.bool).tril(), 0, [7])])
-    assert torch.allclose(kv.view()[0], fresh.view()[0], atol=1e-12)
-    assert torch.allclose(kv.view()[1], fresh.view()[1], atol=1e-12)
+    fresh = runner.new_seq()
+    runner.forward([Segment.chain(fresh, seq + [8])])
+    for a, b in zip(kv.view(), fresh.view(), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rollbacks_of_a_batch_are_one_batched_copy():
+    model = tiny_model(16)
+    runner = PackedRunner(model, block_size=4)
+    sessions = random_sessions(8, seed=7)
+    seqs = [runner.new_seq() for _ in sessions]
+    runner.forward([Segment.tree(s, p, nodes, parents, depths_of(parents))
+                    for s, (p, parents, nodes) in zip(seqs, sessions, strict=True)])
+    flushed = runner.pool.copies_flushed
+    for s, (p, parents, nodes) in zip(seqs, sessions, strict=True):
+        path = path_to(len(nodes), parents) if nodes else []
+        s.keep(len(p) - 1, [0] + [i for i in path])  # root, then the deepest path's nodes
+    assert runner.pool.copies_flushed == flushed  # queued, not run one by one
+    runner.forward([Segment.chain(s, [7]) for s in seqs])
+    assert runner.pool.copies_flushed == flushed + 1
+    for s, (p, parents, nodes) in zip(seqs, sessions, strict=True):
+        path = [nodes[i - 1] for i in (path_to(len(nodes), parents) if nodes else [])]
+        fresh = runner.new_seq()
+        runner.forward([Segment.chain(fresh, p + path + [7])])
+        for a, b in zip(s.view(), fresh.view(), strict=True):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    model = tiny_model(17)
+    runner = PackedRunner(model, block_size=4)
+    pool = runner.pool
+    ids = list(range(10, 21))  # 11 tokens: two full blocks and a partial one
+    main = runner.new_seq()
+    runner.forward([Segment.chain(main, ids)])
+    used = pool.used_blocks
+    fork = main.fork(11)
+    assert pool.used_blocks == used + 1  # full blocks shared; the partial one copied
+    assert fork.blocks[:2] == main.blocks[:2] and fork.blocks[2] != main.blocks[2]
+    # both sides grow differently; then the main one rewrites inside a shared block
+    runner.forward([Segment.chain(fork, [1, 2, 3])])
+    runner.forward([Segment.chain(main, [4, 5])])
+    main.truncate(6)
+    runner.forward([Segment.chain(main, [6, 7])])  # position 6 lies in shared block 1
+    assert main.blocks[1] != fork.blocks[1]  # copied on write
+    for seq, want in ((fork, ids + [1, 2, 3]), (main, ids[:6] + [6, 7])):
+        fresh = runner.new_seq()
+        runner.forward([Segment.chain(fresh, want)])
+        for a, b in zip(seq.view(), fresh.view(), strict=True):
+            assert torch.allclose(a, b, atol=1e-12)
+        fresh.free()
+    main.free()
+    fork.free()
+    assert pool.used_blocks == 0 and all(r == 0 for r in pool.refs)
+
+
+def test_a_fixed_pool_refuses_and_a_growing_pool_grows():
+    pool = KVPool(2, 1, 4, torch.float32, "cpu", block_size=4, capacity_tokens=8)
+    a = pool.new_seq()
+    a.prepare_write(0, 8)
+    with pytest.raises(PoolFull):
+        pool.new_seq().prepare_write(0, 1)
+    a.free()
+    assert pool.free_blocks == 2
+    grow = KVPool(2, 1, 4, torch.float32, "cpu", block_size=4, initial_tokens=4)
+    s = grow.new_seq()
+    s.prepare_write(0, 4)
+    grow.kv[:, :, :, s.slot(3)] = 1.5
+    s.prepare_write(4, 40)
+    assert grow.capacity_tokens >= 40 and float(grow.kv[0, 0, 0, s.slot(3), 0]) == 1.5
+
+
+def test_one_sequence_once_per_forward():
+    runner = PackedRunner(tiny_model(18))
+    s = runner.new_seq()
+    with pytest.raises(ValueError):
+        runner.forward([Segment.chain(s, [1]), Segment.chain(s, [2])])

@@ -13,9 +13,9 @@ from scipy.stats import chisquare
 from schemas import Sampling
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, TreeBuilder
-from specedge.runner import PackedRunner
-from specedge.sampling import probs
-from specedge.verify import WalkResult, commit
+from specedge.execution import PackedRunner
+from specedge.execution.sampling import probs
+from specedge.execution.walk import WalkResult, commit
 from tests.conftest import related_draft, tiny_model
 from workers.verifier import engine as engine_mod
 from workers.verifier.engine import Engine
@@ -30,11 +30,12 @@ TRIALS = 2000
 
 def target_joint(target) -> np.ndarray:
     """P(t1, t2) of plain sampling from the target with the same transform."""
+    dev = next(target.parameters()).device
     with torch.no_grad():
-        p1 = probs(target(torch.tensor([PROMPT])).logits[0, -1], S)
-        seqs = torch.tensor([PROMPT + [t] for t in range(V)])
+        p1 = probs(target(torch.tensor([PROMPT], device=dev)).logits[0, -1], S)
+        seqs = torch.tensor([PROMPT + [t] for t in range(V)], device=dev)
         p2 = probs(target(seqs).logits[:, -1], S)
-    return (p1[:, None] * p2).numpy()
+    return (p1[:, None] * p2).double().cpu().numpy()
 
 
 def run_trials(target, draft) -> np.ndarray:
@@ -56,6 +57,8 @@ def run_trials(target, draft) -> np.ndarray:
             st.committed += toks
             st.round += 1
         counts[st.committed[3], st.committed[4]] += 1
+        st.kv.free()
+        dr.close()
     return counts
 
 
@@ -72,13 +75,17 @@ def chi2_p(counts: np.ndarray, joint: np.ndarray) -> float:
     return float(chisquare(o, e).pvalue)
 
 
-@pytest.fixture(scope="module")
-def pair():
+def make_pair(device: str = "cpu"):
     target = tiny_model(21, vocab=V, hidden=32)
     with torch.no_grad():
         target.lm_head.weight.mul_(0.15)  # soften: several tokens carry real mass
     draft = related_draft(target, noise=0.5, seed=3)
-    return target, draft
+    return target.to(device), draft.to(device)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair()
 
 
 def test_sampled_output_follows_target_distribution(pair):
@@ -88,16 +95,24 @@ def test_sampled_output_follows_target_distribution(pair):
     assert p > 1e-3, f"chi-square p={p:.2e}: generated tokens do not follow the target"
 
 
-def broken_walk(tokens, parents, logits, s, gen):
-    """Accept the first child whenever the target's sample merely has the same parity:
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampled_output_follows_target_distribution_on_cuda():
+    target, draft = make_pair("cuda")
+    counts = run_trials(target, draft)
+    p = chi2_p(counts, target_joint(target))
+    assert p > 1e-3, f"chi-square p={p:.2e}: generated tokens do not follow the target"
+
+
+def broken_walk(tokens, parents, picks):
+    """Accept the first child whenever the target's pick merely has the same parity:
     a plausible-looking bug that biases the output towards the draft."""
-    from specedge.sampling import sample
-    from specedge.tree import children_map
+    from specedge.execution.tree import children_map
 
     kids = children_map(tokens, parents)
     node, acc = 0, []
     while True:
-        y = sample(logits[node], s, gen)
+        y = picks[node]
         child = kids[node].get(y)
         if child is None:
             child = next((c for t, c in kids[node].items() if t % 2 == y % 2), None)

@@ -150,22 +150,30 @@ async def test_sigterm_drains_under_load(nats_server, tiny_pair, target_dir, tmp
     assert_lossless(target, ps, results, 160)
 
 
-def test_kv_budget_in_bytes_evicts_lru():
+def test_kv_budget_parsing_and_lru_eviction_from_the_pool():
     import torch
 
     from schemas import Sampling
-    from specedge.kvstore import SessionKV
+    from specedge.execution import KVPool
     from workers.verifier.__main__ import parse_budget
     from workers.verifier.state import SessionState, SessionTable
 
-    assert parse_budget("300") == (300, None) and parse_budget("2KiB") == (None, 2048)
-    table = SessionTable(kv_budget_bytes=3 * 64 * 8)  # room for three 64-slot buffers
+    assert parse_budget("300") == (300, None, None) and parse_budget("2KiB") == (None, 2048, None)
+    assert parse_budget("40%") == (None, None, 0.4)
+    pool = KVPool(1, 1, 1, torch.float32, "cpu", block_size=16, capacity_tokens=3 * 64)
+    table = SessionTable(pool)
     for i in range(4):
         st = SessionState(f"s{i}", Sampling(), 0, 8, frozenset(), 1, [1])
-        st.kv = SessionKV(1, 1, 1, torch.float32, "cpu")
-        st.kv.reserve(64)  # 64 slots x 2 (k, v) x 4 bytes = 512 bytes
+        if i < 3:  # three sessions of 64 tokens fill the pool
+            st.kv = pool.new_seq()
+            st.kv.prepare_write(0, 64)
+            st.kv.length = 64
         table.put(st)
     table.get("s0")  # s0 recently used: s1 is the least recently used now
-    table.enforce_budget(keep={"s3"})
+    assert pool.free_blocks == 0 and not pool.can_take(4)
+    assert table.make_room(4, keep={"s3"})
     assert table.get("s1").kv is None and table.get("s0").kv is not None
-    assert table.kv_bytes() <= 3 * 64 * 8 and table.evictions == 1
+    assert table.get("s2").kv is not None and table.evictions == 1 and pool.free_blocks == 4
+    assert not table.make_room(13, keep=set())  # more than the whole pool: evicting won't do
+    table.drop("s0")  # a closed session's blocks go back
+    assert pool.free_blocks == 12 and len(table) == 3

@@ -46,7 +46,7 @@ port = 9000          # belongs to `edge serve`; the one-shot edge accepts it sil
 """)
     a = verifier_parse(["--config", cfg])
     assert (a.max_batch, a.max_nodes, a.ack_wait, a.kv_budget, a.name) == (
-        4, 32, 3.0, (None, 512 * 2**20), "from-file")
+        4, 32, 3.0, (None, 512 * 2**20, None), "from-file")
     assert a.max_depth == 16  # default: not in the file
     monkeypatch.setenv("SPECEDGE_MAX_BATCH", "6")
     monkeypatch.setenv("SPECEDGE_VERIFIER_NAME", "from-env")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specedge.tree import (
+from specedge.execution.tree import (
     TreeError,
     ancestor_mask,
     chain_then_tree_mask,

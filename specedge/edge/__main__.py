@@ -77,8 +77,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
     from specedge.edge.drafter import Drafter
     from specedge.edge.session import EdgeSession, SessionParams
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
+    from specedge.execution import PackedRunner
     from specedge.models import load_model, load_tokenizer
-    from specedge.runner import PackedRunner
 
     tokenizer = tokenizer or load_tokenizer(a.model)
     draft = draft or load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)

@@ -34,7 +34,7 @@ from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
 from specedge.edge.text import Detokenizer, eos_ids
-from specedge.runner import PackedRunner
+from specedge.execution import PackedRunner
 
 log = structlog.get_logger(__name__)
 

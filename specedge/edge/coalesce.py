@@ -13,19 +13,23 @@ import threading
 
 import torch
 
-from specedge.runner import PackedRunner, Segment
+from specedge.execution import KVSeq, PackedRunner, Segment
 
 
 class CoalescingRunner:
     def __init__(self, runner: PackedRunner, window_s: float = 0.002):
         self.runner = runner
         self.model, self.vocab_size = runner.model, runner.vocab_size
+        self.pool, self.device = runner.pool, runner.device
         self.window_s = window_s
         self._cond = threading.Condition()
         self._pending: list[dict] = []
         self._busy = False
         self.forwards = 0  # packed forwards actually run
         self.requests = 0  # forward() calls served
+
+    def new_seq(self) -> KVSeq:
+        return self.runner.new_seq()
 
     def forward(self, segments: list[Segment]) -> list[torch.Tensor]:
         req: dict = {"segs": segments, "done": False}

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge.config import TreeShape
-from specedge.kvstore import new_store
-from specedge.runner import PackedRunner, Segment
-from specedge.tree import ancestor_mask
+from specedge.execution import PackedRunner, Segment
+from specedge.execution.tree import ancestor_mask
 
 
 @dataclass
@@ -43,14 +42,22 @@ class TreeBuilder:
         self.done = shape.budget == 0  # plain decoding: the root alone, no draft forward
         self.steps = 0
 
-    def _push_children(self, node: int, logits: torch.Tensor, base_logp: float, depth: int) -> None:
-        if depth >= self.shape.depth:
+    def _push_children(self, nodes: list[int], logits: torch.Tensor) -> None:
+        """Candidates under each of `nodes` (rows of logits), scored by cumulative draft
+        log-probability: float32 and one host transfer for all of them (fp64 runs at a
+        fraction of the rate on the consumer GPUs edges use)."""
+        t = self.tree
+        live = [i for i, n in enumerate(nodes) if (t.depths[n - 1] if n else 0) < self.shape.depth]
+        if not live:
             return
-        lp = torch.log_softmax(logits.double(), -1)
-        vals, idx = torch.topk(lp, self.shape.topk)
-        for v, t in zip(vals.tolist(), idx.tolist(), strict=True):
-            heapq.heappush(self._heap, (-(base_logp + v), self._seq, node, t, depth + 1))
-            self._seq += 1
+        rows = logits if len(live) == len(nodes) else logits[live]
+        vals, idx = torch.topk(torch.log_softmax(rows.float(), -1), self.shape.topk)
+        for j, v_row, i_row in zip(live, vals.tolist(), idx.tolist(), strict=True):
+            node = nodes[j]
+            base, depth = (t.logp[node - 1], t.depths[node - 1]) if node else (0.0, 0)
+            for v, tok in zip(v_row, i_row, strict=True):
+                heapq.heappush(self._heap, (-(base + v), self._seq, node, tok, depth + 1))
+                self._seq += 1
 
     def step(self) -> None:
         """First step: bring the draft KV up to C (recomputing what the last verdict added)
@@ -61,12 +68,9 @@ class TreeBuilder:
         self.steps += 1
         t = self.tree
         if self.steps == 1:
-            root_logits = self.d.catch_up(self.committed)
-            self._push_children(0, root_logits, 0.0, 0)
+            self._push_children([0], self.d.catch_up(self.committed)[None])
         else:
-            logits = self.d.forward_nodes(t, self._pending)
-            for node, row in zip(self._pending, logits, strict=True):
-                self._push_children(node, row, t.logp[node - 1], t.depths[node - 1])
+            self._push_children(self._pending, self.d.forward_nodes(t, self._pending))
             t.forwarded = t.size
             self._pending = []
         room = self.shape.budget - t.size
@@ -94,7 +98,7 @@ class Drafter:
 
     def __init__(self, runner: PackedRunner):
         self.runner = runner
-        self.kv = new_store(runner.model)
+        self.kv = runner.new_seq()
         self.vocab_size = runner.vocab_size
 
     @property
@@ -109,30 +113,30 @@ class Drafter:
     def catch_up_segment(self, committed: list[int]) -> Segment:
         if self.kv.length >= len(committed):
             self.kv.truncate(len(committed) - 1)
-        have = self.kv.length
-        chain = committed[have:]
-        m = len(chain)
-        return Segment(self.kv, torch.tensor(chain, dtype=torch.long),
-                       torch.arange(have, have + m), torch.ones(m, m, dtype=torch.bool).tril(),
-                       have, [m - 1])
+        return Segment.chain(self.kv, committed[self.kv.length:])
 
     def forward_nodes(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
         """Forward tree nodes (all ancestors already forwarded, in node order)."""
         return self.runner.forward([self.nodes_segment(tree, nodes)])[0]
 
     def nodes_segment(self, tree: DraftTree, nodes: list[int]) -> Segment:
-        """The segment of forward_nodes, for callers that batch several drafters' forwards."""
+        """The segment of forward_nodes, for callers that batch several drafters' forwards.
+        Node i's KV lives at committed_len + i - 1, so `nodes` must be the next ones."""
+        first = tree.forwarded + 1
+        if nodes != list(range(first, first + len(nodes))):
+            raise ValueError(f"nodes {nodes} are not the next unforwarded ones ({first}, ...)")
+        if self.kv.length != tree.committed_len + tree.forwarded:
+            raise ValueError("the draft KV is not at this tree's forwarded nodes")
         base = tree.committed_len
         anc = ancestor_mask(tree.parents, include_root=False)
-        cols = tree.forwarded + len(nodes)
-        mask = anc[[i - 1 for i in nodes]][:, :cols]
-        positions = torch.tensor([base - 1 + tree.depths[i - 1] for i in nodes])
-        toks = torch.tensor([tree.tokens[i - 1] for i in nodes], dtype=torch.long)
-        return Segment(self.kv, toks, positions, mask, base, list(range(len(nodes))))
+        rows = anc[first - 1 : first - 1 + len(nodes), : first - 1 + len(nodes)]
+        return Segment.tree_nodes(self.kv, base, rows, [tree.tokens[i - 1] for i in nodes],
+                                  [base - 1 + tree.depths[i - 1] for i in nodes])
 
     def fork(self, tree: DraftTree, path: list[int]) -> Drafter:
         """A drafter whose KV covers C plus the forwarded part of `path` (a root-to-node path
-        of `tree`), for drafting ahead on the guess that the verdict accepts that path."""
+        of `tree`), for drafting ahead on the guess that the verdict accepts that path. It
+        shares the committed prefix's blocks with this one (copy on write)."""
         d = Drafter.__new__(Drafter)
         d.runner, d.vocab_size = self.runner, self.vocab_size
         d.kv = self.kv.fork(tree.committed_len, [i - 1 for i in path if i <= tree.forwarded])
@@ -142,3 +146,7 @@ class Drafter:
         """Keep the draft KV of the accepted path (its forwarded prefix), drop the rest."""
         keep = [i - 1 for i in accepted if i <= tree.forwarded]
         self.kv.keep(tree.committed_len, keep)
+
+    def close(self) -> None:
+        """Give the KV blocks back to the runner's pool."""
+        self.kv.free()

@@ -87,7 +87,9 @@ class Proactive:
             await self._guess_and_draft()
         except Exception:  # a guess is an optimisation: its failure must not end the session
             log.exception("proactive drafting failed; continuing without it")
-            self.heads.clear()
+            heads, self.heads = self.heads, []
+            for h in heads:
+                await self.run_step(h.drafter.close)
 
     async def _guess_and_draft(self) -> None:
         t = self.tree
@@ -95,21 +97,25 @@ class Proactive:
             if self._cancel:
                 return
             toks = [t.tokens[i - 1] for i in path]
-            fork = self.main.fork(t, path)
-            base = self.committed + toks
             t0 = time.perf_counter()
+            # forks and forwards run in the executor: they take the pool's lock, which a
+            # forward on another thread may hold, and the event loop must stay free
+            fork = await self._timed(self.main.fork, t, path)
+            base = self.committed + toks
             logits = await self._timed(fork.catch_up, base)
-            kids = {t.tokens[i - 1] for i, p in enumerate(t.parents, 1) if p == (path[-1] if path else 0)}
-            lp = torch.log_softmax(logits.double(), -1)
-            lp[list(kids)] = float("-inf")  # a child token would have extended the path
+            last = path[-1] if path else 0
+            kids = [t.tokens[i - 1] for i, p in enumerate(t.parents, 1) if p == last]
+            lp = torch.log_softmax(logits.float(), -1)
+            if kids:
+                lp[kids] = float("-inf")  # a child token would have extended the path
             k = 1 if self.mode is Mode.SINGLE else 2
             vals, idx = torch.topk(lp, k)
             pathlp = t.logp[path[-1] - 1] if path else 0.0
             for j, (v, y) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True)):
-                d = fork if j == 0 else self.main.fork(t, path)
+                d = fork if j == 0 else await self._timed(self.main.fork, t, path)
                 pred = base + [y]
                 self.heads.append(Head(pred, pathlp + v, d, TreeBuilder(d, pred, self.shape)))
-            self.heads[-len(idx)].busy_s += time.perf_counter() - t0
+            self.heads[-k].busy_s += time.perf_counter() - t0
             if len(self.heads) >= self.max_heads or self.mode is Mode.SINGLE:
                 break
         for h in sorted(self.heads, key=lambda h: -h.logp)[: self.max_heads]:
@@ -126,4 +132,8 @@ class Proactive:
         self._cancel = True
         if self._task is not None:
             await self._task
-        return next((h for h in self.heads if h.predicted == committed_after), None)
+        hit = next((h for h in self.heads if h.predicted == committed_after), None)
+        for h in self.heads:  # the other guesses' KV goes back to the pool
+            if h is not hit:
+                await self.run_step(h.drafter.close)
+        return hit

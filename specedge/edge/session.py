@@ -5,6 +5,7 @@ thread so the event loop always stays free to take a verdict."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import statistics
@@ -137,8 +138,13 @@ class State(enum.StrEnum):
 class EdgeSession:
     def __init__(self, nc, js, drafter: Drafter, executor: ThreadPoolExecutor,
                  params: SessionParams, on_tokens: Callable[[list[int]], None] | None = None,
-                 sid: str | None = None):
+                 sid: str | None = None, keep_draft_kv: bool = False):
+        """The session owns `drafter`: its KV goes back to the runner's pool when the session
+        ends (keep_draft_kv keeps it, for inspection)."""
         self.nc, self.js, self.drafter, self.ex = nc, js, drafter, executor
+        self.keep_draft_kv = keep_draft_kv
+        self._inflight: concurrent.futures.Future | None = None  # the model step running
+        self._pro: Proactive | None = None
         self.p = params
         self.sid = sid or subjects.new_session_id()
         self.on_tokens = on_tokens
@@ -253,7 +259,20 @@ class EdgeSession:
                            f"{self.p.max_retries + 2} waits of {self.p.verdict_timeout_s}s")
 
     async def _run_model(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.ex, fn, *args)
+        self._inflight = self.ex.submit(fn, *args)
+        return await asyncio.wrap_future(self._inflight)
+
+    async def _release(self) -> None:
+        """Stop this session's model work and give its draft KV back: proactive work stops
+        between forwards, a forward already running is waited for (it may not be torn out
+        from under other sessions it is packed with), then the KV is freed."""
+        if self._pro is not None:
+            pro, self._pro = self._pro, None
+            await pro.resolve([])
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.wrap_future(self._inflight)
+        if not self.keep_draft_kv:
+            await self._run_model(self.drafter.close)
 
     async def _finish(self, builder: TreeBuilder) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
@@ -297,10 +316,10 @@ class EdgeSession:
                 t_pub = time.perf_counter()
                 await self._publish(subjects.draft(self.sid), block, "draft", self.round)
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
-                pro = None
+                pro = self._pro = None
                 if self.p.proactive is not Mode.OFF and tree.size:
-                    pro = Proactive(self.committed, tree, self.drafter, self.shape,
-                                    self.p.proactive, self._run_model)
+                    pro = self._pro = Proactive(self.committed, tree, self.drafter, self.shape,
+                                                self.p.proactive, self._run_model)
                     pro.start()
                 v, t_arrival = await self._await_verdict(block)
                 self._to(State.APPLYING)
@@ -309,9 +328,11 @@ class EdgeSession:
                 accepted = unpack_ids(v.accepted)
                 after = self.committed + toks
                 head = await pro.resolve(after) if pro else None
+                self._pro = None
                 react_s = time.perf_counter() - t_arrival
                 if head is not None:
-                    self.drafter, pending = head.drafter, head.builder
+                    old, self.drafter, pending = self.drafter, head.drafter, head.builder
+                    await self._run_model(old.close)
                     hidden_s, hit = head.busy_s, True
                 else:
                     if tree.size:
@@ -357,6 +378,7 @@ class EdgeSession:
                 pass
             raise
         finally:
+            await asyncio.shield(self._release())
             await sub.unsubscribe()
         self._to(State.CLOSED)
         wall = time.perf_counter() - t_start

@@ -20,17 +20,27 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2*
           "gib": 2**30}
 
 
-def parse_budget(text: str) -> tuple[int | None, int | None]:
-    """'200000' -> (tokens, None); '8GiB' -> (None, bytes)."""
+def parse_budget(text: str) -> tuple[int | None, int | None, float | None]:
+    """'200000' -> (tokens, None, None); '8GiB' -> (None, bytes, None); '50%' -> (None, None,
+    0.5), a fraction of the device memory free after the weights (GPU)."""
     t = text.strip().lower()
     if t.isdigit():
-        return int(t), None
+        return int(t), None, None
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 100:
+            raise argparse.ArgumentTypeError(f"bad KV budget {text!r}: a percentage in (0, 100]")
+        return None, None, pct / 100
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
     if unit not in _UNITS or not num:
-        raise argparse.ArgumentTypeError(f"bad KV budget {text!r}: use tokens (200000) or "
-                                         f"bytes with a unit (512MiB, 8GB)")
-    return None, int(float(num) * _UNITS[unit])
+        raise argparse.ArgumentTypeError(f"bad KV budget {text!r}: use tokens (200000), bytes "
+                                         f"with a unit (512MiB, 8GB) or a share of free GPU "
+                                         f"memory (50%)")
+    return None, int(float(num) * _UNITS[unit]), None
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -40,9 +50,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_TARGET, help="target model: cache name, dir or hub id")
     add_common(p)
     p.add_argument("--max-batch", type=int, default=8, help="blocks per batched forward")
-    p.add_argument("--kv-budget", type=parse_budget, default=(None, None),
-                   help="KV cache budget: tokens (e.g. 200000) or bytes with a unit (e.g. "
-                        "8GiB, 512MB); least recently used sessions lose their KV first")
+    p.add_argument("--kv-budget", type=parse_budget, default=(None, None, None),
+                   help="KV pool size: tokens (e.g. 200000), bytes with a unit (e.g. 8GiB, "
+                        "512MB) or a share of the GPU memory free after the weights (e.g. "
+                        "50%%); default: half the free memory on a GPU, a growing pool on the "
+                        "CPU. When it is full, least recently used sessions lose their KV")
+    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="attention backend over the KV pool (auto: flex on CUDA, else sdpa)")
     add_limit_args(p)  # --max-nodes, --max-message-bytes, --max-sessions-per-edge, ...
     ad = AdaptiveBudget()
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ad.enabled,
@@ -88,7 +102,8 @@ async def amain(a: argparse.Namespace) -> int:
                               a.adaptive_max_budget, a.adaptive)
     cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
                        batch_hold=a.batch_hold, kv_budget_tokens=a.kv_budget[0],
-                       kv_budget_bytes=a.kv_budget[1],
+                       kv_budget_bytes=a.kv_budget[1], kv_budget_fraction=a.kv_budget[2],
+                       attention=a.attention,
                        partitions=a.partitions, lease_ttl_s=a.lease_ttl,
                        lease_renew_s=max(0.2, a.lease_ttl / 5),
                        stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),

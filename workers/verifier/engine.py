@@ -1,18 +1,16 @@
 """The model side of verification: build one packed forward for a batch of checked blocks,
-run it, walk each tree, roll each session's KV back to its accepted path. Runs in the worker's
-executor thread; knows nothing about NATS."""
+run it, pick every node's token in one batched call, walk each tree, roll each session's KV
+back to its accepted path. Runs in the worker's executor thread; knows nothing about NATS."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-import torch
-
-from specedge.kvstore import new_store
-from specedge.runner import PackedRunner, Segment
-from specedge.sampling import round_generator
-from specedge.tree import chain_then_tree_mask
-from specedge.verify import WalkResult, walk
+from specedge.devices import synchronize
+from specedge.execution import PackedRunner, Segment
+from specedge.execution.sampling import RowSampling, pick
+from specedge.execution.walk import WalkResult, walk
 from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
 
@@ -25,37 +23,54 @@ class Outcome:
 
 
 class Engine:
-    def __init__(self, model):
-        self.runner = PackedRunner(model)
+    def __init__(self, model, *, kv_budget_tokens: int | None = None, attention: str = "auto",
+                 block_size: int = 16):
+        self.runner = PackedRunner(model, kv_budget_tokens=kv_budget_tokens, attention=attention,
+                                   block_size=block_size)
         self.model = model
+        self.pool = self.runner.pool
         self.vocab_size = self.runner.vocab_size
+
+    def _chain(self, st: SessionState) -> tuple[int, bool]:
+        """(tokens of C the cache holds, whether that is all but the root); a cache that is
+        out of step with C is dropped."""
+        kv = st.kv
+        c = len(st.committed)
+        if kv is not None and kv.length > c - 1:  # out of step (e.g. another worker's state)
+            kv.free()
+            st.kv = kv = None
+        return (0 if kv is None else kv.length), kv is not None and kv.length == c - 1
+
+    def blocks_needed(self, work: list[tuple[SessionState, CheckedBlock]]) -> int:
+        """Pool blocks this batch's forward will allocate."""
+        need = 0
+        for st, blk in work:
+            have, _ = self._chain(st)
+            total = len(st.committed) + len(blk.tokens)
+            if st.kv is None:
+                need += -(-total // self.pool.block_size)
+            else:
+                need += st.kv.blocks_needed(total)
+        return need
 
     def verify(self, work: list[tuple[SessionState, CheckedBlock]]) -> list[Outcome]:
         """One target forward for all blocks (distinct sessions)."""
-        segments, metas = [], []
+        segments, metas, rows = [], [], []
         for st, blk in work:
-            kv_hit = st.kv is not None and st.kv.length == len(st.committed) - 1
-            if st.kv is None or st.kv.length > len(st.committed) - 1:
-                st.kv = new_store(self.model)  # never seen, evicted, or out of step: rebuild
-            have = st.kv.length
+            have, kv_hit = self._chain(st)
+            if st.kv is None:
+                st.kv = self.runner.new_seq()  # never seen, evicted, or out of step: rebuild
             chain = st.committed[have:]  # committed tokens the cache lacks, ending at the root
-            c = len(st.committed)
-            tokens = torch.tensor(chain + blk.tokens, dtype=torch.long)
-            positions = torch.tensor(
-                list(range(have, c)) + [c - 1 + d for d in blk.depths], dtype=torch.long
-            )
-            mask = chain_then_tree_mask(len(chain), blk.parents)
-            want = [len(chain) - 1] + [len(chain) + i for i in range(len(blk.tokens))]
-            segments.append(Segment(st.kv, tokens, positions, mask, have, want))
+            segments.append(Segment.tree(st.kv, chain, blk.tokens, blk.parents, blk.depths))
             metas.append((have, len(chain), kv_hit))
-        all_logits = self.runner.forward(segments)
+            rows.append(RowSampling.for_tree(st.sampling, st.seed, blk.round, len(blk.tokens) + 1))
+        logits, off = self.runner.forward_flat(segments)
+        picks = pick(logits, RowSampling.concat(rows)).tolist()  # the one host transfer
         out = []
-        for (st, blk), logits, (have, chain_len, kv_hit) in zip(work, all_logits, metas, strict=True):
-            gen = round_generator(st.seed, blk.round) if st.sampling.temperature > 0 else None
-            res = walk(blk.tokens, blk.parents, logits, st.sampling, gen)
+        for (st, blk), a, (have, chain_len, kv_hit) in zip(work, off, metas, strict=False):
+            res = walk(blk.tokens, blk.parents, picks[a : a + len(blk.tokens) + 1])
             # keep the chain (all committed) and the accepted nodes, in path order
-            keep = list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted]
-            st.kv.keep(have, keep)
+            st.kv.keep(have, list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted])
             out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens)))
         return out
 
@@ -63,27 +78,35 @@ class Engine:
 def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = (1, 8, 16, 24, 32, 48, 64, 96,
                                                                   128, 192, 256),
                   context: int = 128, stop_ratio: float = 1.6) -> dict[int, float]:
-    """Seconds of one forward of n new tokens over `context` cached ones, for growing n; stops
+    """Seconds of one forward of n new tokens over `context` cached ones, for growing n
+    (device-synchronised: on a GPU an unsynchronised clock measures launch queueing); stops
     once a forward costs stop_ratio times the single-token one (past the knee)."""
-    import time
-
-    kv = new_store(runner.model)
-    ctx = torch.arange(context) % runner.vocab_size
-    full = torch.ones(context, context, dtype=torch.bool).tril()
-    runner.forward([Segment(kv, ctx, torch.arange(context), full, 0, [context - 1])])
-    costs: dict[int, float] = {}
-    for n in sizes:
-        best = float("inf")
-        for _ in range(2):
-            kv.truncate(context)
-            seg = Segment(kv, torch.full((n,), 1), torch.arange(context, context + n),
-                          torch.ones(n, n, dtype=torch.bool).tril(), context, [n - 1])
-            t0 = time.perf_counter()
-            runner.forward([seg])
-            best = min(best, time.perf_counter() - t0)
-        costs[n] = best
-        if best > stop_ratio * costs[sizes[0]]:
-            break
+    pool = runner.pool
+    if pool.fixed:  # measure inside what the pool can hold (it is empty at start-up)
+        room = pool.free_blocks * pool.block_size
+        context = min(context, room // 2)
+        sizes = tuple(n for n in sizes if context + n <= room) or (1,)
+    seq = runner.new_seq()
+    ctx = [i % runner.vocab_size for i in range(max(1, context))]
+    context = len(ctx)
+    try:
+        runner.forward([Segment.chain(seq, ctx)])
+        costs: dict[int, float] = {}
+        for n in sizes:
+            best = float("inf")
+            for _ in range(2):
+                seq.truncate(context)
+                seg = Segment.chain(seq, [1] * n)
+                synchronize(runner.device)
+                t0 = time.perf_counter()
+                runner.forward([seg])
+                synchronize(runner.device)
+                best = min(best, time.perf_counter() - t0)
+            costs[n] = best
+            if best > stop_ratio * costs[sizes[0]]:
+                break
+    finally:
+        seq.free()
     return costs
 
 
@@ -92,3 +115,4 @@ def knee(costs: dict[int, float], ratio: float = 1.5) -> int:
     verifying more tokens stops being nearly free."""
     base = costs[min(costs)]
     return max(n for n, c in costs.items() if c <= ratio * base)
+

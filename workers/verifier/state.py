@@ -6,7 +6,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from schemas import Sampling, SessionOpened, digest_ids, unpack_ids
-from specedge.kvstore import SessionKV
+from specedge.execution import KVPool, KVSeq
 
 
 @dataclass
@@ -20,7 +20,7 @@ class SessionState:
     committed: list[int]  # C: prompt + every committed token
     round: int = 0  # the next round expected
     finished: bool = False
-    kv: SessionKV | None = None  # target KV for a prefix of C (length kv.length)
+    kv: KVSeq | None = None  # target KV for a prefix of C (length kv.length)
     last_verdicts: dict[int, bytes] = field(default_factory=dict)  # round -> encoded verdict
     _digest: bytes = field(default=b"", repr=False)
     _digest_len: int = field(default=-1, repr=False)
@@ -49,13 +49,13 @@ class SessionState:
 
 
 class SessionTable:
-    """Sessions by id, least recently used first; KV memory bounded by a token budget."""
+    """Sessions by id, least recently used first. Their KV lives in the engine's pool; when a
+    batch needs blocks the pool cannot give, the least recently used sessions lose their KV
+    (their next block rebuilds it from the log)."""
 
-    def __init__(self, kv_budget_tokens: int | None = None, max_sessions: int = 100_000,
-                 kv_budget_bytes: int | None = None):
+    def __init__(self, pool: KVPool | None = None, max_sessions: int = 100_000):
         self._s: OrderedDict[str, SessionState] = OrderedDict()
-        self.kv_budget_tokens = kv_budget_tokens
-        self.kv_budget_bytes = kv_budget_bytes
+        self.pool = pool
         self.max_sessions = max_sessions
         self.evictions = 0
 
@@ -66,17 +66,28 @@ class SessionTable:
         return st
 
     def put(self, st: SessionState) -> None:
+        old = self._s.get(st.sid)
+        if old is not None and old is not st:
+            self._free(old)
         self._s[st.sid] = st
         self._s.move_to_end(st.sid)
         while len(self._s) > self.max_sessions:
-            self._s.popitem(last=False)
+            self._free(self._s.popitem(last=False)[1])
 
     def drop(self, sid: str) -> None:
-        self._s.pop(sid, None)
+        st = self._s.pop(sid, None)
+        if st is not None:
+            self._free(st)
 
     def free_kv(self, sid: str) -> None:
         st = self._s.get(sid)
         if st is not None:
+            self._free(st)
+
+    @staticmethod
+    def _free(st: SessionState) -> None:
+        if st.kv is not None:
+            st.kv.free()
             st.kv = None
 
     def kv_tokens(self) -> int:
@@ -85,21 +96,50 @@ class SessionTable:
     def kv_bytes(self) -> int:
         return sum(s.kv.nbytes for s in self._s.values() if s.kv is not None)
 
-    def enforce_budget(self, keep: set[str]) -> None:
-        """Evict least recently used KV (not the sessions in `keep`) until within budget.
-        Totals are summed once and decremented per eviction: this runs every batch."""
-        if self.kv_budget_tokens is None and self.kv_budget_bytes is None:
-            return
-        tokens, nbytes = self.kv_tokens(), self.kv_bytes()
+    def make_room(self, blocks: int, keep: set[str]) -> bool:
+        """Evict least recently used KV (not the sessions in `keep`) until the pool can give
+        `blocks` more blocks; False if even evicting every other session is not enough."""
+        pool = self.pool
+        if pool is None or pool.can_take(blocks):
+            return True
         for sid, st in list(self._s.items()):
-            if ((self.kv_budget_tokens is None or tokens <= self.kv_budget_tokens)
-                    and (self.kv_budget_bytes is None or nbytes <= self.kv_budget_bytes)):
-                return
+            if pool.can_take(blocks):
+                return True
             if st.kv is not None and sid not in keep:
-                tokens -= st.kv.capacity
-                nbytes -= st.kv.nbytes
-                st.kv = None
+                self._free(st)
                 self.evictions += 1
+        return pool.can_take(blocks)
 
     def __len__(self) -> int:
         return len(self._s)
+
+
+# With no budget given, a GPU verifier takes this share of the device memory left after the
+# weights (like vLLM's gpu_memory_utilization, lower: an edge or a benchmark may share it).
+GPU_DEFAULT_FRACTION = 0.5
+
+
+def kv_budget(model, cfg) -> int | None:
+    """The KV pool's size in tokens from a worker config's budget (tokens, bytes, or a
+    fraction of free device memory); None: a pool that grows (the CPU default)."""
+    if cfg.kv_budget_tokens is not None:
+        return cfg.kv_budget_tokens
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    p = next(model.parameters())
+    per_token = c.num_hidden_layers * 2 * kv_heads * head_dim * p.element_size()
+    if cfg.kv_budget_bytes is not None:
+        return max(1, cfg.kv_budget_bytes // per_token)
+    fraction = cfg.kv_budget_fraction
+    if fraction is None and p.device.type == "cuda":
+        fraction = GPU_DEFAULT_FRACTION
+    if fraction is None:
+        return None
+    if p.device.type != "cuda":
+        raise ValueError("a KV budget as a fraction of free memory needs a GPU; give tokens or "
+                         "bytes on the CPU")
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(p.device)
+    return max(1, int(free * fraction) // per_token)

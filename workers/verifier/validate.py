@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from schemas import DraftBlock, SessionOpened, unpack_ids
 from specedge.config import Limits
-from specedge.tree import TreeError, validate_parents
+from specedge.execution.tree import TreeError, validate_parents
 from workers.verifier.state import SessionState
 
 

@@ -29,14 +29,14 @@ from schemas import (
 )
 from specedge import broker, metrics, subjects
 from specedge.config import AdaptiveBudget, Limits
+from specedge.execution.walk import commit
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
-from specedge.verify import commit
 from workers.verifier.admission import Admission
 from workers.verifier.engine import Engine, forward_costs, knee
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
-from workers.verifier.state import SessionState, SessionTable
+from workers.verifier.state import SessionState, SessionTable, kv_budget
 from workers.verifier.validate import (
     BlockError,
     CheckedBlock,
@@ -74,8 +74,12 @@ class WorkerConfig:
     batch_hold: float = 1.0
     limits: Limits = field(default_factory=Limits)
     adaptive: AdaptiveBudget = field(default_factory=AdaptiveBudget)
+    # the KV pool: tokens, bytes, or a fraction of the device memory free after the weights;
+    # none of them: a pool that grows on the CPU, half the free memory on a GPU
     kv_budget_tokens: int | None = None
     kv_budget_bytes: int | None = None
+    kv_budget_fraction: float | None = None
+    attention: str = "auto"  # attention backend: auto, sdpa or flex (specedge/execution)
     partitions: int = subjects.PARTITIONS
     lease_ttl_s: float = 6.0
     lease_renew_s: float = 1.0
@@ -91,9 +95,15 @@ class Worker:
     def __init__(self, model, url: str, cfg: WorkerConfig | None = None):
         self.cfg = cfg or WorkerConfig()
         self.url = url
-        self.engine = Engine(model)
-        self.sessions = SessionTable(self.cfg.kv_budget_tokens,
-                                     kv_budget_bytes=self.cfg.kv_budget_bytes)
+        self.engine = Engine(model, kv_budget_tokens=kv_budget(model, self.cfg),
+                             attention=self.cfg.attention)
+        self.sessions = SessionTable(self.engine.pool)
+        pool, lim = self.engine.pool, self.cfg.limits
+        longest = lim.max_prompt_tokens + lim.max_new_tokens + lim.max_nodes
+        if pool.fixed and pool.capacity_tokens < longest:
+            log.warning("KV pool is smaller than one session at the limits; sessions that "
+                        "outgrow it are refused", pool_tokens=pool.capacity_tokens,
+                        longest_session=longest)
         self.stats = WorkerStats()
         self.metrics = metrics.VerifierMetrics(self.cfg.max_batch)
         # read at scrape time: summing every session's KV is no work for the batch step
@@ -316,6 +326,7 @@ class Worker:
         candidates = self._deferred + [(m, None) for m in msgs]
         self._deferred = []
         work: list[tuple[object, SessionState, CheckedBlock, float]] = []
+        raw: dict[int, DraftBlock] = {}  # the decoded block of each message, should it wait
         seen: set[str] = set()
         for m, pre in candidates:
             sid, block = pre if pre else (None, None)
@@ -335,12 +346,13 @@ class Worker:
                 await _quietly(m.nak(delay=1.0))
                 continue
             if item is not None:
+                raw[id(m)] = block
                 seen.add(sid)
                 queued = max(0.0, t_pick - m.metadata.timestamp.timestamp())
                 work.append((m, item[0], item[1], queued))
+        work = await self._fit(work, raw)
         if not work:
             return
-        self.sessions.enforce_budget(keep={st.sid for _, st, _, _ in work})
         self.load.observe([st.sid for _, st, _, _ in work],
                           self._inbox.qsize() + len(self._deferred), time.monotonic())
         budget = self.stats.budget = self.load.budget(time.monotonic(), len(work))
@@ -356,7 +368,7 @@ class Worker:
             log.exception("batch forward failed; blocks will be redelivered",
                           sids=[st.sid for _, st, _, _ in work])
             for m, st, _, _ in work:
-                st.kv = None
+                self.sessions.free_kv(st.sid)
                 await _quietly(m.nak(delay=1.0))
             return
         finally:
@@ -388,7 +400,7 @@ class Worker:
             data = encode(v)
             st.remember(blk.round, data)
             if finished:
-                st.kv = None
+                self.sessions.free_kv(st.sid)
             self.stats.blocks += 1
             self.stats.kv_hits += out.kv_hit
             self.stats.kv_misses += not out.kv_hit
@@ -398,6 +410,25 @@ class Worker:
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
         await asyncio.gather(*pubs)  # each handles its own failure
+
+    async def _fit(self, work: list, raw: dict[int, DraftBlock]) -> list:
+        """Make room in the KV pool for the batch by evicting least recently used sessions'
+        KV. A batch that does not fit even then is cut: the tail waits a step. A single
+        session that can never fit is refused."""
+        while work:
+            need = self.engine.blocks_needed([(st, blk) for _, st, blk, _ in work])
+            if self.sessions.make_room(need, keep={st.sid for _, st, _, _ in work}):
+                return work
+            if len(work) == 1:
+                m, st, blk, _ = work.pop()
+                pool = self.engine.pool
+                await self._reject(m, st.sid, blk.round, "too_large",
+                                   f"the session needs {len(st.committed) + len(blk.tokens)} KV "
+                                   f"tokens; this verifier's pool holds {pool.capacity_tokens}")
+                continue
+            m, st, blk, _ = work.pop()
+            self._deferred.append((m, (st.sid, raw[id(m)])))
+        return work
 
     async def _keep_alive(self, msgs) -> None:
         """A long forward (a long prompt's prefill on a CPU) must not look like a dead worker:

@@ -1,9 +1,13 @@
 """The acceptance rule (token matching) and the commit rule, as pure functions.
 
-Walk the tree from the root: sample y from the target at the current node; if a child carries
-y, descend, else stop. Every y is an honest sample of the target given the committed prefix,
-so the output follows the target's distribution whatever the draft proposed, and no draft
-probabilities are needed.
+Walk the tree from the root: take the target's pick y at the current node (argmax, or a
+seeded draw from its distribution); if a child carries y, descend, else stop. Every y is an
+honest sample of the target given the committed prefix, so the output follows the target's
+distribution whatever the draft proposed, and no draft probabilities are needed.
+
+The picks of every node are made before the walk, in one batched call for the whole forward
+(`sampling.pick`); each node's draw has its own key, so the draws along the walked path are
+independent and the walk itself is plain host code with no device round trips.
 """
 
 from __future__ import annotations
@@ -11,32 +15,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from schemas import Sampling
-from specedge.sampling import sample
-from specedge.tree import children_map
+from specedge.execution.tree import children_map
 
 
 @dataclass(frozen=True)
 class WalkResult:
     accepted: list[int]  # node indices along the accepted path (root excluded)
-    next_token: int  # the last sample: a correction, or a bonus past the tree's end
+    next_token: int  # the last pick: a correction, or a bonus past the tree's end
     bonus: bool
 
 
-def walk(
-    tokens: Sequence[int],
-    parents: Sequence[int],
-    logits: torch.Tensor,
-    s: Sampling,
-    gen: torch.Generator | None,
-) -> WalkResult:
-    """`logits[0]` is the target at the root, `logits[i]` at node i."""
+def walk(tokens: Sequence[int], parents: Sequence[int], picks: Sequence[int]) -> WalkResult:
+    """`picks[0]` is the target's pick at the root, `picks[i]` at node i."""
     kids = children_map(tokens, parents)
     node, accepted = 0, []
     while True:
-        y = sample(logits[node], s, gen)
+        y = int(picks[node])
         child = kids[node].get(y)
         if child is None:
             return WalkResult(accepted, y, bonus=not kids[node])

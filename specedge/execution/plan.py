@@ -1,0 +1,185 @@
+"""What one packed forward needs: the segments callers hand in, and the per-forward metadata
+built from them once and shared by every layer.
+
+A segment is one sequence's new tokens. They are written at logical positions
+seq.length .. seq.length + m - 1 (slot order in the sequence), carry their own RoPE positions
+(depth in a tree), and row r attends to the logical positions < upto[r] plus those
+window + j for which bits[r, j] is set (its tree ancestors and itself). That covers a causal
+chain (prefill, catch-up), a verifier's chain-then-tree, and an edge's partly forwarded tree,
+without a dense mask per segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specedge.execution.pool import KVPool, KVSeq
+from specedge.execution.tree import ancestor_mask
+
+
+@dataclass
+class Segment:
+    seq: KVSeq
+    tokens: list[int]
+    positions: list[int]  # RoPE positions
+    upto: list[int]  # row r sees logical positions < upto[r] ...
+    logits_at: list[int]  # rows whose next-token logits are wanted
+    window: int = 0  # ... and window + j where bits[r, j]
+    bits: torch.Tensor | None = None  # [m, W] bool, on the host
+
+    @classmethod
+    def chain(cls, seq: KVSeq, tokens: Sequence[int], logits_at: list[int] | None = None
+              ) -> Segment:
+        """A causal run appended to the sequence (prefill, catch-up); logits at the last
+        token unless told otherwise."""
+        n, m = seq.length, len(tokens)
+        return cls(seq, [int(t) for t in tokens], list(range(n, n + m)),
+                   list(range(n + 1, n + m + 1)), [m - 1] if logits_at is None else logits_at)
+
+    @classmethod
+    def tree(cls, seq: KVSeq, chain: Sequence[int], nodes: Sequence[int],
+             parents: Sequence[int], depths: Sequence[int]) -> Segment:
+        """The verifier's segment: the committed tokens the cache lacks (the last one is the
+        tree's root), then the draft tree's nodes; logits at the root and at every node. A
+        node sees the whole chain and its own ancestors."""
+        n, k, t = seq.length, len(chain), len(nodes)
+        c = n + k  # committed length; nodes live at logical positions c .. c + t - 1
+        bits = None
+        if t:
+            bits = torch.zeros(k + t, t, dtype=torch.bool)
+            bits[k:] = ancestor_mask(parents, include_root=False)
+        return cls(seq, [int(x) for x in chain] + [int(x) for x in nodes],
+                   list(range(n, c)) + [c - 1 + d for d in depths],
+                   list(range(n + 1, c + 1)) + [c] * t, [k - 1] + [k + i for i in range(t)],
+                   window=c, bits=bits)
+
+    @classmethod
+    def tree_nodes(cls, seq: KVSeq, tree_start: int, rows: torch.Tensor, tokens: Sequence[int],
+                   positions: Sequence[int]) -> Segment:
+        """Nodes of a partly forwarded tree: the tree's nodes live at tree_start + i - 1 in
+        node order, the new ones right after those already forwarded; rows[r] is node r's
+        ancestor row over the tree's nodes so far (itself included). Logits at every row."""
+        m = len(tokens)
+        return cls(seq, [int(x) for x in tokens], [int(p) for p in positions], [tree_start] * m,
+                   list(range(m)), window=tree_start, bits=rows)
+
+    def check(self) -> None:
+        m = len(self.tokens)
+        if m == 0:
+            raise ValueError("a segment needs at least one token")
+        if len(self.positions) != m or len(self.upto) != m:
+            raise ValueError("tokens, positions and upto must have one entry per token")
+        if self.bits is not None and self.bits.shape[0] != m:
+            raise ValueError(f"bits has {self.bits.shape[0]} rows for {m} tokens")
+        end = self.seq.length + m
+        if any(not 0 < u <= end for u in self.upto):
+            raise ValueError(f"upto must lie in 1..{end}")
+        if self.bits is not None and self.window + self.bits.shape[1] > end:
+            raise ValueError("the tree window runs past the tokens written")
+
+
+@dataclass
+class ForwardPlan:
+    """Metadata of one packed forward, on the model's device; built once, used by every
+    layer. Rows are the packed new tokens (N); segments are padded to M rows and L keys for
+    the gathered attention."""
+
+    pool: KVPool
+    ids: torch.Tensor  # [N]
+    pos: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N] where each new token's K/V goes
+    upto: torch.Tensor  # [N]
+    window: torch.Tensor  # [N]
+    want: torch.Tensor  # [R] rows whose logits are wanted
+    seg_of: torch.Tensor  # [N] segment of each row
+    q_index: torch.Tensor  # [S * M] row of each padded query (padding -> row 0)
+    out_index: torch.Tensor  # [N] padded position of each row
+    kv_len: torch.Tensor  # [S] keys per segment after this forward's writes
+    tables: torch.Tensor  # [S, blocks] block tables, padded with block 0
+    bits: torch.Tensor | None  # [N, W]
+    host_kv_len: list[int]
+    chain_only: bool  # no tree bits anywhere (pure causal runs)
+    attention_calls: int = 0
+    cache: dict = field(default_factory=dict)  # what a backend derives once per forward
+
+    @property
+    def segments(self) -> int:
+        return len(self.host_kv_len)
+
+    @property
+    def max_rows(self) -> int:
+        return self.q_index.numel() // self.segments
+
+    @property
+    def max_keys(self) -> int:
+        return max(self.host_kv_len)
+
+    def key_index(self) -> torch.Tensor:
+        """[S, L] slot of every (segment, logical position) up to the longest; positions past
+        a segment's length point at slot 0 (masked)."""
+        if "key_index" not in self.cache:
+            b = self.pool.block_size
+            cols = torch.arange(self.max_keys, device=self.tables.device)
+            self.cache["key_index"] = self.tables[:, cols // b] * b + cols % b
+        return self.cache["key_index"]
+
+    def visible(self) -> torch.Tensor:
+        """[N, L] bool: which logical positions of its segment each row attends to."""
+        if "visible" not in self.cache:
+            cols = torch.arange(self.max_keys, device=self.upto.device)
+            vis = cols[None, :] < self.upto[:, None]
+            if self.bits is not None:
+                w = self.bits.shape[1]
+                rel = cols[None, :] - self.window[:, None]
+                inside = (rel >= 0) & (rel < w)
+                vis |= inside & self.bits.gather(1, rel.clamp(0, w - 1))
+            self.cache["visible"] = vis
+        return self.cache["visible"]
+
+
+def build_plan(segments: Sequence[Segment], pool: KVPool, device: torch.device) -> ForwardPlan:
+    """Host-side bookkeeping for a forward whose segments' slots are already writable; one
+    transfer of all the integer metadata to the device."""
+    s_count = len(segments)
+    m_max = max(len(seg.tokens) for seg in segments)
+    ids, pos, slots, upto, window, want, seg_of, out_index = ([] for _ in range(8))
+    q_index = [0] * (s_count * m_max)
+    kv_len, tables = [], []
+    start = 0
+    for s, seg in enumerate(segments):
+        m, n = len(seg.tokens), seg.seq.length
+        ids += seg.tokens
+        pos += seg.positions
+        slots += seg.seq.slots(n, n + m)
+        upto += seg.upto
+        window += [seg.window] * m
+        want += [start + i for i in seg.logits_at]
+        seg_of += [s] * m
+        out_index += range(s * m_max, s * m_max + m)
+        q_index[s * m_max : s * m_max + m] = range(start, start + m)
+        kv_len.append(n + m)
+        tables.append(seg.seq.blocks)
+        start += m
+    width = max(len(t) for t in tables)
+    flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
+    parts = [ids, pos, slots, upto, window, want, seg_of, q_index, out_index, kv_len, flat_tables]
+    host = torch.tensor([x for p in parts for x in p], dtype=torch.long)
+    dev = host.to(device, non_blocking=True).split([len(p) for p in parts])
+    bits = None
+    w = max((seg.bits.shape[1] for seg in segments if seg.bits is not None), default=0)
+    if w:
+        hb = torch.zeros(start, w, dtype=torch.bool)
+        r = 0
+        for seg in segments:
+            m = len(seg.tokens)
+            if seg.bits is not None:
+                hb[r : r + m, : seg.bits.shape[1]] = seg.bits
+            r += m
+        bits = hb.to(device, non_blocking=True)
+    return ForwardPlan(pool, ids=dev[0], pos=dev[1], slots=dev[2], upto=dev[3], window=dev[4],
+                       want=dev[5], seg_of=dev[6], q_index=dev[7], out_index=dev[8],
+                       kv_len=dev[9], tables=dev[10].view(s_count, width), bits=bits,
+                       host_kv_len=kv_len, chain_only=bits is None)

@@ -1,0 +1,263 @@
+"""One paged KV pool per model: every session's keys and values in fixed-size blocks.
+
+The pool is one tensor [layers, 2, kv_heads, slots, head_dim]; slot = block * block_size +
+offset. A sequence (`KVSeq`) owns a block table, so writing a forward's new tokens is one
+scatter per layer for the whole batch, and rollback, forking and truncation are block-table
+edits plus copies that are queued and run as one batched copy before the next forward
+(`flush`). Blocks are reference counted: a fork shares its parent's full blocks and copies a
+shared block only when one side writes into it.
+
+Freed blocks keep finite values (the pool starts zeroed): padded attention reads them with
+zero weight, and zero times a NaN would not be zero.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+
+class PoolFull(RuntimeError):
+    """No free block and the pool may not grow (its budget is spent)."""
+
+
+class KVPool:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, *, block_size: int = 16,
+                 capacity_tokens: int | None = None, initial_tokens: int = 1024):
+        """capacity_tokens: a fixed budget (rounded up to whole blocks), allocated now; None:
+        start with initial_tokens and double when full."""
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self.block_size = block_size
+        self.fixed = capacity_tokens is not None
+        tokens = capacity_tokens if capacity_tokens is not None else initial_tokens
+        blocks = max(1, -(-tokens // block_size))
+        self.dims = (layers, 2, kv_heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.kv = torch.zeros((layers, 2, kv_heads, blocks * block_size, head_dim),
+                              dtype=dtype, device=self.device)
+        self.refs = [0] * blocks
+        self._free = list(range(blocks - 1, -1, -1))  # a stack: low block ids first
+        # One lock for the pool and the forward that uses it: sessions on an edge fork and roll
+        # back from their own threads while another thread's forward runs.
+        self.lock = threading.RLock()
+        self._src: list[int] = []
+        self._dst: list[int] = []
+        self._pending_dst: set[int] = set()
+        self.copies_flushed = 0  # batched copies run (tests count them)
+
+    @classmethod
+    def for_model(cls, model, **kw) -> KVPool:
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        p = next(model.parameters())
+        return cls(cfg.num_hidden_layers, kv_heads, head_dim, p.dtype, p.device, **kw)
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> int:
+        return len(self.refs)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.blocks - len(self._free)
+
+    @property
+    def bytes_per_token(self) -> int:
+        layers, two, heads, dim = self.dims
+        return layers * two * heads * dim * self.kv.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def can_take(self, blocks: int) -> bool:
+        """Whether `blocks` more blocks can be had (a growable pool always can)."""
+        return not self.fixed or blocks <= len(self._free)
+
+    # -- blocks ----------------------------------------------------------------------------
+
+    def alloc(self) -> int:
+        with self.lock:
+            if not self._free:
+                self._grow()
+            b = self._free.pop()
+            self.refs[b] = 1
+            return b
+
+    def incref(self, block: int) -> None:
+        self.refs[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self._free.append(block)
+
+    def _grow(self) -> None:
+        if self.fixed:
+            raise PoolFull(f"KV pool full: {self.blocks} blocks of {self.block_size} tokens")
+        old = self.blocks
+        new = torch.zeros((*self.kv.shape[:3], 2 * old * self.block_size, self.kv.shape[4]),
+                          dtype=self.dtype, device=self.device)
+        new[:, :, :, : old * self.block_size] = self.kv
+        self.kv = new
+        self.refs.extend([0] * old)
+        self._free = list(range(2 * old - 1, old - 1, -1)) + self._free
+
+    # -- copies ----------------------------------------------------------------------------
+
+    def queue_copy(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy slots src[i] -> dst[i] (all layers, keys and values) before the next forward.
+        All queued copies run as one gather and one scatter, so they read the values from
+        before any of them; a copy that reads or overwrites a slot that a queued copy
+        writes flushes the queue first."""
+        if not src:
+            return
+        with self.lock:
+            if self._pending_dst and (not self._pending_dst.isdisjoint(src)
+                                      or not self._pending_dst.isdisjoint(dst)):
+                self.flush()
+            self._src.extend(src)
+            self._dst.extend(dst)
+            self._pending_dst.update(dst)
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self._src:
+                return
+            src = torch.tensor(self._src, dtype=torch.long).to(self.device, non_blocking=True)
+            dst = torch.tensor(self._dst, dtype=torch.long).to(self.device, non_blocking=True)
+            self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
+            self._src, self._dst, self._pending_dst = [], [], set()
+            self.copies_flushed += 1
+
+    # -- layer access (inside a forward) ----------------------------------------------------
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor,
+              slots: torch.Tensor) -> None:
+        """key/value [kv_heads, n, dim] of n new tokens into their slots: one scatter each."""
+        self.kv[layer, 0].index_copy_(1, slots, key)
+        self.kv[layer, 1].index_copy_(1, slots, value)
+
+    def new_seq(self) -> KVSeq:
+        return KVSeq(self)
+
+
+class KVSeq:
+    """One sequence's KV: a block table over the pool and a length (positions 0..length-1)."""
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self.blocks: list[int] = []
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.blocks) * self.pool.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.pool.bytes_per_token
+
+    def slot(self, pos: int) -> int:
+        b = self.pool.block_size
+        return self.blocks[pos // b] * b + pos % b
+
+    def slots(self, start: int, end: int) -> list[int]:
+        b, blocks = self.pool.block_size, self.blocks
+        return [blocks[p // b] * b + p % b for p in range(start, end)]
+
+    def blocks_needed(self, length: int) -> int:
+        """New blocks a write up to `length` would allocate (shared blocks it would copy are
+        not counted: only forks on an edge share, and an edge's pool grows)."""
+        return max(0, -(-length // self.pool.block_size) - len(self.blocks))
+
+    def prepare_write(self, start: int, end: int) -> None:
+        """Make positions [start, end) writable: allocate blocks up to `end` and give this
+        sequence its own copy of any shared block in the range (copy on write)."""
+        pool, b = self.pool, self.pool.block_size
+        with pool.lock:
+            while self.capacity < end:
+                self.blocks.append(pool.alloc())
+            for i in range(start // b, -(-end // b)):
+                old = self.blocks[i]
+                if pool.refs[old] > 1:
+                    new = pool.alloc()
+                    pool.queue_copy(range(old * b, old * b + b), range(new * b, new * b + b))
+                    pool.decref(old)
+                    self.blocks[i] = new
+
+    def _release_beyond(self, length: int) -> None:
+        keep = -(-length // self.pool.block_size)
+        for blk in self.blocks[keep:]:
+            self.pool.decref(blk)
+        del self.blocks[keep:]
+
+    def keep(self, base: int, keep: Sequence[int]) -> None:
+        """Keep positions base + keep[i] (in that order) right after `base` and drop the rest
+        of the tail: the rollback after a verdict (rejected branches vanish, the accepted path
+        becomes contiguous). The moves are queued; they run before the next forward."""
+        keep = list(keep)
+        if any(not 0 <= k < self.length - base for k in keep):
+            raise IndexError(f"keep indices {keep} outside tail of {self.length - base}")
+        with self.pool.lock:
+            moves = [(base + k, base + i) for i, k in enumerate(keep) if k != i]
+            if moves:
+                self.prepare_write(moves[0][1], base + len(keep))
+                self.pool.queue_copy([self.slot(s) for s, _ in moves],
+                                     [self.slot(d) for _, d in moves])
+            self.length = base + len(keep)
+            self._release_beyond(self.length)
+
+    def fork(self, base: int, keep: Sequence[int] = ()) -> KVSeq:
+        """A new sequence holding positions [0, base) plus tail entries base + keep[i]. Full
+        blocks below `base` are shared, not copied; the partial block and the kept tail are
+        queued copies. The edge forks its draft KV to draft ahead on a guess."""
+        keep = list(keep)
+        pool, b = self.pool, self.pool.block_size
+        with pool.lock:
+            new = KVSeq(pool)
+            full = base // b
+            for blk in self.blocks[:full]:
+                pool.incref(blk)
+            new.blocks = list(self.blocks[:full])
+            new.length = base + len(keep)
+            start = full * b
+            if new.length > start:
+                new.prepare_write(start, new.length)
+                src = self.slots(start, base) + [self.slot(base + k) for k in keep]
+                pool.queue_copy(src, new.slots(start, new.length))
+            return new
+
+    def truncate(self, length: int) -> None:
+        with self.pool.lock:
+            self.length = min(self.length, length)
+            self._release_beyond(self.length)
+
+    def free(self) -> None:
+        with self.pool.lock:
+            self._release_beyond(0)
+            self.length = 0
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length): [layers, kv_heads, length, dim] each (a
+        gathered copy; for tests and inspection, not the forward path)."""
+        with self.pool.lock:
+            self.pool.flush()
+            idx = torch.tensor(self.slots(0, self.length), dtype=torch.long,
+                               device=self.pool.device)
+            kv = self.pool.kv.index_select(3, idx)
+            return kv[:, 0], kv[:, 1]

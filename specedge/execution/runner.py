@@ -1,0 +1,106 @@
+"""One forward of a causal LM over many sequences' new tokens, packed without padding.
+
+Every sequence contributes a segment (see plan.py). The segments' tokens are concatenated
+into one row, so the weights run once for the whole batch; attention is one call per layer
+over the KV pool for all segments (attention.py). It plugs into transformers through
+`AttentionInterface`, so the model code is stock: a forward without a plan (e.g. generate()
+on the same model) is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from specedge.execution.attention import Backend, backend_for
+from specedge.execution.plan import ForwardPlan, Segment, build_plan
+from specedge.execution.pool import KVPool, KVSeq
+
+ATTN_NAME = "specedge_packed"
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    plan: ForwardPlan | None = kw.pop("specedge_plan", None)
+    if plan is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw
+        )
+    plan.attention_calls += 1
+    return plan.cache["backend"](module.layer_idx, query, key, value, scaling, plan), None
+
+
+AttentionInterface.register(ATTN_NAME, _packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+class PackedRunner:
+    """Owns a model and its KV pool; `forward` runs one packed step. One step at a time (the
+    pool's lock): sessions that share a runner from several threads queue."""
+
+    def __init__(self, model, *, pool: KVPool | None = None, attention: str = "auto",
+                 kv_budget_tokens: int | None = None, block_size: int = 16):
+        self.model = model
+        model.set_attn_implementation(ATTN_NAME)
+        self.layer_types = sorted(set(getattr(model.config, "layer_types", None)
+                                      or ["full_attention"]))
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.device = next(model.parameters()).device
+        self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
+                                             block_size=block_size)
+        self.attention, self.backend = backend_for(attention, self.device)
+        self.forward_calls = 0  # one per forward(); tests assert batching with it
+        self.attention_calls = 0  # attention-function calls (layers x forwards)
+
+    def new_seq(self) -> KVSeq:
+        return self.pool.new_seq()
+
+    def set_backend(self, name: str, fn: Backend) -> None:
+        self.attention, self.backend = name, fn
+
+    @torch.no_grad()
+    def forward_flat(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, list[int]]:
+        """Run one forward over all segments: the wanted rows' logits [R, V] (float32, or the
+        model's dtype if wider) and each segment's first row in them (plus the end). New
+        tokens' KV is appended to each sequence."""
+        if not segments:
+            return torch.empty(0, self.vocab_size, device=self.device), [0]
+        if len({id(s.seq) for s in segments}) != len(segments):
+            raise ValueError("a sequence may appear only once per packed forward")
+        for seg in segments:
+            seg.check()
+        pool = self.pool
+        with pool.lock:
+            for seg in segments:
+                n = seg.seq.length
+                seg.seq.prepare_write(n, n + len(seg.tokens))
+            pool.flush()
+            plan = build_plan(segments, pool, self.device)
+            plan.cache["backend"] = self.backend
+            out = self.model(
+                input_ids=plan.ids.unsqueeze(0),
+                position_ids=plan.pos.unsqueeze(0),
+                attention_mask={t: None for t in self.layer_types},
+                use_cache=False,
+                logits_to_keep=plan.want,
+                specedge_plan=plan,
+            )
+            self.forward_calls += 1
+            self.attention_calls += plan.attention_calls
+            for seg in segments:
+                seg.seq.length += len(seg.tokens)
+        logits = out.logits[0]
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        offsets = [0]
+        for seg in segments:
+            offsets.append(offsets[-1] + len(seg.logits_at))
+        return logits, offsets
+
+    def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
+        """Per-segment logits [len(logits_at), V]."""
+        logits, off = self.forward_flat(segments)
+        return [logits[a:b] for a, b in zip(off, off[1:], strict=False)]
