@@ -36,10 +36,11 @@ def assert_tree_logits(model, sessions, out):
             assert torch.allclose(logits[i], plain_logits(model, prompt + path), atol=1e-10)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_packed_batch_matches_plain_forward(block_size):
+def test_packed_batch_matches_plain_forward(block_size, attention):
     model = tiny_model(11)
-    runner = PackedRunner(model, block_size=block_size)
+    runner = PackedRunner(model, block_size=block_size, attention=attention)
     sessions = random_sessions(6)
     segs = [Segment.tree(runner.new_seq(), p, nodes, parents, depths_of(parents))
             for p, parents, nodes in sessions]
@@ -48,11 +49,12 @@ def test_packed_batch_matches_plain_forward(block_size):
     assert_tree_logits(model, sessions, out)
 
 
-def test_cached_prefix_then_tree_and_a_long_prefill_in_one_forward():
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_cached_prefix_then_tree_and_a_long_prefill_in_one_forward(attention):
     """Sessions at different points: a cached prefix with a chain and a tree on top, and a
     prefill of 100 tokens packed with them (padded rows, different key lengths)."""
     model = tiny_model(13)
-    runner = PackedRunner(model, block_size=8)
+    runner = PackedRunner(model, block_size=8, attention=attention)
     sessions = random_sessions(4, seed=3)
     seqs = [runner.new_seq() for _ in sessions]
     runner.forward([Segment.chain(s, p[: len(p) // 2 + 1]) for s, (p, _, _) in
@@ -185,8 +187,48 @@ def test_a_fixed_pool_refuses_and_a_growing_pool_grows():
     assert grow.capacity_tokens >= 40 and float(grow.kv[0, 0, 0, s.slot(3), 0]) == 1.5
 
 
+def test_compiled_flex_matches_the_sdpa_reference(monkeypatch):
+    """The compiled FlexAttention path (as on CUDA; here through inductor's CPU kernel) over
+    the pool with the per-forward BlockMask gives the reference attention's logits."""
+    from specedge.execution import flex
+
+    monkeypatch.setattr(flex, "COMPILE_ON", {"cpu", "cuda"})
+    model = tiny_model(19, dtype=torch.float32)
+    outs = {}
+    for attention in ("sdpa", "flex"):
+        runner = PackedRunner(model, block_size=16, attention=attention)
+        sessions = random_sessions(5, seed=2)
+        seqs = [runner.new_seq() for _ in sessions]
+        runner.forward([Segment.chain(s, p[: len(p) // 2 + 1]) for s, (p, _, _) in
+                        zip(seqs, sessions, strict=True)])
+        outs[attention] = runner.forward([
+            Segment.tree(s, p[s.length:], nodes, parents, depths_of(parents))
+            for s, (p, parents, nodes) in zip(seqs, sessions, strict=True)])
+    for a, b in zip(outs["sdpa"], outs["flex"], strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
 def test_one_sequence_once_per_forward():
     runner = PackedRunner(tiny_model(18))
     s = runner.new_seq()
     with pytest.raises(ValueError):
         runner.forward([Segment.chain(s, [1]), Segment.chain(s, [2])])
+
+
+def test_backend_probe_keeps_a_good_backend_and_refuses_a_wrong_one(monkeypatch):
+    """On CUDA, 'auto' takes flex only after checking it against the sdpa reference."""
+    from specedge.execution import attention
+
+    runner = PackedRunner(tiny_model(20, dtype=torch.float32))
+    assert runner._probe("flex")[0] == "flex"
+    real = attention.backend_for
+
+    def broken(name, device):
+        if name != "flex":
+            return real(name, device)
+        _, fn = real("flex", device)
+        return "flex", lambda *a: fn(*a) * 1.5  # runs, but computes the wrong thing
+
+    monkeypatch.setattr("specedge.execution.runner.backend_for", broken)
+    assert runner._probe("flex")[0] == "sdpa"
+    assert runner.pool.used_blocks == 0  # the probe's sequences went back to the pool

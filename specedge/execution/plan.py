@@ -101,6 +101,8 @@ class ForwardPlan:
     tables: torch.Tensor  # [S, blocks] block tables, padded with block 0
     bits: torch.Tensor | None  # [N, W]
     host_kv_len: list[int]
+    host_rows: list[int]  # rows per segment
+    host_tables: list[list[int]]
     chain_only: bool  # no tree bits anywhere (pure causal runs)
     attention_calls: int = 0
     cache: dict = field(default_factory=dict)  # what a backend derives once per forward
@@ -182,4 +184,5 @@ def build_plan(segments: Sequence[Segment], pool: KVPool, device: torch.device) 
     return ForwardPlan(pool, ids=dev[0], pos=dev[1], slots=dev[2], upto=dev[3], window=dev[4],
                        want=dev[5], seg_of=dev[6], q_index=dev[7], out_index=dev[8],
                        kv_len=dev[9], tables=dev[10].view(s_count, width), bits=bits,
-                       host_kv_len=kv_len, chain_only=bits is None)
+                       host_kv_len=kv_len, host_rows=[len(seg.tokens) for seg in segments],
+                       host_tables=tables, chain_only=bits is None)

@@ -9,8 +9,10 @@ on the same model) is plain SDPA.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+import structlog
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -21,6 +23,7 @@ from specedge.execution.plan import ForwardPlan, Segment, build_plan
 from specedge.execution.pool import KVPool, KVSeq
 
 ATTN_NAME = "specedge_packed"
+log = structlog.get_logger(__name__)
 
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
@@ -51,9 +54,47 @@ class PackedRunner:
         self.device = next(model.parameters()).device
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
                                              block_size=block_size)
-        self.attention, self.backend = backend_for(attention, self.device)
         self.forward_calls = 0  # one per forward(); tests assert batching with it
         self.attention_calls = 0  # attention-function calls (layers x forwards)
+        if attention == "auto" and self.device.type == "cuda":
+            self.attention, self.backend = self._probe("flex")
+        else:
+            self.attention, self.backend = backend_for(attention, self.device)
+
+    def _probe(self, name: str) -> tuple[str, Backend]:
+        """Use backend `name` if it runs here and agrees with the sdpa reference on a small
+        mixed batch (a prefill, a chain on a cached prefix, a tree); else sdpa, with a
+        warning. Compiling it is part of the cost, logged."""
+        ref = backend_for("sdpa", self.device)
+        t0 = time.perf_counter()
+        try:
+            cand = backend_for(name, self.device)
+            outs = []
+            for backend in (ref, cand):
+                self.attention, self.backend = backend
+                seqs = [self.new_seq() for _ in range(3)]
+                try:
+                    self.forward([Segment.chain(seqs[1], list(range(1, 40)))])
+                    outs.append(self.forward([
+                        Segment.chain(seqs[0], list(range(3, 70))),
+                        Segment.chain(seqs[1], [5, 6, 7]),
+                        Segment.tree(seqs[2], [9, 8, 7, 6], [1, 2, 3, 4], [0, 0, 1, 3],
+                                     [1, 1, 2, 3])]))
+                finally:
+                    for s in seqs:
+                        s.free()
+            a, b = torch.cat(outs[0]), torch.cat(outs[1])
+            err = float((a - b).abs().max())
+            tol = 2e-2 * float(a.abs().max()) + 1e-3
+            if not err <= tol:
+                raise RuntimeError(f"{name} disagrees with sdpa by {err:.3g} (tolerance {tol:.3g})")
+        except Exception as exc:
+            log.warning("attention backend unavailable; using sdpa", backend=name,
+                        error=repr(exc)[:300])
+            return ref
+        log.info("attention backend checked", backend=name, max_abs_diff=err,
+                 s=round(time.perf_counter() - t0, 2))
+        return cand
 
     def new_seq(self) -> KVSeq:
         return self.pool.new_seq()

@@ -1,0 +1,144 @@
+"""FlexAttention straight over the KV pool: no gather, no padding of segments to the longest.
+
+The keys are the whole pool viewed as one sequence of slots. One BlockMask per forward, built
+from the block tables (not by evaluating a mask over every block pair): query block i (16
+packed rows) visits the pool blocks of the segments its rows belong to, and the mask_mod maps
+a (row, slot) pair to the row's segment and the slot's logical position there through an
+inverse block table, then applies the row's visibility (all positions < upto, plus its tree
+ancestors in the window). Shared by every layer of the forward.
+
+On CUDA flex_attention is compiled; the per-forward sizes (rows, segments, tree width, blocks
+per query block) are padded to powers of two so that a handful of compiled variants cover
+every batch. On the CPU it runs eagerly (it materialises scores over the pool: for tests).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from specedge.execution.plan import ForwardPlan
+
+Q_BLOCK = 16
+_compiled = None
+# eager flex on the CPU is the test path; its "unfused implementation" warning is expected there
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+
+def _bucket(n: int, least: int) -> int:
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def compiled() -> object:
+    """flex_attention compiled for static shapes: every size it sees is a power-of-two bucket,
+    so the variants stay few; allow enough of them before dynamo would fall back to eager."""
+    global _compiled
+    if _compiled is None:
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 256))
+        _compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    return _compiled
+
+
+# compile on CUDA (eager flex materialises scores); tests may compile on the CPU too
+COMPILE_ON = {"cuda"}
+
+
+def _flex(device: torch.device):
+    return compiled() if device.type in COMPILE_ON else flex_attention
+
+
+def _pad(x: torch.Tensor, n: int, value: int = 0) -> torch.Tensor:
+    if x.shape[0] == n:
+        return x
+    pad = torch.full((n - x.shape[0], *x.shape[1:]), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad])
+
+
+def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
+    """The forward's BlockMask over (padded rows, pool slots), and the padded row count."""
+    pool = plan.pool
+    dev = plan.ids.device
+    b = pool.block_size
+    n = plan.ids.numel()
+    rows = _bucket(n, Q_BLOCK)
+    segs = _bucket(plan.segments, 8)
+    kv_len = plan.host_kv_len
+    # query block -> the pool blocks of the segments among its rows (deduplicated, on the
+    # host: segments are contiguous runs of rows and their tables are small)
+    starts, r = [], 0
+    for ln in plan.host_rows:
+        starts.append(r)
+        r += ln
+    per_q: list[list[int]] = []
+    s = 0
+    for qb in range(rows // Q_BLOCK):
+        lo, hi = qb * Q_BLOCK, min(n, (qb + 1) * Q_BLOCK)
+        blocks: dict[int, None] = {}
+        if lo < n:
+            while s + 1 < len(starts) and starts[s + 1] <= lo:
+                s += 1
+            t = s
+            while t < len(starts) and starts[t] < hi:
+                blocks.update(dict.fromkeys(plan.host_tables[t][: -(-kv_len[t] // b)]))
+                t += 1
+        per_q.append(list(blocks))
+    width = _bucket(max(len(x) for x in per_q), 16)
+    if plan.ids.device.type == "cpu":
+        width = max(width, pool.blocks)  # inductor's CPU kernel wants the whole KV axis
+    idx = torch.tensor([x + [0] * (width - len(x)) for x in per_q], dtype=torch.int32)
+    num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
+    idx, num = idx.to(dev, non_blocking=True), num.to(dev, non_blocking=True)
+
+    # inverse block tables: physical block -> logical block, per segment (-1: not its block)
+    tables = plan.tables
+    nb = tables.shape[1]
+    blocks_used = (plan.kv_len + b - 1) // b
+    valid = torch.arange(nb, device=dev)[None, :] < blocks_used[:, None]
+    p2l = torch.full((segs, pool.blocks + 1), -1, dtype=torch.int32, device=dev)
+    logical = torch.arange(nb, dtype=torch.int32, device=dev).expand(plan.segments, nb)
+    p2l[: plan.segments].scatter_(1, torch.where(valid, tables, pool.blocks),
+                                  torch.where(valid, logical, -1))
+    seg_of = _pad(plan.seg_of, rows)
+    upto = _pad(plan.upto, rows)
+    window = _pad(plan.window, rows)
+    # always a tree window (empty for chains), so chains and trees share compiled variants
+    bits = plan.bits if plan.bits is not None else torch.zeros(n, 1, dtype=torch.bool, device=dev)
+    w = _bucket(bits.shape[1], 16)
+    bits = _pad(torch.nn.functional.pad(bits, (0, w - bits.shape[1])), rows, False)
+
+    def mask_mod(b_, h, q, kv):
+        lb = p2l[seg_of[q], kv // b]
+        j = lb * b + kv % b
+        rel = j - window[q]
+        tree = (rel >= 0) & (rel < w) & bits[q, rel.clamp(0, w - 1)]
+        return (lb >= 0) & ((j < upto[q]) | tree)
+
+    bm = BlockMask.from_kv_blocks(num[None, None], idx[None, None], BLOCK_SIZE=(Q_BLOCK, b),
+                                  mask_mod=mask_mod, seq_lengths=(rows, pool.capacity_tokens),
+                                  compute_q_blocks=False)
+    return bm, rows
+
+
+def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, scale: float | None,
+                        plan: ForwardPlan) -> torch.Tensor:
+    pool = plan.pool
+    pool.write(layer, key[0], value[0], plan.slots)
+    if "flex" not in plan.cache:
+        plan.cache["flex"] = block_mask(plan)
+    bm, rows = plan.cache["flex"]
+    n = query.shape[2]
+    q = query if rows == n else torch.nn.functional.pad(query, (0, 0, 0, rows - n))
+    kv = pool.kv[layer]
+    opts = None
+    if query.device.type == "cuda":
+        opts = {"BLOCK_M": Q_BLOCK, "BLOCK_N": pool.block_size, "FORCE_USE_FLEX_ATTENTION": True}
+    out = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0), block_mask=bm,
+                              scale=scale, enable_gqa=query.shape[1] != key.shape[1],
+                              kernel_options=opts)
+    return out[:, :, :n].transpose(1, 2)
