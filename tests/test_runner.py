@@ -15,9 +15,11 @@ def plain_logits(model, ids):
         return model(torch.tensor([ids])).logits[0, -1]
 
 
-def random_sessions(n: int, seed: int = 0):
+def random_sessions(n: int, seed: int = 0, prefills: bool = True):
     g = torch.Generator().manual_seed(seed)
     shapes = [(5, [0, 0, 1, 1, 3]), (17, []), (1, [0, 1, 2]), (9, [0, 0, 0, 2]), (40, [0, 1])]
+    if prefills:
+        shapes.append((110, [0, 0, 1, 2]))  # a prefill after a cache miss, then a tree
     out = []
     for i in range(n):
         length, parents = shapes[i % len(shapes)]
@@ -85,7 +87,7 @@ def test_long_prefill_alone_and_in_pieces():
 def test_one_attention_call_per_layer_for_32_sessions():
     model = tiny_model(15, layers=3)
     runner = PackedRunner(model)
-    sessions = random_sessions(32, seed=5)
+    sessions = random_sessions(32, seed=5, prefills=False)
     segs = [Segment.tree(runner.new_seq(), p, nodes, parents, depths_of(parents))
             for p, parents, nodes in sessions]
     calls = []

@@ -4,13 +4,14 @@ Each backend takes one layer's query [1, q_heads, N, dim] and the new tokens' ke
 [1, kv_heads, N, dim] (after RoPE), writes the new K/V into the pool with one scatter, and
 returns the attention output [1, N, q_heads, dim] for the N packed rows.
 
-- `sdpa` (the reference and the fallback, every device): gather each segment's keys and values
-  into a padded batch [S, kv_heads, L, dim] and make one SDPA call. The query heads that share
-  a KV head are folded into the query rows, so K/V are never repeated per query head and SDPA
-  gets no `enable_gqa` (whose masked path is its math kernel, with fp32 scores materialised);
-  the mask is one additive tensor built per forward, which SDPA's efficient kernels take. A
-  single long causal run (a prefill alone in its forward) uses a lower-right causal bias and
-  no mask at all.
+- `sdpa` (the reference and the fallback, every device): gather the short segments' (draft
+  trees, catch-ups) keys and values into a padded batch [S, kv_heads, L, dim] and make one
+  SDPA call. The query heads that share a KV head are folded into the query rows, so K/V are
+  never repeated per query head and SDPA gets no `enable_gqa` (whose masked path is its math
+  kernel, with fp32 scores materialised); the mask is one additive tensor built per forward,
+  which SDPA's efficient kernels take. A long segment (a prefill) is not padded into that
+  batch: it gets a call of its own, with a lower-right causal bias (no mask at all) when it
+  is a plain causal run.
 - `flex` (CUDA): FlexAttention straight over the pool (no gather), with one BlockMask per
   forward built from the block tables; see `specedge/execution/flex.py`.
 """
@@ -28,18 +29,14 @@ from specedge.execution.plan import ForwardPlan
 Backend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float | None, ForwardPlan],
                    torch.Tensor]
 
-# A causal run longer than this, alone in its forward, skips the folded mask (whose size grows
-# with rows x keys x query heads per KV head) for SDPA's lower-right causal bias.
-PREFILL_ROWS = 32
-
-
-def _folded_mask(plan: ForwardPlan, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """[S, 1, group * M, L] additive mask for the folded queries (row g * M + r is query head
-    g of the KV head, token r); padding rows see key 0 so that no row is all -inf."""
+def _short_mask(plan: ForwardPlan, n_keys: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """[Ss, 1, group * M, L] additive mask for the short segments' folded queries (row
+    g * M + r is query head g of the KV head, token r); padding rows see key 0 so that no
+    row is all -inf."""
     key = ("mask", group, dtype)
     if key not in plan.cache:
-        s, m, n_keys = plan.segments, plan.max_rows, plan.max_keys
-        vis = plan.visible()
+        s, m = plan.short_segs.numel(), plan.short_max_rows
+        vis = plan.visible(plan.short_rows, n_keys)
         padded = torch.zeros(s * m, n_keys, dtype=torch.bool, device=vis.device)
         padded[:, 0] = True
         padded[plan.out_index] = vis
@@ -50,30 +47,72 @@ def _folded_mask(plan: ForwardPlan, group: int, dtype: torch.dtype) -> torch.Ten
     return plan.cache[key]
 
 
+def _attend_short(kv: torch.Tensor, query: torch.Tensor, scale: float | None,
+                  plan: ForwardPlan, out: torch.Tensor) -> None:
+    """Every short segment in one SDPA call: queries padded to M rows, the query heads of a
+    KV head folded into the rows, keys gathered and padded to the longest short segment."""
+    s, m = plan.short_segs.numel(), plan.short_max_rows
+    hq, dim = query.shape[1], query.shape[3]
+    hkv = kv.shape[1]
+    group = hq // hkv
+    n_keys = max(plan.host_kv_len[i] for i in range(plan.segments)
+                 if plan.host_rows[i] <= plan.short_max_rows)
+    if "short_keys" not in plan.cache:
+        plan.cache["short_keys"] = plan.key_index(plan.short_segs, n_keys).reshape(-1)
+    kidx = plan.cache["short_keys"]
+    k = kv[0].index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
+    v = kv[1].index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
+    q = query[0].index_select(1, plan.q_index)  # [hq, s * m, dim]
+    q = q.view(hkv, group, s, m, dim).permute(2, 0, 1, 3, 4).reshape(s, hkv, group * m, dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=_short_mask(plan, n_keys, group,
+                                                                      q.dtype), scale=scale)
+    o = o.view(s, hkv, group, m, dim).permute(0, 3, 1, 2, 4).reshape(s * m, hq, dim)
+    out.index_copy_(0, plan.short_rows, o.index_select(0, plan.out_index))
+
+
+def _attend_long(kv: torch.Tensor, query: torch.Tensor, scale: float | None, plan: ForwardPlan,
+                 seg: int, first: int, m: int, out: torch.Tensor) -> None:
+    """One long segment (a prefill) alone: K/V repeated per query head (small next to the
+    quadratic attention), and no mask at all for a pure causal run (a lower-right causal
+    bias), else one [m, L] mask shared by the heads."""
+    hq, dim = query.shape[1], query.shape[3]
+    hkv = kv.shape[1]
+    group = hq // hkv
+    n_keys = plan.host_kv_len[seg]
+    key = ("long", seg)
+    if key not in plan.cache:
+        segs = torch.tensor([seg], device=query.device)
+        kidx = plan.key_index(segs, n_keys).reshape(-1)
+        if plan.chain_only[seg]:
+            mask = causal_lower_right(m, n_keys)
+        else:
+            rows = torch.arange(first, first + m, device=query.device)
+            vis = plan.visible(rows, n_keys)
+            mask = torch.zeros(vis.shape, dtype=query.dtype, device=query.device)
+            mask = mask.masked_fill_(~vis, float("-inf"))[None, None]
+        plan.cache[key] = (kidx, mask)
+    kidx, mask = plan.cache[key]
+    k = kv[0].index_select(1, kidx)  # [hkv, L, dim]
+    v = kv[1].index_select(1, kidx)
+    if group > 1:
+        k = k[:, None].expand(hkv, group, n_keys, dim).reshape(hq, n_keys, dim)
+        v = v[:, None].expand(hkv, group, n_keys, dim).reshape(hq, n_keys, dim)
+    o = F.scaled_dot_product_attention(query[:, :, first : first + m], k[None], v[None],
+                                       attn_mask=mask, scale=scale)
+    out[first : first + m] = o[0].transpose(0, 1)
+
+
 def gather_sdpa(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 scale: float | None, plan: ForwardPlan) -> torch.Tensor:
     plan.pool.write(layer, key[0], value[0], plan.slots)
-    s, m, n_keys = plan.segments, plan.max_rows, plan.max_keys
-    hq, dim = query.shape[1], query.shape[3]
-    hkv = key.shape[1]
-    group = hq // hkv
-    kidx = plan.key_index().reshape(-1)
     kv = plan.pool.kv[layer]
-    k = kv[0].index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
-    v = kv[1].index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
-    if s == 1 and plan.chain_only and m > PREFILL_ROWS:
-        if group > 1:
-            k = k[:, :, None].expand(1, hkv, group, n_keys, dim).reshape(1, hq, n_keys, dim)
-            v = v[:, :, None].expand(1, hkv, group, n_keys, dim).reshape(1, hq, n_keys, dim)
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=causal_lower_right(m, n_keys),
-                                             scale=scale)
-        return out.transpose(1, 2)
-    q = query[0].index_select(1, plan.q_index)  # [hq, s * m, dim], padding rows repeat row 0
-    q = q.view(hkv, group, s, m, dim).permute(2, 0, 1, 3, 4).reshape(s, hkv, group * m, dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=_folded_mask(plan, group, q.dtype),
-                                         scale=scale)
-    out = out.view(s, hkv, group, m, dim).permute(0, 3, 1, 2, 4).reshape(s * m, hq, dim)
-    return out.index_select(0, plan.out_index).unsqueeze(0)
+    out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype,
+                      device=query.device)
+    if plan.short_max_rows:
+        _attend_short(kv, query, scale, plan, out)
+    for seg, first, m in plan.long:
+        _attend_long(kv, query, scale, plan, seg, first, m, out)
+    return out.unsqueeze(0)
 
 
 def backend_for(name: str, device: torch.device) -> tuple[str, Backend]:

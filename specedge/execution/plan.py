@@ -81,11 +81,16 @@ class Segment:
             raise ValueError("the tree window runs past the tokens written")
 
 
+# Segments of at most this many rows (a draft tree and a short catch-up) share one padded
+# attention call; a longer one (a prefill) gets its own, so nobody is padded to its length.
+SHORT_ROWS = 96
+
+
 @dataclass
 class ForwardPlan:
     """Metadata of one packed forward, on the model's device; built once, used by every
-    layer. Rows are the packed new tokens (N); segments are padded to M rows and L keys for
-    the gathered attention."""
+    layer. Rows are the packed new tokens (N). For the gathered attention, the short segments
+    are padded to M rows and L keys (one call); each long segment is attended alone."""
 
     pool: KVPool
     ids: torch.Tensor  # [N]
@@ -95,15 +100,19 @@ class ForwardPlan:
     window: torch.Tensor  # [N]
     want: torch.Tensor  # [R] rows whose logits are wanted
     seg_of: torch.Tensor  # [N] segment of each row
-    q_index: torch.Tensor  # [S * M] row of each padded query (padding -> row 0)
-    out_index: torch.Tensor  # [N] padded position of each row
     kv_len: torch.Tensor  # [S] keys per segment after this forward's writes
     tables: torch.Tensor  # [S, blocks] block tables, padded with block 0
+    short_segs: torch.Tensor  # [Ss] the short segments
+    short_rows: torch.Tensor  # [Ns] their rows
+    q_index: torch.Tensor  # [Ss * M] row of each padded query (padding -> a short row)
+    out_index: torch.Tensor  # [Ns] padded position of each short row
     bits: torch.Tensor | None  # [N, W]
     host_kv_len: list[int]
     host_rows: list[int]  # rows per segment
     host_tables: list[list[int]]
-    chain_only: bool  # no tree bits anywhere (pure causal runs)
+    short_max_rows: int  # M
+    long: list[tuple[int, int, int]]  # (segment, first row, rows) of each long segment
+    chain_only: list[bool]  # per segment: a pure causal run (no tree bits)
     attention_calls: int = 0
     cache: dict = field(default_factory=dict)  # what a backend derives once per forward
 
@@ -111,48 +120,37 @@ class ForwardPlan:
     def segments(self) -> int:
         return len(self.host_kv_len)
 
-    @property
-    def max_rows(self) -> int:
-        return self.q_index.numel() // self.segments
+    def key_index(self, segs: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """[len(segs), n_keys] slot of every (segment, logical position < n_keys); positions
+        past a segment's length point at some slot of its table or block 0 (masked)."""
+        b = self.pool.block_size
+        cols = torch.arange(n_keys, device=self.tables.device)
+        return self.tables.index_select(0, segs)[:, cols // b] * b + cols % b
 
-    @property
-    def max_keys(self) -> int:
-        return max(self.host_kv_len)
-
-    def key_index(self) -> torch.Tensor:
-        """[S, L] slot of every (segment, logical position) up to the longest; positions past
-        a segment's length point at slot 0 (masked)."""
-        if "key_index" not in self.cache:
-            b = self.pool.block_size
-            cols = torch.arange(self.max_keys, device=self.tables.device)
-            self.cache["key_index"] = self.tables[:, cols // b] * b + cols % b
-        return self.cache["key_index"]
-
-    def visible(self) -> torch.Tensor:
-        """[N, L] bool: which logical positions of its segment each row attends to."""
-        if "visible" not in self.cache:
-            cols = torch.arange(self.max_keys, device=self.upto.device)
-            vis = cols[None, :] < self.upto[:, None]
-            if self.bits is not None:
-                w = self.bits.shape[1]
-                rel = cols[None, :] - self.window[:, None]
-                inside = (rel >= 0) & (rel < w)
-                vis |= inside & self.bits.gather(1, rel.clamp(0, w - 1))
-            self.cache["visible"] = vis
-        return self.cache["visible"]
+    def visible(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """[len(rows), n_keys] bool: which logical positions of its segment each row sees."""
+        cols = torch.arange(n_keys, device=self.upto.device)
+        vis = cols[None, :] < self.upto.index_select(0, rows)[:, None]
+        if self.bits is not None:
+            w = self.bits.shape[1]
+            rel = cols[None, :] - self.window.index_select(0, rows)[:, None]
+            inside = (rel >= 0) & (rel < w)
+            vis |= inside & self.bits.index_select(0, rows).gather(1, rel.clamp(0, w - 1))
+        return vis
 
 
 def build_plan(segments: Sequence[Segment], pool: KVPool, device: torch.device) -> ForwardPlan:
     """Host-side bookkeeping for a forward whose segments' slots are already writable; one
     transfer of all the integer metadata to the device."""
     s_count = len(segments)
-    m_max = max(len(seg.tokens) for seg in segments)
-    ids, pos, slots, upto, window, want, seg_of, out_index = ([] for _ in range(8))
-    q_index = [0] * (s_count * m_max)
-    kv_len, tables = [], []
+    rows_of = [len(seg.tokens) for seg in segments]
+    short = [s for s in range(s_count) if rows_of[s] <= SHORT_ROWS]
+    m_max = max((rows_of[s] for s in short), default=0)
+    ids, pos, slots, upto, window, want, seg_of = ([] for _ in range(7))
+    kv_len, tables, firsts, long = [], [], [], []
     start = 0
     for s, seg in enumerate(segments):
-        m, n = len(seg.tokens), seg.seq.length
+        m, n = rows_of[s], seg.seq.length
         ids += seg.tokens
         pos += seg.positions
         slots += seg.seq.slots(n, n + m)
@@ -160,29 +158,36 @@ def build_plan(segments: Sequence[Segment], pool: KVPool, device: torch.device) 
         window += [seg.window] * m
         want += [start + i for i in seg.logits_at]
         seg_of += [s] * m
-        out_index += range(s * m_max, s * m_max + m)
-        q_index[s * m_max : s * m_max + m] = range(start, start + m)
         kv_len.append(n + m)
         tables.append(seg.seq.blocks)
+        firsts.append(start)
+        if m > SHORT_ROWS:
+            long.append((s, start, m))
         start += m
+    q_index = [firsts[short[0]] if short else 0] * (len(short) * m_max)
+    short_rows, out_index = [], []
+    for k, s in enumerate(short):
+        rows = range(firsts[s], firsts[s] + rows_of[s])
+        q_index[k * m_max : k * m_max + rows_of[s]] = rows
+        short_rows += rows
+        out_index += range(k * m_max, k * m_max + rows_of[s])
     width = max(len(t) for t in tables)
     flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
-    parts = [ids, pos, slots, upto, window, want, seg_of, q_index, out_index, kv_len, flat_tables]
+    parts = [ids, pos, slots, upto, window, want, seg_of, kv_len, flat_tables, short,
+             short_rows, q_index, out_index]
     host = torch.tensor([x for p in parts for x in p], dtype=torch.long)
-    dev = host.to(device, non_blocking=True).split([len(p) for p in parts])
+    d = host.to(device, non_blocking=True).split([len(p) for p in parts])
     bits = None
     w = max((seg.bits.shape[1] for seg in segments if seg.bits is not None), default=0)
     if w:
         hb = torch.zeros(start, w, dtype=torch.bool)
-        r = 0
-        for seg in segments:
-            m = len(seg.tokens)
+        for seg, r in zip(segments, firsts, strict=True):
             if seg.bits is not None:
-                hb[r : r + m, : seg.bits.shape[1]] = seg.bits
-            r += m
+                hb[r : r + len(seg.tokens), : seg.bits.shape[1]] = seg.bits
         bits = hb.to(device, non_blocking=True)
-    return ForwardPlan(pool, ids=dev[0], pos=dev[1], slots=dev[2], upto=dev[3], window=dev[4],
-                       want=dev[5], seg_of=dev[6], q_index=dev[7], out_index=dev[8],
-                       kv_len=dev[9], tables=dev[10].view(s_count, width), bits=bits,
-                       host_kv_len=kv_len, host_rows=[len(seg.tokens) for seg in segments],
-                       host_tables=tables, chain_only=bits is None)
+    return ForwardPlan(pool, ids=d[0], pos=d[1], slots=d[2], upto=d[3], window=d[4], want=d[5],
+                       seg_of=d[6], kv_len=d[7], tables=d[8].view(s_count, width),
+                       short_segs=d[9], short_rows=d[10], q_index=d[11], out_index=d[12],
+                       bits=bits, host_kv_len=kv_len, host_rows=rows_of, host_tables=tables,
+                       short_max_rows=m_max, long=long,
+                       chain_only=[seg.bits is None for seg in segments])
