@@ -32,8 +32,8 @@ async def test_one_target_forward_per_batch(nats_server, tiny_pair):
         prompts = [[(7 * i + j) % 256 for j in range(3 + 5 * i)] for i in range(6)]
         gen = asyncio.create_task(generate(nats_server.url, draft, prompts, max_new_tokens=16))
         await wait_queued(nats_server.url, 6)
-        # a fixed batch target: no start-up calibration forwards in the count
-        async with running_worker(target, nats_server.url, max_batch=8,
+        # a fixed batch target and prefill chunk: no start-up calibration forwards in the count
+        async with running_worker(target, nats_server.url, max_batch=8, prefill_chunk=256,
                                   adaptive=AdaptiveBudget(batch_tokens=16)) as w:
             results = await gen
     finally:

@@ -123,6 +123,9 @@ class SessionParams:
     emulate_rtt_ms: float = 0.0  # half of it delays each publish, half each received verdict
     adaptive: bool = True  # resize the tree to the budget the verifier suggests (load hint)
     max_budget: int = 16  # never draft more nodes than this, whatever the hint
+    # prompt tokens per draft forward while prefilling: other sessions sharing the draft model
+    # (edge serve) wait at most one such forward, and a cancelled session stops between them
+    prefill_chunk: int = 128
 
 
 class State(enum.StrEnum):
@@ -295,7 +298,10 @@ class EdgeSession:
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
             # Prefill everything but the last prompt token; the first round recomputes it.
             if self.shape.budget:  # budget 0 is plain decoding: no draft model at all
-                await self._run_model(self.drafter.catch_up, self.committed[:-1] or self.committed)
+                prompt = self.committed[:-1] or self.committed
+                chunk = max(1, self.p.prefill_chunk)
+                for end in range(min(chunk, len(prompt)), len(prompt) + chunk, chunk):
+                    await self._run_model(self.drafter.catch_up, prompt[:end])
             finished = False
             pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.shape)
             hidden_s, hit = 0.0, None

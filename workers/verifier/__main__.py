@@ -55,6 +55,10 @@ def parse(argv=None) -> argparse.Namespace:
                         "512MB) or a share of the GPU memory free after the weights (e.g. "
                         "50%%); default: half the free memory on a GPU, a growing pool on the "
                         "CPU. When it is full, least recently used sessions lose their KV")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="committed tokens a session catching up (a long prompt, a rebuilt "
+                        "cache) may add to one forward; the others in that forward wait for "
+                        "one such chunk per round (0, the default: measured at start-up)")
     p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
                    help="attention backend over the KV pool (auto: flex on CUDA, else sdpa)")
     add_limit_args(p)  # --max-nodes, --max-message-bytes, --max-sessions-per-edge, ...
@@ -103,7 +107,7 @@ async def amain(a: argparse.Namespace) -> int:
     cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
                        batch_hold=a.batch_hold, kv_budget_tokens=a.kv_budget[0],
                        kv_budget_bytes=a.kv_budget[1], kv_budget_fraction=a.kv_budget[2],
-                       attention=a.attention,
+                       attention=a.attention, prefill_chunk=a.prefill_chunk,
                        partitions=a.partitions, lease_ttl_s=a.lease_ttl,
                        lease_renew_s=max(0.2, a.lease_ttl / 5),
                        stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),

@@ -17,7 +17,7 @@ from workers.verifier.validate import CheckedBlock
 
 @dataclass
 class Outcome:
-    walk: WalkResult
+    walk: WalkResult | None  # None: the session is still prefilling (no verdict yet)
     kv_hit: bool
     new_tokens: int  # tokens this session put into the forward
 
@@ -53,21 +53,33 @@ class Engine:
                 need += st.kv.blocks_needed(total)
         return need
 
-    def verify(self, work: list[tuple[SessionState, CheckedBlock]]) -> list[Outcome]:
-        """One target forward for all blocks (distinct sessions)."""
+    def verify(self, work: list[tuple[SessionState, CheckedBlock]],
+               prefill_chunk: int | None = None) -> list[Outcome]:
+        """One target forward for all blocks (distinct sessions). A session whose cache lacks
+        more than `prefill_chunk` committed tokens only prefills that many this time (no
+        verdict: walk None), so a long prompt costs the other sessions one chunk per forward
+        until it has caught up."""
         segments, metas, rows = [], [], []
         for st, blk in work:
             have, kv_hit = self._chain(st)
             if st.kv is None:
                 st.kv = self.runner.new_seq()  # never seen, evicted, or out of step: rebuild
             chain = st.committed[have:]  # committed tokens the cache lacks, ending at the root
+            if prefill_chunk and len(chain) > prefill_chunk:
+                segments.append(Segment.chain(st.kv, chain[:prefill_chunk], logits_at=[]))
+                metas.append((have, prefill_chunk, kv_hit, False))
+                continue
             segments.append(Segment.tree(st.kv, chain, blk.tokens, blk.parents, blk.depths))
-            metas.append((have, len(chain), kv_hit))
+            metas.append((have, len(chain), kv_hit, True))
             rows.append(RowSampling.for_tree(st.sampling, st.seed, blk.round, len(blk.tokens) + 1))
         logits, off = self.runner.forward_flat(segments)
-        picks = pick(logits, RowSampling.concat(rows)).tolist()  # the one host transfer
+        picks = pick(logits, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
         out = []
-        for (st, blk), a, (have, chain_len, kv_hit) in zip(work, off, metas, strict=False):
+        for (st, blk), a, (have, chain_len, kv_hit, verified) in zip(work, off, metas,
+                                                                     strict=False):
+            if not verified:
+                out.append(Outcome(None, kv_hit, chain_len))
+                continue
             res = walk(blk.tokens, blk.parents, picks[a : a + len(blk.tokens) + 1])
             # keep the chain (all committed) and the accepted nodes, in path order
             st.kv.keep(have, list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted])
@@ -76,8 +88,8 @@ class Engine:
 
 
 def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = (1, 8, 16, 24, 32, 48, 64, 96,
-                                                                  128, 192, 256),
-                  context: int = 128, stop_ratio: float = 1.6) -> dict[int, float]:
+                                                                  128, 192, 256, 384, 512),
+                  context: int = 128, stop_ratio: float = 3.0) -> dict[int, float]:
     """Seconds of one forward of n new tokens over `context` cached ones, for growing n
     (device-synchronised: on a GPU an unsynchronised clock measures launch queueing); stops
     once a forward costs stop_ratio times the single-token one (past the knee)."""
@@ -116,3 +128,11 @@ def knee(costs: dict[int, float], ratio: float = 1.5) -> int:
     base = costs[min(costs)]
     return max(n for n, c in costs.items() if c <= ratio * base)
 
+
+
+def prefill_chunk(costs: dict[int, float], ratio: float = 2.5, least: int = 32) -> int:
+    """Tokens a session catching up may add to one forward: the most the forward takes for at
+    most `ratio` times the cost of one token, so that a long prompt's prefill costs the
+    sessions sharing its forwards about one such forward per round (at least `least`)."""
+    base = costs[min(costs)]
+    return max(least, max(n for n, c in costs.items() if c <= ratio * base))

@@ -8,6 +8,7 @@ import dataclasses
 import os
 import socket
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from specedge.execution.walk import commit
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from workers.verifier.admission import Admission
-from workers.verifier.engine import Engine, forward_costs, knee
+from workers.verifier.engine import Engine, forward_costs, knee, prefill_chunk
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
 from workers.verifier.state import SessionState, SessionTable, kv_budget
@@ -46,6 +47,9 @@ from workers.verifier.validate import (
 )
 
 log = structlog.get_logger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 256  # when the forward's cost is not measured (a GPU's knee is larger)
+CLOSED_MEMORY = 10_000  # closed session ids remembered, to drop their leftover blocks
 
 
 @dataclass
@@ -61,6 +65,7 @@ class WorkerStats:
     busy_s: float = 0.0
     budget: int = 0  # the last load hint sent
     hold_s: float = 0.0  # time spent waiting for due blocks to join a batch
+    prefill_chunks: int = 0  # forwards in which a session only caught up (no verdict)
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -80,6 +85,9 @@ class WorkerConfig:
     kv_budget_bytes: int | None = None
     kv_budget_fraction: float | None = None
     attention: str = "auto"  # attention backend: auto, sdpa or flex (specedge/execution)
+    # committed tokens a session may prefill per forward while it catches up (0: measured at
+    # start-up from the forward's cost, else DEFAULT_PREFILL_CHUNK)
+    prefill_chunk: int = 0
     partitions: int = subjects.PARTITIONS
     lease_ttl_s: float = 6.0
     lease_renew_s: float = 1.0
@@ -114,6 +122,8 @@ class Worker:
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
         self._inbox: asyncio.Queue = asyncio.Queue()
+        self.prefill_chunk = self.cfg.prefill_chunk or DEFAULT_PREFILL_CHUNK
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed sessions
         self.load = LoadMeter(self.cfg.adaptive)
         self.admission = Admission(self.cfg.limits)
         self.ready = asyncio.Event()
@@ -135,7 +145,8 @@ class Worker:
                     raise
                 log.warning("stream not ready; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
-        if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
+        if (self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0
+                or not self.cfg.prefill_chunk):
             # before taking partitions: their blocks must not wait on it
             await self._calibrate()
         self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
@@ -209,14 +220,19 @@ class Worker:
             self.log_stats("verifier stopped")
 
     async def _calibrate(self) -> None:
-        """Find this machine's knee of forward cost against batch tokens: the batch size the
-        budget hints aim at (a CPU's knee is a few dozen tokens, a GPU's hundreds)."""
+        """Measure this machine's forward cost against the tokens in it: its knee (the batch
+        size the budget hints aim at; a CPU's is a few dozen tokens, a GPU's hundreds) and
+        the prefill chunk (what one forward may add for a session catching up)."""
         loop = asyncio.get_running_loop()
         costs = await loop.run_in_executor(self._executor, forward_costs, self.engine.runner)
-        tokens = knee(costs)
-        self.cfg.adaptive = dataclasses.replace(self.cfg.adaptive, batch_tokens=tokens)
-        self.load.policy = self.cfg.adaptive
-        log.info("forward cost calibrated", batch_tokens=tokens,
+        if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
+            self.cfg.adaptive = dataclasses.replace(self.cfg.adaptive,
+                                                    batch_tokens=knee(costs))
+            self.load.policy = self.cfg.adaptive
+        if not self.cfg.prefill_chunk:
+            self.prefill_chunk = prefill_chunk(costs)
+        log.info("forward cost calibrated", batch_tokens=self.cfg.adaptive.batch_tokens,
+                 prefill_chunk=self.prefill_chunk,
                  costs_ms={n: round(c * 1000, 1) for n, c in costs.items()})
 
     async def _hold(self, msgs: list) -> None:
@@ -314,6 +330,9 @@ class Worker:
         if isinstance(msg, SessionOpened):
             self.admission.opened(sid)
         elif isinstance(msg, SessionClosed):
+            self._closed[sid] = None  # its blocks still queued or prefilling are dropped
+            while len(self._closed) > CLOSED_MEMORY:
+                self._closed.popitem(last=False)
             self.admission.closed(sid)
             self.sessions.drop(sid)  # frees its KV
             self.load.forget(sid)
@@ -335,6 +354,10 @@ class Worker:
                 if parsed is None:
                     continue
                 sid, block = parsed
+            if sid in self._closed:  # e.g. a client that hung up: no more work for it
+                log.info("block of a closed session dropped", sid=sid, round=block.round)
+                await _quietly(m.term())
+                continue
             if sid in seen:  # one block per session per forward; the rest wait a step
                 self._deferred.append((m, (sid, block)))
                 continue
@@ -362,7 +385,8 @@ class Worker:
         keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
         try:
             outcomes = await loop.run_in_executor(
-                self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work])
+                self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work],
+                self.prefill_chunk)
         except Exception:
             self.stats.failed_batches += 1
             log.exception("batch forward failed; blocks will be redelivered",
@@ -381,8 +405,14 @@ class Worker:
         batch_tokens = sum(o.new_tokens for o in outcomes)
         self.metrics.batch(len(work), batch_tokens, verify_s)
         pubs = []
+        prefilling = []
         for (m, st, blk, queued), out in zip(work, outcomes, strict=True):
             res = out.walk
+            if res is None:  # still catching up: no verdict; its block goes first next step
+                prefilling.append((m, (st.sid, raw[id(m)])))
+                self.stats.prefill_chunks += 1
+                pubs.append(_quietly(m.in_progress()))
+                continue
             new = [blk.tokens[i - 1] for i in res.accepted] + [res.next_token]
             toks, finished = commit(new, st.generated, st.max_new_tokens, st.eos_ids)
             v = Verdict(
@@ -409,6 +439,7 @@ class Worker:
             pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
+        self._deferred[:0] = prefilling
         await asyncio.gather(*pubs)  # each handles its own failure
 
     async def _fit(self, work: list, raw: dict[int, DraftBlock]) -> list:
