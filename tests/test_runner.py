@@ -234,3 +234,33 @@ def test_backend_probe_keeps_a_good_backend_and_refuses_a_wrong_one(monkeypatch)
     monkeypatch.setattr("specedge.execution.runner.backend_for", broken)
     assert runner._probe("flex")[0] == "sdpa"
     assert runner.pool.used_blocks == 0  # the probe's sequences went back to the pool
+
+
+def test_static_bucketed_forward_matches_the_eager_one():
+    """The CUDA-graph path's static buffers (padding to a bucket, scratch block, persistent
+    BlockMask refilled in place), run without capture: same logits as the eager forward, over
+    forwards of different sizes that reuse the same buckets, and eager above the largest."""
+    model = tiny_model(21)
+    graphed = PackedRunner(model, attention="flex", kv_budget_tokens=4096, cuda_graphs=True)
+    eager = PackedRunner(model, attention="sdpa")
+    assert graphed.graphs is not None and graphed.graphs.buckets[0].graph is None
+    for seed, n in ((1, 3), (2, 7), (3, 2), (4, 12)):
+        sessions = random_sessions(n, seed=seed, prefills=False)
+        outs = []
+        for runner in (graphed, eager):
+            seqs = [runner.new_seq() for _ in sessions]
+            runner.forward([Segment.chain(s, p[:-1]) for s, (p, _, _) in
+                            zip(seqs, sessions, strict=True) if len(p) > 1])
+            segs = [Segment.tree(s, p[s.length:], nodes, parents, depths_of(parents))
+                    for s, (p, parents, nodes) in zip(seqs, sessions, strict=True)]
+            outs.append(runner.forward(segs))
+            for s in seqs:
+                s.free()
+        for a, b in zip(*outs, strict=True):
+            assert torch.allclose(a, b, atol=1e-10)
+    assert graphed.graphs.replays >= 8  # the prefills and the trees went through the buckets
+    long = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+    replays = graphed.graphs.replays
+    (a,) = graphed.forward([Segment.chain(graphed.new_seq(), long)])  # above the buckets
+    assert graphed.graphs.replays == replays
+    assert torch.allclose(a[0], plain_logits(model, long), atol=1e-10)

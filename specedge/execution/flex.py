@@ -59,24 +59,19 @@ def _pad(x: torch.Tensor, n: int, value: int = 0) -> torch.Tensor:
     return torch.cat([x, pad])
 
 
-def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
-    """The forward's BlockMask over (padded rows, pool slots), and the padded row count."""
-    pool = plan.pool
-    dev = plan.ids.device
-    b = pool.block_size
-    n = plan.ids.numel()
-    rows = _bucket(n, Q_BLOCK)
-    segs = _bucket(plan.segments, 8)
-    kv_len = plan.host_kv_len
-    # query block -> the pool blocks of the segments among its rows (deduplicated, on the
-    # host: segments are contiguous runs of rows and their tables are small)
+def qblock_kv_blocks(rows_per_seg: list[int], tables: list[list[int]], kv_len: list[int],
+                     block_size: int, q_blocks: int) -> list[list[int]]:
+    """For each query block (Q_BLOCK packed rows), the pool blocks of the segments among its
+    rows, deduplicated (on the host: segments are contiguous runs of rows and their tables are
+    small)."""
+    n = sum(rows_per_seg)
     starts, r = [], 0
-    for ln in plan.host_rows:
+    for ln in rows_per_seg:
         starts.append(r)
         r += ln
-    per_q: list[list[int]] = []
+    out: list[list[int]] = []
     s = 0
-    for qb in range(rows // Q_BLOCK):
+    for qb in range(q_blocks):
         lo, hi = qb * Q_BLOCK, min(n, (qb + 1) * Q_BLOCK)
         blocks: dict[int, None] = {}
         if lo < n:
@@ -84,32 +79,31 @@ def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
                 s += 1
             t = s
             while t < len(starts) and starts[t] < hi:
-                blocks.update(dict.fromkeys(plan.host_tables[t][: -(-kv_len[t] // b)]))
+                blocks.update(dict.fromkeys(tables[t][: -(-kv_len[t] // block_size)]))
                 t += 1
-        per_q.append(list(blocks))
-    width = _bucket(max(len(x) for x in per_q), 16)
-    if plan.ids.device.type == "cpu":
-        width = max(width, pool.blocks)  # inductor's CPU kernel wants the whole KV axis
-    idx = torch.tensor([x + [0] * (width - len(x)) for x in per_q], dtype=torch.int32)
-    num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
-    idx, num = idx.to(dev, non_blocking=True), num.to(dev, non_blocking=True)
+        out.append(list(blocks))
+    return out
 
-    # inverse block tables: physical block -> logical block, per segment (-1: not its block)
-    tables = plan.tables
-    nb = tables.shape[1]
-    blocks_used = (plan.kv_len + b - 1) // b
-    valid = torch.arange(nb, device=dev)[None, :] < blocks_used[:, None]
-    p2l = torch.full((segs, pool.blocks + 1), -1, dtype=torch.int32, device=dev)
-    logical = torch.arange(nb, dtype=torch.int32, device=dev).expand(plan.segments, nb)
-    p2l[: plan.segments].scatter_(1, torch.where(valid, tables, pool.blocks),
-                                  torch.where(valid, logical, -1))
-    seg_of = _pad(plan.seg_of, rows)
-    upto = _pad(plan.upto, rows)
-    window = _pad(plan.window, rows)
-    # always a tree window (empty for chains), so chains and trees share compiled variants
-    bits = plan.bits if plan.bits is not None else torch.zeros(n, 1, dtype=torch.bool, device=dev)
-    w = _bucket(bits.shape[1], 16)
-    bits = _pad(torch.nn.functional.pad(bits, (0, w - bits.shape[1])), rows, False)
+
+def fill_p2l(p2l: torch.Tensor, tables: torch.Tensor, kv_len: torch.Tensor,
+             block_size: int) -> None:
+    """Inverse block tables into p2l [>= S, pool blocks + 1]: p2l[s, physical block] = its
+    logical block in segment s, -1 where the block is not segment s's."""
+    s, nb = tables.shape
+    dev = tables.device
+    valid = torch.arange(nb, device=dev)[None, :] < ((kv_len + block_size - 1) // block_size)[:, None]
+    logical = torch.arange(nb, dtype=p2l.dtype, device=dev).expand(s, nb)
+    p2l.fill_(-1)
+    p2l[:s].scatter_(1, torch.where(valid, tables, p2l.shape[1] - 1),
+                     torch.where(valid, logical, -1))
+
+
+def make_mask_mod(p2l: torch.Tensor, seg_of: torch.Tensor, upto: torch.Tensor,
+                  window: torch.Tensor, bits: torch.Tensor, block_size: int):
+    """(row, slot) -> visible: the slot's logical position in the row's segment is below the
+    row's `upto`, or one of its tree ancestors in the window. Captures the tensors, so a
+    static plan can refill them in place."""
+    b, w = block_size, bits.shape[1]
 
     def mask_mod(b_, h, q, kv):
         lb = p2l[seg_of[q], kv // b]
@@ -118,6 +112,33 @@ def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
         tree = (rel >= 0) & (rel < w) & bits[q, rel.clamp(0, w - 1)]
         return (lb >= 0) & ((j < upto[q]) | tree)
 
+    return mask_mod
+
+
+def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
+    """The forward's BlockMask over (padded rows, pool slots), and the padded row count."""
+    pool = plan.pool
+    dev = plan.ids.device
+    b = pool.block_size
+    n = plan.ids.numel()
+    rows = _bucket(n, Q_BLOCK)
+    per_q = qblock_kv_blocks(plan.host_rows, plan.host_tables, plan.host_kv_len, b,
+                             rows // Q_BLOCK)
+    width = _bucket(max(len(x) for x in per_q), 16)
+    if dev.type == "cpu":
+        width = max(width, pool.blocks)  # inductor's CPU kernel wants the whole KV axis
+    idx = torch.tensor([x + [0] * (width - len(x)) for x in per_q], dtype=torch.int32)
+    num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
+    idx, num = idx.to(dev, non_blocking=True), num.to(dev, non_blocking=True)
+    p2l = torch.empty((_bucket(plan.segments, 8), pool.blocks + 1), dtype=torch.int32,
+                      device=dev)
+    fill_p2l(p2l, plan.tables, plan.kv_len, b)
+    # always a tree window (empty for chains), so chains and trees share compiled variants
+    bits = plan.bits if plan.bits is not None else torch.zeros(n, 1, dtype=torch.bool, device=dev)
+    w = _bucket(bits.shape[1], 16)
+    bits = _pad(torch.nn.functional.pad(bits, (0, w - bits.shape[1])), rows, False)
+    mask_mod = make_mask_mod(p2l, _pad(plan.seg_of, rows), _pad(plan.upto, rows),
+                             _pad(plan.window, rows), bits, b)
     bm = BlockMask.from_kv_blocks(num[None, None], idx[None, None], BLOCK_SIZE=(Q_BLOCK, b),
                                   mask_mod=mask_mod, seq_lengths=(rows, pool.capacity_tokens),
                                   compute_q_blocks=False)

@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from specedge.execution.attention import Backend, backend_for
+from specedge.execution.graphs import GraphRunner
 from specedge.execution.plan import ForwardPlan, Segment, build_plan
 from specedge.execution.pool import KVPool, KVSeq
 
@@ -45,7 +46,10 @@ class PackedRunner:
     pool's lock): sessions that share a runner from several threads queue."""
 
     def __init__(self, model, *, pool: KVPool | None = None, attention: str = "auto",
-                 kv_budget_tokens: int | None = None, block_size: int = 16):
+                 kv_budget_tokens: int | None = None, block_size: int = 16,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: replay captured graphs for forwards that fit a bucket (None: on CUDA
+        when the flex backend is in use and the pool has a fixed size)."""
         self.model = model
         model.set_attn_implementation(ATTN_NAME)
         self.layer_types = sorted(set(getattr(model.config, "layer_types", None)
@@ -60,6 +64,12 @@ class PackedRunner:
             self.attention, self.backend = self._probe("flex")
         else:
             self.attention, self.backend = backend_for(attention, self.device)
+        self.graphs: GraphRunner | None = None
+        if cuda_graphs is None:
+            cuda_graphs = (self.device.type == "cuda" and self.attention == "flex"
+                           and self.pool.fixed)
+        if cuda_graphs:
+            self.graphs = GraphRunner(self, capture=self.device.type == "cuda")
 
     def _probe(self, name: str) -> tuple[str, Backend]:
         """Use backend `name` if it runs here and agrees with the sdpa reference on a small
@@ -119,21 +129,31 @@ class PackedRunner:
                 n = seg.seq.length
                 seg.seq.prepare_write(n, n + len(seg.tokens))
             pool.flush()
-            plan = build_plan(segments, pool, self.device)
-            plan.cache["backend"] = self.backend
-            out = self.model(
-                input_ids=plan.ids.unsqueeze(0),
-                position_ids=plan.pos.unsqueeze(0),
-                attention_mask={t: None for t in self.layer_types},
-                use_cache=False,
-                logits_to_keep=plan.want,
-                specedge_plan=plan,
-            )
+            bucket = self.graphs.bucket_for(segments) if self.graphs else None
+            if bucket is not None:
+                logits = self.graphs.forward(bucket, segments)
+                want, r = [], 0
+                for seg in segments:
+                    want += [r + i for i in seg.logits_at]
+                    r += len(seg.tokens)
+                # the graph's output buffer is overwritten by the next replay: copy out
+                logits = (logits[torch.tensor(want, device=self.device)] if len(want) != r
+                          else logits.clone())
+            else:
+                plan = build_plan(segments, pool, self.device)
+                plan.cache["backend"] = self.backend
+                logits = self.model(
+                    input_ids=plan.ids.unsqueeze(0),
+                    position_ids=plan.pos.unsqueeze(0),
+                    attention_mask={t: None for t in self.layer_types},
+                    use_cache=False,
+                    logits_to_keep=plan.want,
+                    specedge_plan=plan,
+                ).logits[0]
+                self.attention_calls += plan.attention_calls
             self.forward_calls += 1
-            self.attention_calls += plan.attention_calls
             for seg in segments:
                 seg.seq.length += len(seg.tokens)
-        logits = out.logits[0]
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits = logits.float()
         offsets = [0]
