@@ -210,6 +210,7 @@ def step_lossless(ctx: Ctx) -> dict:
                 stack.url, CoalescingRunner(PackedRunner(draft)), jobs, n, sampling=Sampling(),
                 max_new_tokens=new, eos=ctx.eos, shape=TreeShape(), proactive=Mode.SINGLE,
                 adaptive=False, rtt_ms=0.0, progress=bar))
+            verifier = stack.verifier_config()
         finally:
             stack.stop()
             bar.close()
@@ -223,7 +224,7 @@ def step_lossless(ctx: Ctx) -> dict:
     del target, draft
     free_device_memory()
     tokens = sum(s["tokens"] for s in sessions)
-    return {"ok": all(s["identical"] for s in sessions), "dtype": "float32",
+    return {"ok": all(s["identical"] for s in sessions), "dtype": "float32", "verifier": verifier,
             "identical": sum(s["identical"] for s in sessions), "sessions": sessions,
             "tokens_per_round": tokens / max(1, sum(s["rounds"] for s in sessions))}
 
@@ -298,6 +299,7 @@ def step_throughput(ctx: Ctx) -> dict:
                     adaptive=adaptive, verifier_batches=v["batches"],
                     mean_nodes=sum(r["nodes"] for r in recs) / max(
                         1, sum(r["rounds"] for r in recs))))
+            verifier = stack.verifier_config()
         finally:
             stack.stop()
             bar.close()
@@ -306,7 +308,7 @@ def step_throughput(ctx: Ctx) -> dict:
         r["busy_tput_x_plain"] = (r["server_tokens_per_busy_s"] / plain) if plain else None
     ok = all(r["tokens"] > 0 for r in rows) and rows[1]["tokens_per_round"] > 1.0
     return {"ok": ok, "edges": a.edges, "new_tokens": a.new_tokens, "dtype": a.dtype,
-            "rows": rows}
+            "verifier": verifier, "rows": rows}
 
 
 STEP_FUNCS: dict[str, Callable[[Ctx], dict]] = {
@@ -360,7 +362,8 @@ def summary(res: dict) -> str:
                 f"| {r['config']} | {_f(r['server_tokens_per_busy_s'], 1)} | "
                 f"{_f(r['busy_tput_x_plain'])} | {_f(r['server_tokens_per_wall_s'], 1)} | "
                 f"{_f(r['tokens_per_round'])} | {_f(r['acceptance'])} | {_f(r['itl_p50_s'], 4)} "
-                f"| {_f(r['ttft_p50_s'], 3)} | {_f(r['batch_fill'])} | {_f(r['server_wall_s'], 1)} |")
+                f"| {_f(r['ttft_p50_s'], 3)} | {_f(r['batch_fill'])} | "
+                f"{_f(r['server_wall_s'], 1)} |")
     ll = st.get("lossless", {}).get("sessions")
     if ll:
         lines += ["", "## Lossless sessions", "",

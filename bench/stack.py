@@ -80,15 +80,25 @@ class Stack:
         asyncio.run(wait_verifier(self.srv.url, self.proc))
         return self
 
-    def _stats_lines(self) -> list[dict]:
+    def _log_lines(self, marker: str) -> list[dict]:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
-            if '"verifier st' in line:
+            if marker in line:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError:
                     pass
         return out
+
+    def _stats_lines(self) -> list[dict]:
+        return self._log_lines('"verifier st')
+
+    def verifier_config(self) -> dict:
+        """The model, device and dtype the verifier process says it runs with (its first log
+        line), as evidence of what was measured."""
+        lines = self._log_lines('"event": "config"')
+        c = lines[0] if lines else {}
+        return {k: c.get(k) for k in ("model", "device", "dtype", "max_batch")}
 
     def snapshot(self, timeout: float = 10.0) -> dict:
         """The verifier's counters now (SIGUSR1 makes it log them)."""

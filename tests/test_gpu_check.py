@@ -29,6 +29,11 @@ def test_cpu_run_writes_one_results_directory(tmp_path):
     assert res["models"]["draft"] == res["steps"]["synthetic"]["draft"]
     ll = res["steps"]["lossless"]
     assert [s["identical"] for s in ll["sessions"]] == [True] * 3 and ll["dtype"] == "float32"
+    # the flags reached the verifier processes: each says what it loaded, where, in what
+    target = res["models"]["target"]
+    assert ll["verifier"] == {"model": target, "device": "cpu", "dtype": "float32",
+                              "max_batch": 3}
+    assert res["steps"]["throughput"]["verifier"]["dtype"] == "float32"
     rows = res["steps"]["throughput"]["rows"]
     assert [x["config"] for x in rows] == ["plain", "specedge-8", "adaptive"]
     assert all(x["tokens"] == 3 * 6 and x["server_busy_s"] > 0 for x in rows)
