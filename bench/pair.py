@@ -86,9 +86,9 @@ def resolve(a: argparse.Namespace) -> tuple[Pair, torch.nn.Module, object]:
     """The pair the flags name, with its draft loaded on the device and the tokenizer."""
     device = devices.pick(a.device)
     if a.synthetic:
-        pair, draft = synthetic_pair(a.synthetic, a.draft_agreement, device, a.dtype)
         if a.target or a.draft:
             raise SystemExit("--synthetic chooses the pair: leave out --target and --draft")
+        pair, draft = synthetic_pair(a.synthetic, a.draft_agreement, device, a.dtype)
     else:
         pair = Pair(a.target or DEFAULT_TARGET, a.draft or DEFAULT_DRAFT, device, a.dtype,
                     synthetic.is_synthetic(a.target or ""))
