@@ -27,8 +27,8 @@ position; the output matrix is drawn so the logits' std is `SHARPEN` (as peaked 
 model's), which keeps greedy decoding stable under batching noise. Embeddings are unit-scale
 (see EMBED_STD); every other tensor is N(0, 0.02) and norms are ones.
 
-    python -m specedge.synthetic calibrate 1.5b --agreement 0.8 --device cuda
-    python -m specedge.synthetic inspect synthetic:1.5b:draft=0.031 --device cuda
+    python -m specedge.synthetic --device cuda calibrate 1.5b --agreement 0.8  # -> draft=X
+    python -m specedge.synthetic --device cuda inspect synthetic:1.5b:draft=X
 """
 
 from __future__ import annotations

@@ -58,3 +58,19 @@ def test_nothing_reads_a_directory_beside_the_checkout():
     offenders = [f for f in tracked if f != "tests/test_workload.py"
                  and any(s in (ROOT / f).read_text() for s in ('"shared"', "../shared"))]
     assert not offenders, offenders
+
+
+def test_shipped_data_is_package_data():
+    """Every file the prompts and the synthetic models read is declared as package data, so an
+    installed wheel carries it (checked by building one when this was written)."""
+    import tomllib
+    from pathlib import PurePosixPath
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]
+    for pkg, folder in (("bench", "bench/data"), ("specedge", "specedge/assets")):
+        files = [f for f in (ROOT / folder).rglob("*") if f.is_file()]
+        assert files
+        for f in files:
+            rel = PurePosixPath(f.relative_to(ROOT / pkg).as_posix())
+            assert any(rel.match(g) for g in globs[pkg]), f"{f} is not package data"
