@@ -27,6 +27,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -136,6 +137,22 @@ def edges_pinned() -> Iterator[list[int]]:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def verifier(ctx: Ctx, name: str, vcores: list[int], sessions: int, new_tokens: int,
+             dtype: str) -> Iterator[Stack]:
+    """The broker and a verifier process for one step; its log is kept as DIR/verifier-NAME.log
+    (what to read when a step fails on a machine one cannot log in to)."""
+    stack = Stack(vcores, ["--max-batch", str(sessions),
+                           "--kv-budget", str(ctx.kv_tokens(sessions, new_tokens))],
+                  model=ctx.pair.target, device=ctx.a.device, dtype=dtype)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+        if stack.log_path and stack.log_path.is_file():
+            shutil.copy(stack.log_path, ctx.a.out / f"verifier-{name}.log")
+
+
 def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -201,19 +218,13 @@ def step_lossless(ctx: Ctx) -> dict:
     target = load_model(pair.target, dtype=torch.float32, device=a.device)
     draft = load_model(pair.draft, dtype=torch.float32, device=a.device)
     bar = tqdm(total=n, desc="lossless sessions", file=sys.stderr, leave=False)
-    with edges_pinned() as vcores:
-        stack = Stack(vcores, ["--max-batch", str(n), "--kv-budget",
-                               str(ctx.kv_tokens(n, new))],
-                      model=pair.target, device=a.device, dtype="float32").start()
-        try:
-            recs = asyncio.run(run_edges(
-                stack.url, CoalescingRunner(PackedRunner(draft)), jobs, n, sampling=Sampling(),
-                max_new_tokens=new, eos=ctx.eos, shape=TreeShape(), proactive=Mode.SINGLE,
-                adaptive=False, rtt_ms=0.0, progress=bar))
-            verifier = stack.verifier_config()
-        finally:
-            stack.stop()
-            bar.close()
+    with edges_pinned() as vcores, verifier(ctx, "lossless", vcores, n, new, "float32") as stack:
+        recs = asyncio.run(run_edges(
+            stack.url, CoalescingRunner(PackedRunner(draft)), jobs, n, sampling=Sampling(),
+            max_new_tokens=new, eos=ctx.eos, shape=TreeShape(), proactive=Mode.SINGLE,
+            adaptive=False, rtt_ms=0.0, progress=bar))
+        loaded = stack.verifier_config()
+    bar.close()
     sessions = []
     for (q, ids), r in zip(jobs, recs, strict=True):
         div = divergence(target, ids, r["token_ids"],
@@ -224,7 +235,7 @@ def step_lossless(ctx: Ctx) -> dict:
     del target, draft
     free_device_memory()
     tokens = sum(s["tokens"] for s in sessions)
-    return {"ok": all(s["identical"] for s in sessions), "dtype": "float32", "verifier": verifier,
+    return {"ok": all(s["identical"] for s in sessions), "dtype": "float32", "verifier": loaded,
             "identical": sum(s["identical"] for s in sessions), "sessions": sessions,
             "tokens_per_round": tokens / max(1, sum(s["rounds"] for s in sessions))}
 
@@ -264,51 +275,45 @@ def step_tests(ctx: Ctx) -> dict:
 
 
 def step_throughput(ctx: Ctx) -> dict:
-    a, pair = ctx.a, ctx.pair
+    a = ctx.a
     jobs = ctx.jobs[:a.edges]
     base = TreeShape()
     rows = []
     runner = CoalescingRunner(PackedRunner(ctx.draft))
     bar = tqdm(total=len(THROUGHPUT) * len(jobs), desc="throughput sessions", file=sys.stderr,
                leave=False)
-    with edges_pinned() as vcores:
-        stack = Stack(vcores, ["--max-batch", str(a.edges), "--kv-budget",
-                               str(ctx.kv_tokens(a.edges, a.new_tokens))],
-                      model=pair.target, device=a.device, dtype=a.dtype).start()
-        try:
-            # warm-up, excluded: a short session of each kind of round
-            for budget in (0, base.budget):
-                asyncio.run(run_edges(stack.url, runner, jobs[:2], 2, sampling=Sampling(),
-                                      max_new_tokens=4, eos=ctx.eos,
-                                      shape=base.with_budget(budget), proactive=Mode.SINGLE,
-                                      adaptive=False, rtt_ms=a.rtt_ms))
-            for name, budget, proactive in THROUGHPUT:
-                adaptive = budget is None
-                before = stack.snapshot()
-                t0 = time.perf_counter()
-                recs = asyncio.run(run_edges(
-                    stack.url, runner, jobs, a.edges, sampling=Sampling(),
-                    max_new_tokens=a.new_tokens, eos=ctx.eos,
-                    shape=base if adaptive else base.with_budget(budget), proactive=proactive,
-                    adaptive=adaptive, rtt_ms=a.rtt_ms, progress=bar))
-                wall = time.perf_counter() - t0
-                v = delta(stack.snapshot(), before)
-                rows.append(report.summarize(
-                    name, a.edges, 0.0, recs, v["busy_s"], wall,
-                    [v["mean_batch"]] if v["batches"] else [], a.edges, budget=budget,
-                    adaptive=adaptive, verifier_batches=v["batches"],
-                    mean_nodes=sum(r["nodes"] for r in recs) / max(
-                        1, sum(r["rounds"] for r in recs))))
-            verifier = stack.verifier_config()
-        finally:
-            stack.stop()
-            bar.close()
+    with (edges_pinned() as vcores,
+          verifier(ctx, "throughput", vcores, a.edges, a.new_tokens, a.dtype) as stack):
+        # warm-up, excluded: a short session of each kind of round
+        for budget in (0, base.budget):
+            asyncio.run(run_edges(stack.url, runner, jobs[:2], 2, sampling=Sampling(),
+                                  max_new_tokens=4, eos=ctx.eos, shape=base.with_budget(budget),
+                                  proactive=Mode.SINGLE, adaptive=False, rtt_ms=a.rtt_ms))
+        for name, budget, proactive in THROUGHPUT:
+            adaptive = budget is None
+            before = stack.snapshot()
+            t0 = time.perf_counter()
+            recs = asyncio.run(run_edges(
+                stack.url, runner, jobs, a.edges, sampling=Sampling(),
+                max_new_tokens=a.new_tokens, eos=ctx.eos,
+                shape=base if adaptive else base.with_budget(budget), proactive=proactive,
+                adaptive=adaptive, rtt_ms=a.rtt_ms, progress=bar))
+            wall = time.perf_counter() - t0
+            v = delta(stack.snapshot(), before)
+            rows.append(report.summarize(
+                name, a.edges, 0.0, recs, v["busy_s"], wall,
+                [v["mean_batch"]] if v["batches"] else [], a.edges, budget=budget,
+                adaptive=adaptive, verifier_batches=v["batches"],
+                mean_nodes=sum(r["nodes"] for r in recs) / max(
+                    1, sum(r["rounds"] for r in recs))))
+        loaded = stack.verifier_config()
+    bar.close()
     plain = rows[0]["server_tokens_per_busy_s"] or 0.0
     for r in rows:
         r["busy_tput_x_plain"] = (r["server_tokens_per_busy_s"] / plain) if plain else None
     ok = all(r["tokens"] > 0 for r in rows) and rows[1]["tokens_per_round"] > 1.0
     return {"ok": ok, "edges": a.edges, "new_tokens": a.new_tokens, "dtype": a.dtype,
-            "verifier": verifier, "rows": rows}
+            "verifier": loaded, "rows": rows}
 
 
 STEP_FUNCS: dict[str, Callable[[Ctx], dict]] = {
