@@ -6,12 +6,21 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test models venv lint bench clean
+.PHONY: demo test models venv lint bench gpu-check gpu-wheels clean
+
+# Succeeds when $(PYTHON) already has a CUDA build of torch in the range pyproject.toml declares.
+CUDA_TORCH := $(PYTHON) -c "import sys, torch; \
+  v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); \
+  sys.exit(not (torch.version.cuda and (2, 11) <= v < (2, 14)))"
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: the CPU wheel on disk (a bare `torch` would pull a CUDA build)
-	$(PY) -m pip install -q torch==2.13.0
+	# A CUDA torch already installed is kept (the venv sees it and pip leaves it); elsewhere torch
+	# goes first, pinned: the CPU wheel on disk (a bare `torch` would pull a CUDA build)
+	if $(CUDA_TORCH) 2>/dev/null; then \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q torch==2.13.0; \
+	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -31,8 +40,42 @@ test: models
 bench: models
 	$(PY) -m bench $(ARGS)
 
+# Every check that needs a GPU, in one run (bench/gpu_check.py; under 8 minutes on one H100):
+# `make gpu-check`, or `make gpu-check ARGS='--device cpu'` where there is none. No venv: the
+# machine's own python and torch, plus the packages it lacks from .whl/ (`make gpu-wheels`),
+# installed into .whl/site. Here (no CUDA) it runs with the venv's python, if there is one.
+WHEELS := .whl
+GPU_SITE := $(WHEELS)/site
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check:
+	# the wheels are for CPython 3.12 (the GPU machine's); another python uses what it has
+	if ls $(WHEELS)/*.whl >/dev/null 2>&1 && \
+	   $(GPU_PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then \
+	  $(GPU_PY) -m pip install -q --no-deps --no-index --upgrade --target $(GPU_SITE) \
+	    $(WHEELS)/*.whl; \
+	fi
+	PATH="$(CURDIR)/$(GPU_SITE)/bin:$$PATH" \
+	PYTHONPATH="$(CURDIR):$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  $(GPU_PY) -m bench.gpu_check $(ARGS)
+
+# The packages of deploy/gpu-wheels.txt as CPython 3.12 manylinux wheels in .whl/, to carry to a
+# GPU machine that cannot reach the index. A package published only as an sdist (pure Python)
+# is built into a py3-none-any wheel here; any other wheel built here would be refused.
+gpu-wheels:
+	mkdir -p $(WHEELS)
+	set -e; for req in $$(grep -v '^#' deploy/gpu-wheels.txt); do \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d $(WHEELS) "$$req" 2>/dev/null \
+	  || $(PYTHON) -m pip wheel -q --no-deps -w $(WHEELS) "$$req"; \
+	done
+	if ls $(WHEELS)/*.whl | grep -E -- '-cp3[0-9]+-cp3[0-9]+-' | grep -v -- '-cp312-cp312-'; then \
+	  echo "the wheels above are not for CPython 3.12"; exit 1; fi
+	ls $(WHEELS)/*.whl
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(WHEELS)

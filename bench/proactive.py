@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from bench import pair as pair_mod
+from bench.machine import machine
 from bench.stack import Stack, delta, markdown_table, pin_edge
 from bench.workload import load
 from specedge import broker, logs
@@ -30,7 +29,6 @@ from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.execution import PackedRunner
-from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -109,10 +107,11 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--topk", type=int, default=d.topk)
     p.add_argument("--out", default="bench/results/proactive")
+    pair_mod.add_args(p)
     a = p.parse_args(argv)
     logs.configure("warning")
     vcores, ecores = pin_edge()
-    tok, draft = load_tokenizer(DEFAULT_DRAFT), load_model(DEFAULT_DRAFT)
+    pair, draft, tok = pair_mod.resolve(a)
     qs = load(per_category=1, categories=["coding", "writing", "translation", "qa", "math",
                                           "summarization", "rag", "roleplay"])
     rows, t0 = [], time.time()
@@ -121,7 +120,8 @@ def main(argv=None) -> int:
     for edges in a.edges:
         prompts = [qs[i % len(qs)] for i in range(max(a.prompts, edges))]
         for mode in a.modes:
-            stack = Stack(vcores).start()
+            stack = Stack(vcores, model=pair.target, device=pair.device,
+                          dtype=pair.dtype).start()
             try:
                 # warm-up, excluded: one short session, then a counter snapshot
                 warm = argparse.Namespace(**(vars(a) | {"max_new_tokens": 8}))
@@ -137,10 +137,9 @@ def main(argv=None) -> int:
     bar.close()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "verifier_cores": vcores, "edge_cores": ecores,
-                          "torch": torch.__version__},
-              "settings": vars(a) | {"target": DEFAULT_TARGET, "draft": DEFAULT_DRAFT,
+    result = {"machine": machine(pair.device, pair.dtype, vcores, ecores),
+              "models": pair.record(),
+              "settings": vars(a) | {"target": pair.target, "draft": pair.draft,
                                      "wall_s": time.time() - t0},
               "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -192,10 +192,21 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     return made
 
 
+def header(res: dict) -> str:
+    """One line: which models ran on what (results.json's `models` record, when present)."""
+    m = res.get("models")
+    if not m:
+        return ""
+    kind = "synthetic weights" if m.get("synthetic") else "real weights"
+    return (f"{m['target']} (target) + {m['draft']} (draft), {kind}, {m['dtype']} on "
+            f"{m['device']} ({m['device_name']})\n\n")
+
+
 def render(out: Path) -> str:
     """Write table.md and the plots of out/results.json; returns the Markdown."""
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    md = ratios_table(rows) + "\n\n" + table(rows) + "\n"
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    md = header(res) + ratios_table(rows) + "\n\n" + table(rows) + "\n"
     (out / "table.md").write_text(md)
     plots(rows, out)
     return md

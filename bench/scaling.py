@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -105,7 +104,10 @@ async def load(url: str, sessions: int, rounds: int, nodes: int, vocab: int) -> 
 def main(argv=None) -> int:
     import subprocess
 
+    from bench.machine import machine
     from bench.stack import Stack
+    from specedge import devices
+    from specedge.cli import DTYPES
 
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__)
     p.add_argument("--sessions", type=int, default=64)
@@ -114,15 +116,18 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--out", default="bench/results/scaling")
+    p.add_argument("--device", default="cpu", help="where the workers run the tiny target")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     a = p.parse_args(argv)
+    a.device = devices.pick(a.device)
     logs.configure("warning")
     vocab = 512
     model = tiny_target_dir(vocab)
     rows = []
     for n in a.workers:
-        stack = Stack(vcores=sorted(os.sched_getaffinity(0)),
-                      extra_args=["--model", model, "--max-batch", str(a.max_batch),
-                                  "--name", "w0"])
+        stack = Stack(vcores=sorted(os.sched_getaffinity(0)), model=model, device=a.device,
+                      dtype=a.dtype, extra_args=["--max-batch", str(a.max_batch),
+                                                 "--name", "w0"])
         stack.start()
         extra = []
         try:
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
                 extra.append(subprocess.Popen(
                     [sys.executable, "-m", "workers.verifier", "--nats", stack.url, "--model",
                      model, "--threads", "1", "--max-batch", str(a.max_batch), "--name", f"w{i}",
-                     "--log-level", "warning"]))
+                     "--device", a.device, "--dtype", a.dtype, "--log-level", "warning"]))
             asyncio.run(_wait_members(stack.url, n))
             res = asyncio.run(load(stack.url, a.sessions, a.rounds, a.nodes, vocab))
         finally:
@@ -141,8 +146,7 @@ def main(argv=None) -> int:
         rows.append({"workers": n, "sessions": a.sessions, "nodes": a.nodes} | res)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "settings": vars(a), "rows": rows}
+    result = {"machine": machine(a.device, a.dtype), "settings": vars(a), "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     md = ["| workers | sessions | tree nodes | verdicts/s | tokens/s |", "|---|---|---|---|---|"]
     md += [f"| {r['workers']} | {r['sessions']} | {r['nodes']} | {r['verdicts_per_s']:.0f} | "

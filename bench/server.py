@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from schemas import Sampling
+from specedge.devices import synchronize
 from specedge.edge.drafter import Drafter, DraftTree
 from specedge.execution import PackedRunner
 from specedge.execution.walk import commit
@@ -107,6 +108,7 @@ def run_batched(kind: str, target, draft, jobs: list[tuple[dict, list[int]]], ed
                 trees = [None] * len(live)
                 blocks = [CheckedBlock(lv.st.round, [], [], []) for lv in live]
             outs = engine.verify([(lv.st, b) for lv, b in zip(live, blocks, strict=True)])
+            synchronize(target.device)
             sizes.append(len(live))
             now = time.perf_counter()
             busy += now - t_step
@@ -171,9 +173,9 @@ def run_hf_assisted(target, draft, jobs: list[tuple[dict, list[int]]], sampling:
         kw = {"do_sample": True, "temperature": sampling.temperature,
               "top_p": sampling.top_p} if sampling.temperature > 0 else {"do_sample": False}
         t_start = time.perf_counter()
+        x = torch.tensor([ids], device=target.device)
         with torch.inference_mode():
-            out = target.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                  dtype=torch.long), assistant_model=draft,
+            out = target.generate(x, attention_mask=torch.ones_like(x), assistant_model=draft,
                                   max_new_tokens=max_new_tokens, eos_token_id=list(eos),
                                   pad_token_id=eos[0], streamer=clock, **kw)
         gen = out[0, len(ids):].tolist()
@@ -205,13 +207,15 @@ def main(argv=None) -> int:
 
     from bench.report import summarize
     from specedge import logs
+    from specedge.cli import DTYPES
     from specedge.models import load_model
 
     spec_path, out_path = (argv or sys.argv[1:])[:2]
     spec = json.loads(open(spec_path).read())
     logs.configure("warning")
     torch.set_num_threads(spec["threads"])
-    target, draft = load_model(spec["target"]), load_model(spec["draft"])
+    kw = {"dtype": DTYPES[spec.get("dtype", "bfloat16")], "device": spec.get("device", "cpu")}
+    target, draft = load_model(spec["target"], **kw), load_model(spec["draft"], **kw)
     eos = tuple(spec["eos"])
     # warm-up, excluded: a short run of each kind
     warm = [tuple(spec["jobs"][0]["jobs"][0])]

@@ -1,5 +1,6 @@
 """Start and stop the measured stack: an embedded broker and a verifier process on its own
-cores. The verifier's counters come back from its final log line."""
+cores, loading its target on the given device and dtype. The verifier's counters come back
+from its final log line."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class Stack:
     vcores: list[int]
     extra_args: list[str] = field(default_factory=list)
     broker_cores: list[int] | None = None  # default: the cores the verifier does not use
+    model: str | None = None  # the verifier's target (default: its own default)
+    device: str = "cpu"
+    dtype: str = "bfloat16"
     srv: broker.EmbeddedNats | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -69,20 +73,32 @@ class Stack:
             self.proc = subprocess.Popen(
                 ["taskset", "-c", ",".join(map(str, self.vcores)), sys.executable, "-m",
                  "workers.verifier", "--nats", self.srv.url, "--threads", str(len(self.vcores)),
+                 "--device", self.device, "--dtype", self.dtype,
+                 *(["--model", self.model] if self.model else []),
                  "--log-level", "info", *self.extra_args],
                 stdout=vlog, stderr=subprocess.STDOUT, env=dict(os.environ, SPECEDGE_LOG="info"))
         asyncio.run(wait_verifier(self.srv.url, self.proc))
         return self
 
-    def _stats_lines(self) -> list[dict]:
+    def _log_lines(self, marker: str) -> list[dict]:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():
-            if '"verifier st' in line:
+            if marker in line:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError:
                     pass
         return out
+
+    def _stats_lines(self) -> list[dict]:
+        return self._log_lines('"verifier st')
+
+    def verifier_config(self) -> dict:
+        """The model, device and dtype the verifier process says it runs with (its first log
+        line), as evidence of what was measured."""
+        lines = self._log_lines('"event": "config"')
+        c = lines[0] if lines else {}
+        return {k: c.get(k) for k in ("model", "device", "dtype", "max_batch")}
 
     def snapshot(self, timeout: float = 10.0) -> dict:
         """The verifier's counters now (SIGUSR1 makes it log them)."""

@@ -1,4 +1,7 @@
-"""The Spec-Bench workload: prompts per category, first turn, in file order."""
+"""The Spec-Bench workload: prompts per category, first turn, in file order.
+
+The prompts ship with the project (`bench/data/spec_bench/`, Apache-2.0, see its SOURCE.md);
+`SPECEDGE_SPEC_BENCH` points at another copy of question.jsonl."""
 
 from __future__ import annotations
 
@@ -6,19 +9,19 @@ import json
 import os
 from pathlib import Path
 
+DATA = Path(__file__).resolve().parent / "data" / "spec_bench"
+
 
 def spec_bench_path() -> Path:
     env = os.environ.get("SPECEDGE_SPEC_BENCH")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parents[1]
-    return here.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+    return Path(env).expanduser() if env else DATA / "question.jsonl"
 
 
 def load(per_category: int | None = None, categories: list[str] | None = None) -> list[dict]:
     """[{question_id, category, prompt}] with at most per_category prompts of each category."""
-    out, seen = [], {}
-    with open(spec_bench_path()) as f:
+    out: list[dict] = []
+    seen: dict[str, int] = {}
+    with open(spec_bench_path(), encoding="utf-8") as f:
         for line in f:
             q = json.loads(line)
             cat = q["category"]

@@ -9,6 +9,9 @@ safetensors checkpoint + tokenizer into the model cache, where `resolve` finds i
     python -m specedge.models fetch [NAME ...]   # default: the target and the draft
     python -m specedge.models list
     python -m specedge.models path NAME
+
+A reference `synthetic:<shape>[...]` names a model of the family's shape with random weights
+instead (specedge/synthetic.py): nothing to fetch.
 """
 
 from __future__ import annotations
@@ -120,7 +123,13 @@ def is_complete(path: Path) -> bool:
 
 def resolve(ref: str) -> str:
     """What to pass to `from_pretrained` for a model reference: a local directory as is; a known
-    short name (or its hub id) as its cache directory; anything else unchanged (a hub id)."""
+    short name (or its hub id) as its cache directory; anything else unchanged (a hub id).
+    A `synthetic:` reference (specedge.synthetic) is checked and returned as is: it names no
+    files, `load_model` and `load_tokenizer` build it."""
+    from specedge import synthetic
+
+    if synthetic.is_synthetic(ref):
+        return str(synthetic.parse(ref))
     if Path(ref).expanduser().is_dir():
         return str(Path(ref).expanduser())
     spec = spec_for(ref)
@@ -331,6 +340,10 @@ def load_model(ref: str, *, dtype: torch.dtype | None = None, device: str = "cpu
     import torch
     from transformers import AutoModelForCausalLM
 
+    from specedge import synthetic
+
+    if synthetic.is_synthetic(ref):
+        return synthetic.build(ref, dtype=dtype or torch.bfloat16, device=device)
     model = AutoModelForCausalLM.from_pretrained(resolve(ref), dtype=dtype or torch.bfloat16)
     return model.to(device).eval()
 
@@ -338,6 +351,10 @@ def load_model(ref: str, *, dtype: torch.dtype | None = None, device: str = "cpu
 def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    from specedge import synthetic
+
+    if synthetic.is_synthetic(ref):
+        return synthetic.load_tokenizer()
     return AutoTokenizer.from_pretrained(resolve(ref))
 
 

@@ -323,9 +323,11 @@ async def amain(a: argparse.Namespace) -> int:
         print(f"timeline written to {a.plot}", file=sys.stderr)
     if a.check:
         from specedge.cli import DTYPES
+        from specedge.devices import pick
         from specedge.models import load_model
 
-        model = load_model(a.model or views[0].target, dtype=DTYPES[a.dtype])
+        model = load_model(a.model or views[0].target, dtype=DTYPES[a.dtype],
+                           device=pick(a.device))
         rc = 0
         for sl in logs_:
             res = check(sl, model)
@@ -359,7 +361,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true")
     p.add_argument("--check", action="store_true")
     p.add_argument("--model", default=None, help="target for --check (default: the logged one)")
-    p.add_argument("--dtype", default="bfloat16")
+    from specedge.cli import DTYPES
+
+    p.add_argument("--device", default="cpu", help="where --check runs the target: cpu, cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                   help="the target's dtype for --check (the verifiers' own, to compare bits)")
     p.add_argument("--tokenizer", default=None, help="for the text (default: the logged draft)")
     p.add_argument("--no-text", action="store_true", help="skip decoding text")
     p.add_argument("--plot", default=None, metavar="FILE", help="timeline: .png or .html")

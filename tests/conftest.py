@@ -3,6 +3,8 @@ transformers models built in the test (float64 where exact equality is asserted)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -46,6 +48,16 @@ def related_draft(target: Qwen2ForCausalLM, noise: float, seed: int) -> Qwen2For
 
 
 FAST_CONSUMER = broker.ConsumerSettings(ack_wait_s=2.0, max_deliver=10)
+
+
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """The device of the `cuda`-marked tests: $SPECEDGE_TEST_DEVICE, default cuda; they skip
+    when it is CUDA and there is none (`SPECEDGE_TEST_DEVICE=cpu` runs them on the CPU)."""
+    dev = os.environ.get("SPECEDGE_TEST_DEVICE", "cuda")
+    if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"no CUDA device here (SPECEDGE_TEST_DEVICE={dev})")
+    return dev
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import asyncio
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
+from bench.reference import reference_greedy  # noqa: F401 (re-export)
 from schemas import Sampling
 from specedge import broker
 from specedge.config import TreeShape
@@ -61,18 +60,6 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
     finally:
         ex.shutdown()
         await nc.close()
-
-
-def reference_greedy(target, prompt: list[int], max_new_tokens: int,
-                     eos_ids: tuple[int, ...] = ()) -> list[int]:
-    """The target alone: plain greedy decoding with a KV cache (transformers' generate)."""
-    with torch.no_grad():
-        out = target.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=False,
-            eos_token_id=list(eos_ids) or None, pad_token_id=0,
-        )
-    return out[0, len(prompt):].tolist()
 
 
 async def wait_queued(url: str, n: int, timeout: float = 30.0) -> None:
