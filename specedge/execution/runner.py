@@ -25,6 +25,18 @@ from specedge.execution.pool import KVPool, KVSeq
 
 ATTN_NAME = "specedge_packed"
 log = structlog.get_logger(__name__)
+# A runner given no KV budget on a GPU (an edge's draft model) takes this share of the free
+# device memory for a pool of fixed size (a fixed pool is what CUDA graphs need); on the CPU
+# the pool grows instead. A verifier sizes its own pool (workers/verifier/state.py).
+GPU_DEFAULT_SHARE = 0.25
+
+
+def gpu_share_tokens(model, share: float) -> int:
+    """Tokens of KV that `share` of the device's free memory holds for this model."""
+    p = next(model.parameters())
+    free, _ = torch.cuda.mem_get_info(p.device)
+    probe = KVPool.for_model(model, capacity_tokens=1)  # one block: just the sizes
+    return max(probe.block_size, int(free * share) // probe.bytes_per_token)
 
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
@@ -56,6 +68,8 @@ class PackedRunner:
                                       or ["full_attention"]))
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
+        if pool is None and kv_budget_tokens is None and self.device.type == "cuda":
+            kv_budget_tokens = gpu_share_tokens(model, GPU_DEFAULT_SHARE)
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
                                              block_size=block_size)
         self.forward_calls = 0  # one per forward(); tests assert batching with it

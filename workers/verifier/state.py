@@ -122,24 +122,21 @@ GPU_DEFAULT_FRACTION = 0.5
 def kv_budget(model, cfg) -> int | None:
     """The KV pool's size in tokens from a worker config's budget (tokens, bytes, or a
     fraction of free device memory); None: a pool that grows (the CPU default)."""
+    from specedge.execution import KVPool
+    from specedge.execution.runner import gpu_share_tokens
+
     if cfg.kv_budget_tokens is not None:
         return cfg.kv_budget_tokens
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    p = next(model.parameters())
-    per_token = c.num_hidden_layers * 2 * kv_heads * head_dim * p.element_size()
     if cfg.kv_budget_bytes is not None:
+        per_token = KVPool.for_model(model, capacity_tokens=1).bytes_per_token
         return max(1, cfg.kv_budget_bytes // per_token)
+    on_gpu = next(model.parameters()).device.type == "cuda"
     fraction = cfg.kv_budget_fraction
-    if fraction is None and p.device.type == "cuda":
+    if fraction is None and on_gpu:
         fraction = GPU_DEFAULT_FRACTION
     if fraction is None:
         return None
-    if p.device.type != "cuda":
-        raise ValueError("a KV budget as a fraction of free memory needs a GPU; give tokens or "
+    if not on_gpu:
+        raise ValueError("a KV budget as a share of free memory needs a GPU; give tokens or "
                          "bytes on the CPU")
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(p.device)
-    return max(1, int(free * fraction) // per_token)
+    return gpu_share_tokens(model, fraction)

@@ -62,7 +62,9 @@ class WorkerStats:
     kv_hits: int = 0
     kv_misses: int = 0
     tokens: int = 0  # committed by this worker's verdicts
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # in the model forward (the executor's verify call)
+    batch_s: float = 0.0  # from taking a batch to its verdicts handed to the broker
+    ready_at: float = 0.0  # monotonic time the worker started taking work
     budget: int = 0  # the last load hint sent
     hold_s: float = 0.0  # time spent waiting for due blocks to join a batch
     prefill_chunks: int = 0  # forwards in which a session only caught up (no verdict)
@@ -121,6 +123,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
+        self._publishing: set[asyncio.Future] = set()  # verdicts still being published
         self._inbox: asyncio.Queue = asyncio.Queue()
         self.prefill_chunk = self.cfg.prefill_chunk or DEFAULT_PREFILL_CHUNK
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed sessions
@@ -172,6 +175,7 @@ class Worker:
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
                  vocab=self.engine.vocab_size, partitions=sorted(self.leases.owned))
         self.ready.set()
+        self.stats.ready_at = time.monotonic()
         try:
             while not self._stop.is_set():
                 if self.leases.changed.is_set():
@@ -205,6 +209,7 @@ class Worker:
                     await m.nak()
                 except Exception:
                     pass
+            await asyncio.gather(*self._publishing)  # the last verdicts out before we go
             await lease_task
             try:
                 await self.leases.release_all()
@@ -309,11 +314,19 @@ class Worker:
 
     def log_stats(self, event: str = "verifier stats") -> None:
         st = self.stats
+        up = time.monotonic() - st.ready_at if st.ready_at else 0.0
         log.info(event, worker=self.cfg.name, batches=st.batches, blocks=st.blocks,
                  tokens=st.tokens, busy_s=round(st.busy_s, 4), rejected=st.rejected,
                  kv_hits=st.kv_hits, kv_misses=st.kv_misses, sessions=len(self.sessions),
                  budget=st.budget, hold_s=round(st.hold_s, 4),
-                 kv_bytes=self.sessions.kv_bytes())
+                 kv_bytes=self.sessions.kv_bytes(), batch_s=round(st.batch_s, 4),
+                 # the control path's share: time per batch outside the forward, and how much
+                 # of its life the worker spent in forwards
+                 outside_per_batch_ms=round(1000 * (st.batch_s - st.busy_s)
+                                            / max(1, st.batches), 3),
+                 busy_fraction=round(st.busy_s / up, 4) if up else 0.0,
+                 prefill_chunks=st.prefill_chunks, attention=self.engine.runner.attention,
+                 cuda_graphs=self.engine.runner.graphs is not None)
 
     async def _on_session_msg(self, m) -> None:
         """Every session's open and close: per-edge session counts, and KV freed on close.
@@ -341,6 +354,13 @@ class Worker:
     # -- one batch -----------------------------------------------------------------------
 
     async def _process(self, msgs) -> None:
+        t_begin = time.perf_counter()
+        try:
+            await self._batch(msgs)
+        finally:
+            self.stats.batch_s += time.perf_counter() - t_begin
+
+    async def _batch(self, msgs) -> None:
         t_pick = time.time()
         candidates = self._deferred + [(m, None) for m in msgs]
         self._deferred = []
@@ -440,7 +460,11 @@ class Worker:
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
         self._deferred[:0] = prefilling
-        await asyncio.gather(*pubs)  # each handles its own failure
+        # Publishing and acking run beside the next batch (each handles its own failure): the
+        # next forward need not wait for the broker's acknowledgements of this one's verdicts.
+        task = asyncio.ensure_future(asyncio.gather(*pubs))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _fit(self, work: list, raw: dict[int, DraftBlock]) -> list:
         """Make room in the KV pool for the batch by evicting least recently used sessions'
