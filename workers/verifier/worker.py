@@ -33,6 +33,7 @@ from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from specedge.verify import commit
 from workers.verifier.admission import Admission
+from workers.verifier.board import Board
 from workers.verifier.engine import Engine, forward_costs, knee
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
@@ -125,6 +126,7 @@ class Worker:
                     raise
                 log.warning("stream not ready; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
+        self.board = await Board.join(self)  # effective limits: enforced here, shown to edges
         if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
             # before taking partitions: their blocks must not wait on it
             await self._calibrate()
@@ -185,6 +187,7 @@ class Worker:
                 except Exception:
                     pass
             await lease_task
+            await self.board.leave()
             try:
                 await self.leases.release_all()
                 await csub.unsubscribe()
