@@ -158,14 +158,22 @@ def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
     return False
 
 
-def stop_child(proc: subprocess.Popen, what: str, timeout_s: float = 30.0) -> None:
-    """SIGTERM (the verifier drains), wait, then SIGKILL if it would not go."""
+def stop_child(proc: subprocess.Popen, what: str, timeout_s: float = 30.0,
+               hopeless=lambda: False, grace_s: float = 3.0) -> None:
+    """SIGTERM (the verifier drains), wait, then SIGKILL if it would not go. Once `hopeless()`
+    (its broker is gone, e.g. Ctrl-C reached the nats-server too), a drain cannot finish: it
+    gets `grace_s` more, not the whole timeout."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("child did not stop in time; killed", child=what, pid=proc.pid)
+        end = time.monotonic() + timeout_s
+        cut = False
+        while proc.poll() is None and time.monotonic() < end:
+            if not cut and hopeless():
+                cut, end = True, min(end, time.monotonic() + grace_s)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            log.warning("child did not stop in time; killed", child=what, pid=proc.pid,
+                        broker_gone=cut)
             proc.kill()
             proc.wait()
     log.info("child stopped", child=what, pid=proc.pid, returncode=proc.returncode)
@@ -217,7 +225,8 @@ def main(argv=None) -> int:
     finally:
         lifecycle.ignore_signals()  # the cleanup runs to its end; each wait is bounded
         if verifier is not None:
-            stop_child(verifier, "verifier")
+            stop_child(verifier, "verifier",
+                       hopeless=lambda: nats_srv.proc is None or nats_srv.proc.poll() is not None)
         vlog.close()
         nats_srv.cleanup()
         log.info("demo stopped", returncode=rc)

@@ -144,21 +144,25 @@ class Board:
                 log.warning("limits board renewal failed", worker=self.entry.verifiers[0],
                             error=repr(exc))
 
-    async def leave(self) -> None:
-        """Remove our entry and tell edges what the others accept (best effort: without it,
-        the entry expires after the TTL and another worker broadcasts the change)."""
+    async def leave(self, timeout_s: float = 2.0) -> None:
+        """Remove our entry and tell edges what the others accept. Best effort and bounded (a
+        drain must not wait on a broker that is gone): without it, the entry expires after the
+        TTL and another worker broadcasts the change."""
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
-            if self._sub is not None:
-                await self._sub.unsubscribe()
-            if self.kv is None:
-                return
-            await self.kv.delete(self.key)
-            others = [e for e in await self.entries() if e.verifiers != self.entry.verifiers]
-            if others:
-                await self._publish(fleet.strictest(others))
+            await asyncio.wait_for(self._leave(), timeout_s)
         except Exception as exc:
             log.warning("could not leave the limits board", worker=self.entry.verifiers[0],
                         error=repr(exc))
+
+    async def _leave(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        if self.kv is None:
+            return
+        await self.kv.delete(self.key)
+        others = [e for e in await self.entries() if e.verifiers != self.entry.verifiers]
+        if others:
+            await self._publish(fleet.strictest(others))

@@ -1,0 +1,209 @@
+"""Clean stops: the real entry points as processes, SIGTERM (what a supervisor or `timeout`
+sends) at a point where they own something, and then no process of theirs left alive.
+Descendants are found by scanning /proc (no psutil)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas import SessionClosed
+from specedge import broker
+from specedge.sessionlog import read_session
+from tests.procs import ROOT
+from tests.stack import running_worker
+from tests.test_api import char_tokenizer
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # [state, ppid, ...]; comm may hold spaces
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (st := _stat(int(d))) is not None:
+            children.setdefault(int(st[1]), []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_pair, tmp_path_factory) -> tuple[str, str]:
+    """The tiny pair on disk with a tokenizer, for the commands' --target/--draft/--model."""
+    tok = char_tokenizer()
+    out = []
+    for model, name in zip(tiny_pair, ("target", "draft"), strict=True):
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(str(d))
+    return out[0], out[1]
+
+
+class Proc:
+    """A command's process with its JSON log lines (stderr) and text (stdout) collected."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.lines: list[dict] = []
+        self.text: list[str] = []
+        self.out = b""
+        self._tasks = [asyncio.create_task(self._read_err()),
+                       asyncio.create_task(self._read_out())]
+
+    @classmethod
+    async def start(cls, *args: str) -> Proc:
+        # its own process group, so a "Ctrl-C" can go to it and its children, as a terminal's
+        return cls(await asyncio.create_subprocess_exec(
+            sys.executable, *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT))))
+
+    async def _read_err(self) -> None:
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace")
+            self.text.append(line)
+            if line.startswith("{"):
+                self.lines.append(json.loads(line))
+
+    async def _read_out(self) -> None:
+        while chunk := await self.proc.stdout.read(64):
+            self.out += chunk
+
+    async def wait_for(self, pred, what: str, timeout: float = 120.0) -> None:
+        end = asyncio.get_running_loop().time() + timeout
+        while not pred():
+            if self.proc.returncode is not None:
+                raise AssertionError(f"exited ({self.proc.returncode}) before {what}:\n"
+                                     + "".join(self.text)[-3000:])
+            if asyncio.get_running_loop().time() > end:
+                raise AssertionError(f"timed out waiting for {what}:\n"
+                                     + "".join(self.text)[-3000:])
+            await asyncio.sleep(0.05)
+
+    def event(self, name: str) -> dict | None:
+        return next((x for x in self.lines if x.get("event") == name), None)
+
+    async def stop(self, sig: int, timeout: float = 90.0, group: bool = False) -> int:
+        if group:  # a terminal's Ctrl-C: the whole foreground process group
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+        rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.gather(*self._tasks)
+        return rc
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.mark.parametrize("mode", ["serve", "answer", "ctrl-c"])
+async def test_demo_sigterm_stops_verifier_and_broker(model_dirs, mode):
+    """`python -m specedge.demo` (embedded nats-server + verifier process + edge), SIGTERM while
+    it serves the API (--serve) or streams an answer: it exits 143 after stopping and waiting
+    for both children; the verifier drained (exit 0); nothing of it is left running. Ctrl-C in
+    a terminal (SIGINT to the whole group, the broker dies at once): 130, nothing left, and
+    without waiting out the verifier's drain timeout."""
+    target, draft = model_dirs
+    extra = ["--serve", "--port", "0"] if mode != "answer" else ["--max-new-tokens", "900"]
+    p = await Proc.start("-m", "specedge.demo", "--target", target, "--draft", draft,
+                         "--dtype", "float64", "--threads", "1", "--verifier-threads", "1",
+                         "--log-level", "info", "--prompt", "Hello there", *extra)
+    try:
+        if mode == "answer":
+            await p.wait_for(lambda: len(p.out) > 0, "the first streamed text")
+        else:
+            await p.wait_for(lambda: any("OpenAI-compatible API on" in t for t in p.text),
+                             "the API")
+        started = p.event("started")
+        kids = descendants(p.proc.pid)
+        assert {started["verifier_pid"], started["broker_pid"]} <= kids, (started, kids)
+        t0 = time.monotonic()
+        rc = await p.stop(signal.SIGINT if mode == "ctrl-c" else signal.SIGTERM,
+                          group=mode == "ctrl-c")
+        took = time.monotonic() - t0
+    finally:
+        await p.kill()
+    assert rc == (130 if mode == "ctrl-c" else 143), "".join(p.text)[-3000:]
+    left = [k for k in kids if alive(k)]
+    assert not left, f"left running: {left}"
+    assert p.event("demo stopped")["returncode"] == rc
+    stopped = {x["child"]: x["returncode"] for x in p.lines if x.get("event") == "child stopped"}
+    if mode == "ctrl-c":
+        assert took < 15, took
+    else:
+        assert stopped == {"verifier": 0}, stopped  # drained on its SIGTERM, not killed
+    if mode == "answer":
+        assert len(p.out.decode()) < 900  # cut short, not run to the end
+
+
+async def test_verifier_with_embedded_broker_stops_it_on_sigterm(model_dirs):
+    """`python -m workers.verifier` without --nats owns a nats-server: SIGTERM while it is
+    still loading (143) and SIGTERM while serving (a drain, 0) both stop and reap it."""
+    target, _ = model_dirs
+    args = ["-m", "workers.verifier", "--model", target, "--dtype", "float64", "--threads", "1",
+            "--log-level", "info", "--adaptive-batch-tokens", "16"]
+    for phase, event, want in (("loading", "no --nats given: started an embedded broker", 143),
+                               ("serving", "verifier ready", 0)):
+        p = await Proc.start(*args)
+        try:
+            await p.wait_for(lambda e=event, p=p: p.event(e) is not None, event)
+            nats_pid = p.event("no --nats given: started an embedded broker")["pid"]
+            assert nats_pid in descendants(p.proc.pid)
+            rc = await p.stop(signal.SIGTERM)
+        finally:
+            await p.kill()
+        assert rc == want, (phase, "".join(p.text)[-3000:])
+        assert not alive(nats_pid), f"{phase}: the embedded nats-server was left running"
+
+
+async def test_edge_cli_sigterm_closes_its_session(nats_server, tiny_pair, model_dirs):
+    """`python -m specedge.edge`, SIGTERM mid-answer: exit 143, and its session is closed on the
+    broker (the verifiers stop counting it against the edge) instead of left open."""
+    target_model, _ = tiny_pair
+    _, draft = model_dirs
+    async with running_worker(target_model, nats_server.url):
+        p = await Proc.start("-m", "specedge.edge", "--nats", nats_server.url, "--model", draft,
+                             "--target", "tiny", "--dtype", "float64", "--threads", "1",
+                             "--log-level", "info", "--prompt", "Hello there",
+                             "--max-new-tokens", "900")
+        try:
+            await p.wait_for(lambda: len(p.out) > 0, "the first streamed text")
+            rc = await p.stop(signal.SIGTERM)
+        finally:
+            await p.kill()
+        sid = p.event("session opened")["sid"]
+        nc = await broker.connect(nats_server.url, "probe")
+        try:
+            slog = await read_session(nc.jetstream(), sid)
+        finally:
+            await nc.close()
+    assert rc == 143, "".join(p.text)[-3000:]
+    closed = [e.msg for e in slog.entries if isinstance(e.msg, SessionClosed)]
+    assert [c.reason for c in closed] == ["error"]
+    assert "stopped by SIGTERM" in "".join(p.text)
