@@ -16,28 +16,13 @@ from dataclasses import dataclass
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from specedge import broker, subjects
 from specedge.config import Limits
 from specedge.edge import serve
 from tests.stack import reference_greedy, running_worker
-
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """256 ids, one character each (printable ASCII, newline, then Latin Extended), so any
-    id sequence the tiny models produce decodes to a distinct string, plus a chat template."""
-    chars = [chr(c) for c in range(32, 127)] + ["\n"] + [chr(0x100 + i) for i in range(160)]
-    t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=" "))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    t.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+from tests.tokens import char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,18 @@ own board code) and the edge's refusal rule."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 
 import pytest
 
-from specedge import broker, fleet
+from specedge import broker, fleet, subjects
 from specedge.config import Limits, TreeShape
+from specedge.edge.__main__ import EXIT_REFUSED
 from specedge.edge.limits import EdgeLimits, LimitError, plan
 from specedge.fleet import FleetLimits, FleetView
+from tests.procs import ROOT
 from workers.verifier.board import Board, effective_limits
 
 
@@ -132,3 +136,42 @@ async def test_board_merges_live_verifiers_and_forgets_dead_ones(nats_server):
                 await b.leave()
         for nc in ncs:
             await nc.close()
+
+
+@pytest.mark.timeout(120)
+async def test_cli_edge_refuses_before_any_work(nats_server, model_dirs):
+    """`python -m specedge.edge` over the fleet's limits (a verifier's board on a real broker) or
+    the draft's positions (no verifier up): exit code 4 and a message naming the limit, before
+    the draft's weights are loaded; nothing reaches the broker."""
+    _, draft = model_dirs
+
+    async def edge(*args: str) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "specedge.edge", "--nats", nats_server.url, "--model", draft,
+            "--dtype", "float64", "--threads", "1", "--no-chat", *args,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        _, err = await asyncio.wait_for(p.communicate(), 90)
+        return p.returncode, err.decode()
+
+    nc = await broker.connect(nats_server.url, "verifier")
+    board = Board(nc, nc.jetstream(), entry("v1", max_prompt_tokens=32, max_nodes=4))
+    try:
+        # no verifier has answered: the draft's 1024 positions still apply
+        rc, err = await edge("--prompt", "x" * 1100)
+        assert rc == EXIT_REFUSED, err
+        assert "refused before any work (context_length_exceeded)" in err
+        assert "maximum context length is 1024" in err
+        await board.start()
+        (rc1, err1), (rc2, err2) = await asyncio.gather(
+            edge("--prompt", "x" * 100, "--tree-budget", "4"),
+            edge("--prompt", "x", "--tree-budget", "8"))
+        assert rc1 == EXIT_REFUSED and "the verifiers' max_prompt_tokens allows at most 32" \
+            in err1, err1
+        assert rc2 == EXIT_REFUSED and "(tree_too_large)" in err2 and \
+            "--tree-budget <= 4" in err2, err2
+        assert "session opened" not in err + err1 + err2
+        assert (await nc.jetstream().stream_info(subjects.STREAM)).state.messages == 0
+    finally:
+        await board.leave()
+        await nc.close()

@@ -19,7 +19,6 @@ from specedge import broker
 from specedge.sessionlog import read_session
 from tests.procs import ROOT
 from tests.stack import running_worker
-from tests.test_api import char_tokenizer
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
 
@@ -48,19 +47,6 @@ def descendants(pid: int) -> set[int]:
 def alive(pid: int) -> bool:
     st = _stat(pid)
     return st is not None and st[0] != "Z"
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tiny_pair, tmp_path_factory) -> tuple[str, str]:
-    """The tiny pair on disk with a tokenizer, for the commands' --target/--draft/--model."""
-    tok = char_tokenizer()
-    out = []
-    for model, name in zip(tiny_pair, ("target", "draft"), strict=True):
-        d = tmp_path_factory.mktemp(name)
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        out.append(str(d))
-    return out[0], out[1]
 
 
 class Proc:
