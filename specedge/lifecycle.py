@@ -85,5 +85,3 @@ async def _guarded(main: Coroutine[Any, Any, Any]) -> Any:
         for s in SIGNALS:
             loop.remove_signal_handler(s)
         raise_on_signals()  # the loop's removal reset them to the defaults
-        if got and task.cancelling():
-            task.uncancel()

@@ -10,12 +10,24 @@ import time
 
 import pytest
 
+from schemas import (
+    SCHEMA_VERSION,
+    DraftBlock,
+    Rejected,
+    Sampling,
+    SessionOpened,
+    Verdict,
+    decode,
+    encode,
+    pack_ids,
+)
 from specedge import broker, fleet, subjects
 from specedge.config import Limits, TreeShape
 from specedge.edge.__main__ import EXIT_REFUSED
 from specedge.edge.limits import EdgeLimits, LimitError, plan
 from specedge.fleet import FleetLimits, FleetView
 from tests.procs import ROOT
+from tests.stack import running_worker
 from workers.verifier.board import Board, effective_limits
 
 
@@ -175,3 +187,43 @@ async def test_cli_edge_refuses_before_any_work(nats_server, model_dirs):
     finally:
         await board.leave()
         await nc.close()
+
+
+@pytest.mark.timeout(120)
+async def test_verifier_refuses_what_leaves_the_models_positions(nats_server, tiny_pair):
+    """The verifier's side of the rule, for edges that skip it: a prompt longer than the
+    target's 1024 positions, or a tree whose deepest node would sit at position 1024, gets
+    Rejected(context_length_exceeded); a tree ending at position 1023 is verified."""
+    target, _ = tiny_pair
+    nc = await broker.connect(nats_server.url, "raw-edge")
+    js = nc.jetstream()
+    got: dict[str, asyncio.Queue] = {}
+
+    async def open_and_draft(prompt: list[int], depth: int):
+        sid = subjects.new_session_id()
+        q = got[sid] = asyncio.Queue()
+
+        async def on_verdict(m) -> None:
+            q.put_nowait(decode(m.data))
+
+        await nc.subscribe(subjects.verdict(sid), cb=on_verdict)
+        await js.publish(subjects.session(sid), encode(SessionOpened(
+            v=SCHEMA_VERSION, prompt=pack_ids(prompt), sampling=Sampling(), seed=0,
+            max_new_tokens=64, eos_ids=b"", target="t", draft="d", vocab_size=256)))
+        await js.publish(subjects.draft(sid), encode(DraftBlock(
+            v=SCHEMA_VERSION, round=0, committed_len=len(prompt), root=prompt[-1],
+            tokens=pack_ids([7] * depth), parents=pack_ids(list(range(depth))))))
+        return await asyncio.wait_for(got[sid].get(), 60)
+
+    try:
+        async with running_worker(target, nats_server.url):
+            fits, beyond, too_long = await asyncio.gather(
+                open_and_draft([5] * 1020, 4), open_and_draft([5] * 1020, 5),
+                open_and_draft([5] * 1030, 1))
+    finally:
+        await nc.close()
+    assert isinstance(fits, Verdict), fits  # root at 1019, nodes at 1020..1023
+    assert isinstance(beyond, Rejected) and beyond.code == "context_length_exceeded", beyond
+    assert "reaches position 1024" in beyond.reason
+    assert isinstance(too_long, Rejected) and too_long.code == "context_length_exceeded"
+    assert "1030 tokens" in too_long.reason
