@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -159,7 +160,7 @@ def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
 
 
 def stop_child(proc: subprocess.Popen, what: str, timeout_s: float = 30.0,
-               hopeless=lambda: False, grace_s: float = 3.0) -> None:
+               hopeless: Callable[[], bool] = lambda: False, grace_s: float = 3.0) -> None:
     """SIGTERM (the verifier drains), wait, then SIGKILL if it would not go. Once `hopeless()`
     (its broker is gone, e.g. Ctrl-C reached the nats-server too), a drain cannot finish: it
     gets `grace_s` more, not the whole timeout."""
