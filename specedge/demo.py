@@ -131,8 +131,13 @@ async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:
                   "[differs from the target alone: see above]", file=sys.stderr)
         return {"text": text}
     finally:
-        stop.set()
-        await task
+        stop.set()  # serve stops taking requests and gives those in flight its grace
+        while not task.done():  # lifecycle.run's cancellation retries must not cut that short
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                pass
+        task.result()
 
 
 def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:

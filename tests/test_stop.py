@@ -184,6 +184,17 @@ async def main():
         await asyncio.sleep(0.1)  # an await inside the unwinding still runs
         print("async cleanup", flush=True)
 
+async def swallowing():  # as 3.11's wait_for does when its result lands with the cancel
+    print("ready", flush=True)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        print("swallowed", flush=True)
+    try:
+        await asyncio.sleep(60)
+    finally:
+        print("async cleanup", flush=True)
+
 if sys.argv[1] == "sync":
     lifecycle.raise_on_signals()
     try:
@@ -193,7 +204,7 @@ if sys.argv[1] == "sync":
         print("sync cleanup", flush=True)
         sys.exit(exc.exit_code)
 try:
-    lifecycle.run(main())
+    lifecycle.run(swallowing() if sys.argv[1] == "swallow" else main(), retry_s=0.5)
 except lifecycle.Interrupted as exc:
     sys.exit(exc.exit_code)
 """
@@ -201,19 +212,21 @@ except lifecycle.Interrupted as exc:
 
 @pytest.mark.parametrize("phase, sig, rc", [("sync", signal.SIGTERM, 143),
                                             ("loop", signal.SIGTERM, 143),
-                                            ("loop", signal.SIGINT, 130)])
+                                            ("loop", signal.SIGINT, 130),
+                                            ("swallow", signal.SIGTERM, 143)])
 async def test_lifecycle_turns_signals_into_an_unwind(phase, sig, rc):
     """The mechanism every entry point uses, deterministically: outside the event loop a signal
-    raises Interrupted where the code stands; inside, it cancels the main task, whose finally
-    blocks (awaits included) run; the exit status is 128 + the signal."""
+    raises Interrupted where the code stands; inside, it cancels the main coroutine, whose
+    finally blocks (awaits included) run, again if a cancellation was swallowed; the exit
+    status is 128 + the signal."""
     p = await Proc.start("-c", _LIFECYCLE, phase)
     try:
         await p.wait_for(lambda: b"ready" in p.out, "ready", timeout=30)
         assert await p.stop(sig, timeout=10) == rc
     finally:
         await p.kill()
-    assert p.out.decode().split() == ["ready", f"{'sync' if phase == 'sync' else 'async'}",
-                                      "cleanup"]
+    want = {"sync": "ready sync cleanup", "swallow": "ready swallowed async cleanup"}
+    assert p.out.decode().split() == want.get(phase, "ready async cleanup").split()
 
 
 async def test_edge_cli_sigterm_closes_its_session(nats_server, tiny_pair, model_dirs):
