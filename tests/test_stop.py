@@ -174,7 +174,8 @@ async def test_verifier_with_embedded_broker_stops_it_on_sigterm(model_dirs):
 
 _LIFECYCLE = """
 import asyncio, sys, time
-from specedge import lifecycle
+from specedge import lifecycle, logs
+logs.configure("info")  # log lines to stderr: stdout is what the test compares
 
 async def main():
     try:
@@ -227,6 +228,8 @@ async def test_lifecycle_turns_signals_into_an_unwind(phase, sig, rc):
         await p.kill()
     want = {"sync": "ready sync cleanup", "swallow": "ready swallowed async cleanup"}
     assert p.out.decode().split() == want.get(phase, "ready async cleanup").split()
+    assert (p.event("still running after a stop signal; cancelling again") is not None) == (
+        phase == "swallow")
 
 
 async def test_edge_cli_sigterm_closes_its_session(nats_server, tiny_pair, model_dirs):
