@@ -33,12 +33,16 @@ from specedge import subjects
 SECURE_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "secure.conf"
 ROLES = ("edge", "verifier", "operator")
 
-# Verifiers: the JetStream API (stream, consumers, KV leases, log reads), acks, flow control,
-# every session's open/close, and verdicts; they never publish drafts or session messages.
+# Verifiers: the JetStream API (stream, consumers, KV leases and limits board, log reads),
+# acks, flow control, every session's open/close, verdicts, and the fleet's limits (answering
+# edges' queries: allow_responses lets them reply to an edge's own inbox); they never publish
+# drafts or session messages.
 VERIFIER_PERMISSIONS = {
     "publish": ["$JS.API.>", f"$JS.ACK.{subjects.STREAM}.>", "$JS.FC.>",
-                f"$KV.{subjects.LEASES}.>", subjects.verdict("*.*")],
-    "subscribe": [subjects.all_sessions(), "_INBOX.>"],
+                f"$KV.{subjects.LEASES}.>", f"$KV.{subjects.FLEET}.>", subjects.verdict("*.*"),
+                subjects.fleet_limits()],
+    "subscribe": [subjects.all_sessions(), "_INBOX.>", subjects.fleet_query()],
+    "allow_responses": True,
 }
 OPERATOR_PERMISSIONS = {"publish": [">"], "subscribe": [">"]}
 
@@ -53,7 +57,7 @@ def public_key_of(seed: str) -> str:
     return nkeys.from_seed(bytearray(seed.strip().encode())).public_key.decode()
 
 
-def permissions(role: str, name: str) -> dict[str, list[str]]:
+def permissions(role: str, name: str) -> dict:
     if role == "edge":
         return subjects.edge_permissions(name)
     return VERIFIER_PERMISSIONS if role == "verifier" else OPERATOR_PERMISSIONS
@@ -66,10 +70,12 @@ def stanza(role: str, name: str, nkey: str) -> str:
     def allow(subjs: list[str]) -> str:
         return "[" + ", ".join(json.dumps(x) for x in subjs) + "]"
 
+    responses = "        allow_responses: true\n" if p.get("allow_responses") else ""
     return (f"    # {role} {name}\n"
             f"    {{ nkey: {nkey}, permissions: {{\n"
             f"        publish: {{ allow: {allow(p['publish'])} }}\n"
             f"        subscribe: {{ allow: {allow(p['subscribe'])} }}\n"
+            f"{responses}"
             f"    }} }}\n")
 
 

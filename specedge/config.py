@@ -15,6 +15,9 @@ class Limits:
     max_depth: int = 16
     max_prompt_tokens: int = 8192
     max_new_tokens: int = 4096
+    # context positions a session may use (prompt + generated + draft tree): 0 means the target
+    # model's max_position_embeddings; a lower value caps the context (and the KV it needs)
+    max_positions: int = 0
     max_block_age_s: float = 300.0  # older drafts (e.g. left in the stream) are terminated
     # bodies larger than this are refused before decoding (the broker's max_payload is the
     # outer bound; a 64-node block is well under 1 KiB, an 8k-token prompt 32 KiB)
@@ -41,6 +44,7 @@ _LIMIT_HELP = {
     "max_depth": "draft tree depth",
     "max_prompt_tokens": "prompt length at session open",
     "max_new_tokens": "max_new_tokens a session may ask for",
+    "max_positions": "context positions per session (0: the target model's own)",
     "max_block_age_s": "seconds after which a queued block is terminated unverified",
     "max_message_bytes": "largest message body accepted (refused before decoding)",
     "max_eos_ids": "stop tokens per session",
@@ -59,6 +63,14 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     for f in fields(Limits):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                        default=f.default, help=f"{_LIMIT_HELP[f.name]} (default {f.default})")
+
+
+def positions_needed(prompt_tokens: int, new_tokens: int, depth: int) -> int:
+    """Context positions a session can touch: its prompt, every generated token but the last
+    (no forward ever sees it) and, hanging off the last committed token, a draft tree `depth`
+    deep. The edge admits a session only if this fits the models' positions; the verifier
+    refuses a block whose deepest node lies beyond them."""
+    return prompt_tokens + new_tokens - 1 + depth
 
 
 @dataclass(frozen=True)

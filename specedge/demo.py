@@ -1,6 +1,7 @@
 """python -m specedge.demo: the whole stack on this machine. Starts an embedded nats-server, one
 verifier process with the target model, and an edge with the draft model; answers a prompt,
-streaming; shuts everything down (also on Ctrl-C).
+streaming; shuts everything down, also on Ctrl-C or SIGTERM (exit status 130 / 143): the
+verifier drains, then the broker stops, and both are waited for.
 
 --api: the edge runs as `specedge.edge serve` and the official openai client streams the
 answer from it (--check: then compare with the target model alone, greedy). --serve: keep
@@ -16,13 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from specedge import broker, logs, settings, subjects
+from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
-from specedge.edge.__main__ import add_generation_args
+from specedge.edge.__main__ import EXIT_REFUSED, add_generation_args
+from specedge.edge.limits import LimitError
 
 log = structlog.get_logger("specedge.demo")
 
@@ -87,7 +90,7 @@ async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:
     from specedge.edge import serve
 
     a.nats, a.host, a.served_model_name = url, "127.0.0.1", None
-    a.max_sessions, a.max_tokens_limit, a.grace_s = 16, 4096, 5.0
+    a.max_sessions, a.max_tokens_limit, a.grace_s = 16, 4096, 5.0  # `edge serve`'s own flags
     stop = asyncio.Event()
     started = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve.serve(a, stop, draft=draft, tokenizer=tok, started=started))
@@ -100,7 +103,7 @@ async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:
                   f"  curl {base}/chat/completions -H 'Content-Type: application/json' -d "
                   f"'{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
                   f"\"content\": \"Hello\"}}], \"stream\": true}}'", file=sys.stderr, flush=True)
-            await asyncio.Event().wait()  # until Ctrl-C
+            await asyncio.Event().wait()  # until Ctrl-C or SIGTERM cancel this task
         import openai
 
         client = openai.AsyncOpenAI(base_url=base, api_key="not-needed")
@@ -128,8 +131,13 @@ async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:
                   "[differs from the target alone: see above]", file=sys.stderr)
         return {"text": text}
     finally:
-        stop.set()
-        await task
+        stop.set()  # serve stops taking requests and gives those in flight its grace
+        while not task.done():  # lifecycle.run's cancellation retries must not cut that short
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                pass
+        task.result()
 
 
 def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
@@ -142,9 +150,10 @@ def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
 
     target = load_model(a.target, dtype=DTYPES[a.dtype], device=a.device)
     ids = prompt_ids(tok, a.prompt, True)
+    dev = target.device
     with torch.no_grad():
-        out = target.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                              dtype=torch.long), max_new_tokens=n, do_sample=False)
+        out = target.generate(torch.tensor([ids], device=dev), attention_mask=torch.ones(
+            1, len(ids), dtype=torch.long, device=dev), max_new_tokens=n, do_sample=False)
     ref = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
     if ref == text:
         return True
@@ -153,6 +162,27 @@ def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
     print(f"first difference at character {i}: target alone {ref[i:i + 40]!r}, "
           f"served {text[i:i + 40]!r}", file=sys.stderr)
     return False
+
+
+def stop_child(proc: subprocess.Popen, what: str, timeout_s: float = 30.0,
+               hopeless: Callable[[], bool] = lambda: False, grace_s: float = 3.0) -> None:
+    """SIGTERM (the verifier drains), wait, then SIGKILL if it would not go. Once `hopeless()`
+    (its broker is gone, e.g. Ctrl-C reached the nats-server too), a drain cannot finish: it
+    gets `grace_s` more, not the whole timeout."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout_s
+        cut = False
+        while proc.poll() is None and time.monotonic() < end:
+            if not cut and hopeless():
+                cut, end = True, min(end, time.monotonic() + grace_s)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            log.warning("child did not stop in time; killed", child=what, pid=proc.pid,
+                        broker_gone=cut)
+            proc.kill()
+            proc.wait()
+    log.info("child stopped", child=what, pid=proc.pid, returncode=proc.returncode)
 
 
 def main(argv=None) -> int:
@@ -170,34 +200,42 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads or max(1, cores - vthreads))
     state = Path(tempfile.mkdtemp(prefix="specedge-demo-"))
-    nats_srv = broker.EmbeddedNats(store_dir=state / "nats").start()
-    broker.run_setup(nats_srv.url)
+    # From here on a signal unwinds through the finally below, which stops the children.
+    lifecycle.raise_on_signals()
+    nats_srv = broker.EmbeddedNats(store_dir=state / "nats")
+    verifier: subprocess.Popen | None = None
     vlog = open(state / "verifier.log", "wb")  # noqa: SIM115
-    env = dict(os.environ, SPECEDGE_LOG=a.log_level)
-    verifier = subprocess.Popen(
-        [sys.executable, "-m", "workers.verifier", "--nats", nats_srv.url, "--model", a.target,
-         "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads)],
-        stdout=vlog, stderr=subprocess.STDOUT, env=env)
-    log.info("started", broker=nats_srv.url, verifier_log=str(state / "verifier.log"))
     rc = 0
     try:
+        nats_srv.start()
+        broker.run_setup(nats_srv.url)
+        env = dict(os.environ, SPECEDGE_LOG=a.log_level)
+        verifier = subprocess.Popen(
+            [sys.executable, "-m", "workers.verifier", "--nats", nats_srv.url, "--model",
+             a.target, "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads)],
+            stdout=vlog, stderr=subprocess.STDOUT, env=env)
+        log.info("started", broker=nats_srv.url, broker_pid=nats_srv.proc.pid,
+                 verifier_pid=verifier.pid, verifier_log=str(state / "verifier.log"))
         logs.install_uvloop()
-        asyncio.run(amain(a, nats_srv.url, verifier))
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        rc = 130
+        lifecycle.run(amain(a, nats_srv.url, verifier))
+    except lifecycle.Interrupted as exc:
+        print(f"\n{exc}; stopping the verifier and the broker", file=sys.stderr)
+        rc = exc.exit_code
+    except LimitError as exc:
+        print(f"specedge.demo: refused before any work ({exc.code}): {exc.message}",
+              file=sys.stderr)
+        rc = EXIT_REFUSED
     except Exception as exc:
         log.error("demo failed", error=str(exc), verifier_log=str(state / "verifier.log"))
         rc = 1
     finally:
-        if verifier.poll() is None:
-            verifier.send_signal(signal.SIGTERM)
-            try:
-                verifier.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                verifier.kill()
+        lifecycle.ignore_signals()  # the cleanup runs to its end; each wait is bounded
+        if verifier is not None:
+            stop_child(verifier, "verifier",
+                       hopeless=lambda: nats_srv.proc is None or nats_srv.proc.poll() is not None)
         vlog.close()
         nats_srv.cleanup()
+        log.info("demo stopped", returncode=rc)
     return rc
 
 

@@ -12,6 +12,7 @@ import secrets
 PREFIX = "specedge"
 STREAM = "SPECEDGE"
 LEASES = "specedge_leases"  # KV bucket: verifier membership and partition leases
+FLEET = "specedge_fleet"  # KV bucket: every live verifier's effective limits (the board)
 # Sessions hash into a fixed number of partitions by the stream's subject transform
 # (specedge.draft.<edge>.<nonce> is stored as specedge.draft.<p>.<edge>.<nonce>); a worker
 # serves a set of them.
@@ -97,6 +98,16 @@ def sid_of(subject: str) -> str:
     return sid
 
 
+def fleet_query() -> str:
+    """Request subject: any verifier answers with the fleet's limits (edges cannot read KV)."""
+    return f"{PREFIX}.fleet.query"
+
+
+def fleet_limits() -> str:
+    """Broadcast subject: verifiers publish the fleet's limits here whenever they change."""
+    return f"{PREFIX}.fleet.limits"
+
+
 def msg_id(sid: str, round_no: int, kind: str) -> str:
     """Nats-Msg-Id: a retry or a redelivered verdict is deduplicated by the broker."""
     return f"{sid}:{round_no}:{kind}"
@@ -104,12 +115,14 @@ def msg_id(sid: str, round_no: int, kind: str) -> str:
 
 def edge_permissions(edge: str, inbox_prefix: str | None = None) -> dict[str, list[str]]:
     """What an edge may do on the broker: publish its own sessions' opens/closes and drafts,
-    receive its own verdicts and the replies on its own inbox (JetStream publish acks).
-    Nothing else; in particular no `$JS.API` (no streams, consumers or log reads)."""
+    receive its own verdicts and the replies on its own inbox (JetStream publish acks); ask for
+    the fleet's limits and hear their updates. Nothing else; in particular no `$JS.API` (no
+    streams, consumers, KV or log reads)."""
     if not valid_edge(edge):
         raise ValueError(f"bad edge name {edge!r}")
-    return {"publish": [session(f"{edge}.*"), draft(f"{edge}.*")],
-            "subscribe": [verdict(f"{edge}.*"), f"{inbox_prefix or edge_inbox(edge)}.>"]}
+    return {"publish": [session(f"{edge}.*"), draft(f"{edge}.*"), fleet_query()],
+            "subscribe": [verdict(f"{edge}.*"), f"{inbox_prefix or edge_inbox(edge)}.>",
+                          fleet_limits()]}
 
 
 def edge_inbox(edge: str) -> str:

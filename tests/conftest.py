@@ -81,3 +81,19 @@ def tiny_pair():
     target = tiny_model(1)
     draft = related_draft(target, noise=0.3, seed=2)
     return target, draft
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tiny_pair, tmp_path_factory) -> tuple[str, str]:
+    """(target, draft) on disk with the one-character tokenizer, for the commands'
+    --target/--draft/--model (demo, edge and verifier processes)."""
+    from tests.tokens import char_tokenizer
+
+    tok = char_tokenizer()
+    out = []
+    for model, name in zip(tiny_pair, ("target", "draft"), strict=True):
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(str(d))
+    return out[0], out[1]

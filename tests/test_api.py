@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -15,27 +16,13 @@ from dataclasses import dataclass
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from specedge import broker, subjects
 from specedge.config import Limits
 from specedge.edge import serve
 from tests.stack import reference_greedy, running_worker
-
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant: {% endif %}")
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """256 ids, one character each (printable ASCII, newline, then Latin Extended), so any
-    id sequence the tiny models produce decodes to a distinct string, plus a chat template."""
-    chars = [chr(c) for c in range(32, 127)] + ["\n"] + [chr(0x100 + i) for i in range(160)]
-    t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=" "))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    t.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+from tests.tokens import char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -253,9 +240,15 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         r = await _http(f"{base}/v1/chat/completions")
         assert r.status_code == 405 and "error" in r.json()
-        # The verifier's own limits come back as a 400 with its reason code.
+        # Over the verifiers' limits (read from their board): refused by the edge up front.
         r = await _http(f"{base}/v1/completions", "POST", json.dumps({
             "model": "tiny-target", "prompt": "x" * 100, "max_tokens": 4}).encode())
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        # What only the verifier checks comes back as a 400 with its reason code.
+        r = await _http(f"{base}/v1/completions", "POST", json.dumps({
+            "model": "tiny-target", "prompt": "abc", "max_tokens": 4,
+            "temperature": 1e-4}).encode())
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "invalid_session"
 
@@ -280,7 +273,7 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
         # A client that goes away mid-stream cancels its session (closed on the broker).
         def read_then_hang_up() -> bytes:
             host, port = base.removeprefix("http://").split(":")
-            body = json.dumps({"model": "tiny-target", "prompt": "abc", "max_tokens": 4000,
+            body = json.dumps({"model": "tiny-target", "prompt": "abc", "max_tokens": 900,
                                "stream": True}).encode()
             with socket.create_connection((host, int(port)), timeout=30) as sock:
                 sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
@@ -300,13 +293,77 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
         ver = scrape((await _get(f"{w.http.url}/metrics")).text)
         edge = scrape((await _get(f"{base}/metrics")).text)
     assert edge["specedge_edge_sessions_total{outcome=cancelled}"] == 1
-    assert ver["specedge_verifier_tokens_total"] < 4000  # it did not run to the end
+    assert ver["specedge_verifier_tokens_total"] < 900  # it did not run to the end
     assert ver["specedge_verifier_rejects_total{reason=invalid_session}"] == 1
     assert edge["specedge_edge_sessions_total{outcome=rejected}"] == 1
     assert edge["specedge_edge_sessions_total{outcome=stopped}"] == 2
     assert edge["specedge_edge_http_requests_total{endpoint=chat,status=404}"] == 1
     assert edge["specedge_edge_http_requests_total{endpoint=chat,status=400}"] == 5
 
+
+
+async def test_over_limit_requests_refused_before_any_draft_forward(nats_server, tiny_pair, tok):
+    """The verifier publishes its limits; `edge serve` reads them and refuses what the fleet
+    would refuse right after tokenising: a 400 in OpenAI's shape, no draft forward (counted on
+    the draft model), no message on the broker. Within the limits, max_tokens left out is capped
+    to what fits the models' 1024 positions and the configured tree (8 nodes, depth 6) is
+    clamped to the fleet's (4, depth 3), adaptive budget hints included: nothing is rejected."""
+    target, draft = tiny_pair
+    forwards: list[int] = []
+    hook = draft.register_forward_hook(lambda *_: forwards.append(1))
+    limits = Limits(max_prompt_tokens=2000, max_new_tokens=50, max_nodes=4, max_depth=3)
+    op = await broker.connect(nats_server.url, "probe")
+    js = op.jetstream()
+
+    async def stored() -> int:
+        return (await js.stream_info(subjects.STREAM)).state.messages
+
+    try:
+        async with api_stack(nats_server.url, tiny_pair, tok, limits=limits) as (base, w):
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+            before = await stored()
+            cases = [  # (prompt characters = tokens, max_tokens, code, param, message part)
+                (2100, 4, "context_length_exceeded", "prompt", "allows at most 2000"),
+                (1100, None, "context_length_exceeded", "prompt", "context length is 1024"),
+                (1000, 40, "context_length_exceeded", "max_tokens", "at most 22 completion"),
+                (10, 60, "invalid_value", "max_tokens", "at most 50 completion"),
+            ]
+            for n, max_tokens, code, param, part in cases:
+                t0 = time.perf_counter()
+                r = await _http(f"{base}/v1/completions", "POST", json.dumps(
+                    {"model": "tiny-target", "prompt": "x" * n}
+                    | ({"max_tokens": max_tokens} if max_tokens else {})).encode())
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert (err["code"], err["param"], err["type"]) == (
+                    code, param, "invalid_request_error"), err
+                assert part in err["message"], err
+                assert time.perf_counter() - t0 < 2
+            # the official client, a 40,000-character chat (the issue's case, in miniature)
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.chat.completions.create(
+                    model="tiny-target", messages=[{"role": "user", "content": "y" * 40_000}])
+            assert e.value.body["code"] == "context_length_exceeded"
+            assert e.value.body["param"] == "messages"
+            assert forwards == [], "a refused request ran the draft model"
+            assert await stored() == before, "a refused request reached the broker"
+
+            # Within the limits: max_tokens left out = what fits (1024 - (1000 - 1 + 3) = 22).
+            long = await client.completions.create(model="tiny-target", prompt="x" * 1000)
+            short = await client.completions.create(model="tiny-target", prompt="hello",
+                                                    max_tokens=40)
+            await client.close()
+        assert forwards, "the admitted requests drafted"
+        assert long.usage.completion_tokens == 22 and long.choices[0].finish_reason == "length"
+        assert long.choices[0].text == tok.decode(
+        reference_greedy(target, tok("x" * 1000)["input_ids"], 22))
+        assert short.choices[0].text == tok.decode(
+            reference_greedy(target, tok("hello")["input_ids"], 40))
+        assert w.stats.rejected == 0  # no tree beyond 4 nodes / depth 3, no position overrun
+        assert w.cfg.limits.max_positions == 1024  # the tiny target's, resolved by the worker
+    finally:
+        hook.remove()
+        await op.close()
 
 
 def test_demo_api_mode_streams_through_openai_and_checks_the_target(tiny_pair, tok, tmp_path):

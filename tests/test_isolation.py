@@ -26,7 +26,8 @@ from schemas import (
     unpack_ids,
 )
 from specedge import broker, subjects
-from specedge.config import TreeShape
+from specedge.config import Limits, TreeShape
+from specedge.fleet import FleetView
 from specedge.sessionlog import committed_sequence, read_session
 from tests.conftest import FAST_CONSUMER
 from tests.procs import ROOT
@@ -87,16 +88,20 @@ async def test_edge_cannot_read_or_forge_another_edges_session(secure, tiny_pair
     async def leak(m):
         leaked.append(m.subject)
 
+    #    Nor may she answer the fleet's limits queries (posing as a verifier) or read its board.
     for subj in (subjects.verdict(bob_sid), subjects.verdict("bob.*"), subjects.verdict("*.*"),
                  "specedge.>", ">", f"{subjects.edge_inbox('bob')}.>", "_INBOX.>",
-                 subjects.all_sessions(), "$JS.API.>"):
+                 subjects.all_sessions(), "$JS.API.>", subjects.fleet_query(),
+                 f"$KV.{subjects.FLEET}.>"):
         await alice.subscribe(subj, cb=leak)
         await errs.refused("subscription", subj)
 
     # 2. Publishing to bob's draft or session subjects is refused; nothing reaches the stream.
+    #    Forging the fleet's limits (a broadcast every edge believes) is refused too.
     for subj in (subjects.draft(bob_sid), subjects.session(bob_sid),
                  subjects.verdict(bob_sid), subjects.verdict(subjects.new_session_id("alice")),
-                 f"{subjects.PREFIX}.draft.3.{bob_sid}"):
+                 f"{subjects.PREFIX}.draft.3.{bob_sid}", subjects.fleet_limits(),
+                 f"$KV.{subjects.FLEET}.verifier.fake"):
         await alice.publish(subj, opened([1, 2, 3]))
         await errs.refused("publish", subj)
 
@@ -112,6 +117,7 @@ async def test_edge_cannot_read_or_forge_another_edges_session(secure, tiny_pair
         lambda: ajs.streams_info(),
         lambda: ajs.consumer_info(subjects.STREAM, subjects.partition_durable(0)),
         lambda: ajs.pull_subscribe_bind(subjects.partition_durable(0), stream=subjects.STREAM),
+        lambda: ajs.key_value(subjects.FLEET),  # the limits board: edges ask a verifier instead
     ]
 
     def api_refusals() -> int:
@@ -131,8 +137,17 @@ async def test_edge_cannot_read_or_forge_another_edges_session(secure, tiny_pair
     # 4. Meanwhile both edges run real sessions through a verifier under its own user: each gets
     #    exactly the target's output; alice's injections above left no trace in bob's log.
     prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8]]
+    refusals_before_run = len(errs.seen)
     async with running_worker(target, secure.url, max_batch=4, consumer=FAST_CONSUMER,
-                              connect_opts=secure.opts("verifier")):
+                              limits=Limits(max_prompt_tokens=512),
+                              connect_opts=secure.opts("verifier")) as w:
+        # alice reads the fleet's limits the way a restricted edge can: a query (answered on
+        # her own inbox by the verifier, under allow_responses) and the broadcast subject
+        view = FleetView(alice)
+        got = await view.start(timeout_s=5.0)
+        assert got is not None and got.verifiers == (w.cfg.name,)
+        assert (got.max_prompt_tokens, got.max_positions) == (512, 1024)
+        await view.close()
         bob_run = asyncio.create_task(generate(
             secure.url, draft, [prompts[1]], max_new_tokens=24, shape=TreeShape.chain(3),
             connect_opts=secure.opts("bob"), sids=[bob_sid]))
@@ -154,6 +169,7 @@ async def test_edge_cannot_read_or_forge_another_edges_session(secure, tiny_pair
     assert bob_res[0].token_ids == reference_greedy(target, prompts[1], 24)
     assert alice_res[0].session_id.startswith("alice.") and bob_res[0].session_id == bob_sid
     assert leaked == [], f"alice received {leaked}"
+    assert not any("fleet" in s for s in errs.seen[refusals_before_run:]), errs.seen
     # nothing alice published under bob's name was stored; the acks she aimed at bob's subjects
     # were (JSON, undecodable), and his log still rebuilds his exact sequence
     slog = await read_session(op_js, bob_sid)

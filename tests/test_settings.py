@@ -63,6 +63,25 @@ port = 9000          # belongs to `edge serve`; the one-shot edge accepts it sil
     assert edge_parse([]).chat is False
 
 
+def test_limit_keys(tmp_path):
+    """The limits are configuration like every flag: the verifier's (published on the board)
+    and the edge's own, which `edge` and `edge serve` share."""
+    cfg = write(tmp_path, """
+[verifier]
+max_prompt_tokens = 4096
+max_positions = 16384
+[edge]
+max_prompt_tokens = 2048
+max_tokens_limit = 512
+""")
+    v = verifier_parse(["--config", cfg])
+    assert (v.max_prompt_tokens, v.max_positions) == (4096, 16384)
+    assert edge_parse(["--config", cfg]).max_prompt_tokens == 2048
+    s = serve.parse(["--config", cfg])
+    assert (s.max_prompt_tokens, s.max_tokens_limit) == (2048, 512)
+    assert edge_parse([]).max_prompt_tokens is None  # default: the fleet's
+
+
 @pytest.mark.parametrize("text, message", [
     ("[verifier]\nmax_bach = 4\n", "unknown key 'max_bach' in [verifier] (did you mean 'max_batch'?)"),
     ("[verifier]\nmax_batch = 'eight'\n", "max_batch (from"),

@@ -5,7 +5,6 @@ as a local OpenAI-compatible endpoint (see specedge/edge/serve.py)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -14,10 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from schemas import Sampling
-from specedge import broker, logs, settings, subjects
+from specedge import broker, fleet, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.config import TreeShape
+from specedge.edge.limits import EdgeLimits, LimitError, Plan, plan
 from specedge.edge.proactive import Mode
+
+# exit codes of the one-shot edge (a signal: 128 + its number, e.g. 143 for SIGTERM)
+EXIT_USAGE = 2  # bad flags or configuration, no broker given
+EXIT_REJECTED = 3  # a verifier rejected the session (e.g. too_many_sessions, rate_limited)
+EXIT_REFUSED = 4  # refused before any work: over the fleet's or the models' limits
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +34,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the model's chat template (default on)")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="refuse longer prompts (default: the verifier fleet's limit, read from "
+                        "its limits board; the models' positions always apply)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -52,6 +60,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="the most nodes an adaptive tree may grow to")
     p.add_argument("--emulate-rtt-ms", type=float, default=0.0,
                    help="add this round trip (half each way) to publishes and verdicts")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens per draft forward while prefilling: other sessions "
+                        "sharing the draft model wait at most one such forward, and a "
+                        "cancelled session stops between them")
 
 
 def shape_from(a: argparse.Namespace) -> TreeShape:
@@ -73,15 +85,27 @@ def parse(argv=None) -> argparse.Namespace:
     return settings.parse_args(p, "edge", argv, sibling_keys=SERVE_ONLY)
 
 
+def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits | None,
+          draft_config) -> Plan:
+    """The session this edge may run, or LimitError: what the fleet would refuse is refused
+    here, before the draft model does any work (specedge/edge/limits.py)."""
+    return plan(prompt_tokens, a.max_new_tokens, default_new_tokens=a.max_new_tokens,
+                shape=shape_from(a), max_budget=a.max_tree_budget,
+                own=EdgeLimits(max_prompt_tokens=a.max_prompt_tokens), fleet=limits,
+                draft_positions=getattr(draft_config, "max_position_embeddings", None),
+                draft_vocab=getattr(draft_config, "vocab_size", None), clamp_shape=False,
+                prompt_param="--prompt", new_param="--max-new-tokens")
+
+
 async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
     from specedge.edge.drafter import Drafter
     from specedge.edge.session import EdgeSession, SessionParams
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
     from specedge.execution import PackedRunner
-    from specedge.models import load_model, load_tokenizer
+    from specedge.models import load_model, load_tokenizer, resolve
 
+    log = structlog.get_logger("specedge.edge")
     tokenizer = tokenizer or load_tokenizer(a.model)
-    draft = draft or load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
     ids = prompt_ids(tokenizer, a.prompt, a.chat)
     detok = Detokenizer(tokenizer)
 
@@ -94,13 +118,25 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
     nc = await broker.connect(url, f"edge-{edge}", **connect_opts(a, subjects.edge_inbox(edge)))
     ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
     try:
+        if draft is None:  # its config is enough to refuse; load the weights only if admitted
+            from transformers import AutoConfig
+
+            draft_config = AutoConfig.from_pretrained(resolve(a.model))
+        else:
+            draft_config = draft.config
+        limits = await fleet.fetch(nc)
+        p = admit(a, len(ids), limits, draft_config)
+        if limits is None:
+            log.warning("no verifier answered the limits query; checked against this edge's own "
+                        "limits only", prompt_tokens=len(ids))
+        draft = draft or load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
         params = SessionParams(
-            prompt_ids=ids, max_new_tokens=a.max_new_tokens,
+            prompt_ids=ids, max_new_tokens=p.max_new_tokens,
             sampling=Sampling(a.temperature, a.top_p, a.top_k), seed=a.seed,
             eos_ids=eos_ids(tokenizer, draft.config, getattr(draft, "generation_config", None)),
-            shape=shape_from(a), target_name=a.target, draft_name=a.model,
+            shape=p.shape, target_name=a.target, draft_name=a.model,
             proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
-            adaptive=a.adaptive, max_budget=a.max_tree_budget)
+            adaptive=a.adaptive, max_budget=p.max_budget, prefill_chunk=a.prefill_chunk)
         session = EdgeSession(nc, nc.jetstream(), Drafter(PackedRunner(draft)), ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge))
         result = await session.run()
@@ -134,15 +170,22 @@ def main(argv=None) -> int:
     if not a.nats:
         print("specedge.edge: no broker given; pass --nats nats://HOST:PORT or set SPECEDGE_NATS "
               "(or run `python -m specedge.demo` for a self-contained stack)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logs.install_uvloop()
     from specedge.edge.session import SessionRejected
 
     try:
-        asyncio.run(run_edge(a, a.nats))
+        lifecycle.run(run_edge(a, a.nats))
     except SessionRejected as exc:  # e.g. too_many_sessions, rate_limited: say why and stop
         print(f"specedge.edge: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_REJECTED
+    except LimitError as exc:
+        print(f"specedge.edge: refused before any work ({exc.code}): {exc.message}",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    except lifecycle.Interrupted as exc:  # the session was closed on the broker on the way out
+        print(f"\nspecedge.edge: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -31,10 +31,12 @@ from specedge import metrics, subjects
 from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
+from specedge.edge.limits import EdgeLimits, LimitError, plan
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
 from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
+from specedge.fleet import FleetView
 
 log = structlog.get_logger(__name__)
 
@@ -52,11 +54,13 @@ class ServeConfig:
     edge_name: str = subjects.ANON  # the broker user's name: session ids are <edge>.<nonce>
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
+    max_prompt_tokens: int | None = None  # this edge's own limit; None: the fleet's
     temperature: float = 0.0  # defaults for requests that leave a parameter out
     top_p: float = 1.0
     top_k: int = 0
     max_sessions: int = 16  # concurrent sessions; more requests wait for a slot
     verdict_timeout_s: float = 30.0
+    prefill_chunk: int = 128  # prompt tokens per draft forward (SessionParams.prefill_chunk)
 
 
 class ApiError(Exception):
@@ -85,6 +89,8 @@ class GenRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    shape: TreeShape = field(default_factory=TreeShape)  # within the fleet's limits
+    max_budget: int = 16
 
 
 @dataclass
@@ -107,8 +113,10 @@ class EdgeService:
     tokenizer, the metrics and the concurrency limit."""
 
     def __init__(self, nc, draft_model, tokenizer, cfg: ServeConfig,
-                 edge_metrics: metrics.EdgeMetrics | None = None):
+                 edge_metrics: metrics.EdgeMetrics | None = None, fleet: FleetView | None = None):
         self.nc, self.js = nc, nc.jetstream()
+        self.fleet = fleet  # the verifiers' limits (None: this edge's own limits only)
+        self.draft_positions = getattr(draft_model.config, "max_position_embeddings", None)
         self.tok, self.cfg = tokenizer, cfg
         # concurrent requests draft in their own threads; coinciding draft forwards are
         # packed into one (about the cost of one on this hardware)
@@ -120,12 +128,36 @@ class EdgeService:
         self.metrics = edge_metrics or metrics.EdgeMetrics()
         self.slots = asyncio.Semaphore(cfg.max_sessions)
         self.draining = False
+        self._warned_shape = False
 
     def ready(self) -> bool:
         return not self.draining and self.nc.is_connected
 
     def close(self) -> None:
         self.executor.shutdown(wait=False)
+
+    async def admit(self, prompt_ids: list[int], common: dict, prompt_param: str) -> GenRequest:
+        """Refuse what the fleet would refuse, right after tokenising: no session is opened and
+        no draft forward runs for a request that fails here (rule: specedge/edge/limits.py)."""
+        fleet = await self.fleet.current() if self.fleet else None
+        cfg = self.cfg
+        try:
+            p = plan(len(prompt_ids), common.pop("max_tokens"),
+                     default_new_tokens=cfg.default_max_tokens, shape=cfg.shape,
+                     max_budget=cfg.max_budget,
+                     own=EdgeLimits(cfg.max_prompt_tokens, cfg.max_tokens_limit), fleet=fleet,
+                     draft_positions=self.draft_positions, draft_vocab=self.vocab_size,
+                     prompt_param=prompt_param)
+        except LimitError as exc:
+            log.info("request refused", code=exc.code, param=exc.param,
+                     prompt_tokens=len(prompt_ids), reason=exc.message)
+            raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+        if p.shape != cfg.shape and not self._warned_shape:
+            self._warned_shape = True
+            log.warning("draft tree clamped to the verifiers' limits", configured=str(cfg.shape),
+                        used=str(p.shape))
+        return GenRequest(prompt_ids, p.max_new_tokens, **common, shape=p.shape,
+                          max_budget=p.max_budget)
 
     async def generate(self, req: GenRequest, sid: str) -> AsyncIterator[str | Finish]:
         """Text deltas as verdicts commit tokens, then one Finish. Stop strings are held back
@@ -134,11 +166,11 @@ class EdgeService:
         slog = log.bind(sid=sid)
         params = SessionParams(
             prompt_ids=req.prompt_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
-            seed=req.seed, eos_ids=self.eos, shape=self.cfg.shape,
+            seed=req.seed, eos_ids=self.eos, shape=req.shape,
             target_name=self.cfg.target_name, draft_name=self.cfg.draft_name,
             proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
             verdict_timeout_s=self.cfg.verdict_timeout_s, adaptive=self.cfg.adaptive,
-            max_budget=self.cfg.max_budget)
+            max_budget=req.max_budget, prefill_chunk=self.cfg.prefill_chunk)
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:
@@ -186,7 +218,8 @@ class EdgeService:
             except SessionRejected as exc:
                 outcome = "rejected"
                 r = exc.rejected
-                raise ApiError(400 if r.code.startswith("invalid") else 502,
+                raise ApiError(400 if r.code.startswith("invalid")
+                               or r.code == "context_length_exceeded" else 502,
                                f"the verifier rejected the request: {r.reason}",
                                code=r.code) from None
             except TimeoutError:
@@ -257,11 +290,11 @@ def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int) -> dict:
     if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
                        param="response_format")
-    max_tokens = _get(body, "max_completion_tokens", (int,),
-                      _get(body, "max_tokens", (int,), cfg.default_max_tokens))
-    if not 1 <= max_tokens <= cfg.max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' must be between 1 and {cfg.max_tokens_limit}",
-                       param="max_tokens")
+    # left out: None, and the edge's default capped by what fits (EdgeService.admit)
+    max_tokens = _get(body, "max_completion_tokens", (int,), _get(body, "max_tokens", (int,)))
+    if max_tokens is not None and max_tokens < 1:
+        raise ApiError(400, "'max_tokens' must be at least 1", param="max_tokens",
+                       code="invalid_value")
     temperature = float(_get(body, "temperature", (int, float), cfg.temperature))
     if not 0 <= temperature <= 2:
         raise ApiError(400, "'temperature' must be between 0 and 2", param="temperature")
@@ -466,7 +499,8 @@ def build_app(service: EdgeService) -> Starlette:
         body = await body_of(request)
         common = _parse_common(body, cfg, service.vocab_size)
         ids = _chat_prompt(body, service.tok)
-        return await _run(service, GenRequest(ids, **common), "chat", cfg.model_id)
+        req = await service.admit(ids, common, "messages")
+        return await _run(service, req, "chat", cfg.model_id)
 
     async def completions(request: Request) -> Response:
         body = await body_of(request)
@@ -477,7 +511,8 @@ def build_app(service: EdgeService) -> Starlette:
         if body.get("best_of") not in (None, 1):
             raise ApiError(400, "only best_of=1 is supported", param="best_of")
         ids = _completion_prompt(body, service.tok, service.vocab_size)
-        return await _run(service, GenRequest(ids, **common), "text", cfg.model_id)
+        req = await service.admit(ids, common, "prompt")
+        return await _run(service, req, "text", cfg.model_id)
 
     async def http_error(_: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=16,
                    help="requests generating at once; more wait for a slot")
     p.add_argument("--max-tokens-limit", type=int, default=4096,
-                   help="largest max_tokens a request may ask for")
+                   help="largest max_tokens a request may ask for (the verifier fleet's "
+                        "max_new_tokens applies too)")
     p.add_argument("--grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long requests in flight may take to finish")
     return p
@@ -50,8 +51,10 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv=None) -> argparse.Namespace:
     a = settings.parse_args(parser(), "edge", argv)
-    for name in ("port", "max_sessions", "max_tokens_limit", "max_new_tokens"):
-        if getattr(a, name) < (0 if name == "port" else 1):
+    for name in ("port", "max_sessions", "max_tokens_limit", "max_new_tokens",
+                 "max_prompt_tokens"):
+        value = getattr(a, name)
+        if value is not None and value < (0 if name == "port" else 1):
             parser().error(f"--{name.replace('_', '-')} must be positive")
     return a
 
@@ -67,13 +70,16 @@ def serve_config(a: argparse.Namespace):
         adaptive=a.adaptive, max_budget=a.max_tree_budget,
         edge_name=getattr(a, "edge_name", subjects.ANON),
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
-        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions)
+        max_prompt_tokens=a.max_prompt_tokens,
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions,
+        prefill_chunk=getattr(a, "prefill_chunk", 128))
 
 
 async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenizer=None,
                 started: asyncio.Future | None = None) -> None:
     """Serve until `stop` is set. `started` (if given) receives the HttpServer once listening."""
     from specedge.edge.api import EdgeService, build_app
+    from specedge.fleet import FleetView
     from specedge.httpserver import HttpServer
     from specedge.models import load_model, load_tokenizer
 
@@ -84,10 +90,12 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
     edge = getattr(a, "edge_name", subjects.ANON)
     nc = await broker.connect(a.nats, f"edge-api-{edge}",
                               **connect_opts(a, subjects.edge_inbox(edge)))
-    service = EdgeService(nc, draft, tokenizer, serve_config(a))
+    fleet = FleetView(nc)
+    service = EdgeService(nc, draft, tokenizer, serve_config(a), fleet=fleet)
     server = HttpServer(build_app(service), a.host, a.port, "edge-api")
     server.server.config.timeout_graceful_shutdown = a.grace_s
     try:
+        await fleet.start()  # the verifiers' limits, so requests they would refuse get a 400 now
         await server.start()
         log.info("serving", url=f"{server.url}/v1", model=service.cfg.model_id,
                  draft=a.model, broker=settings.mask("nats", a.nats))
@@ -99,6 +107,7 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
     finally:
         await server.stop()
         service.close()
+        await fleet.close()
         await nc.close()
 
 

@@ -10,7 +10,7 @@ import sys
 
 import structlog
 
-from specedge import broker, logs, settings, subjects
+from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
 from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.config import AdaptiveBudget, Limits, add_limit_args
@@ -94,35 +94,36 @@ async def amain(a: argparse.Namespace) -> int:
     log = structlog.get_logger("workers.verifier")
     embedded = None
     url = a.nats
-    if not url:
-        embedded = broker.EmbeddedNats().start()
-        url = embedded.url
-        log.info("no --nats given: started an embedded broker", url=url)
-    from specedge.models import load_model
-
-    model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
-    limits = Limits.from_args(a)
-    adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,
-                              a.adaptive_max_budget, a.adaptive)
-    cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
-                       batch_hold=a.batch_hold, kv_budget_tokens=a.kv_budget[0],
-                       kv_budget_bytes=a.kv_budget[1], kv_budget_fraction=a.kv_budget[2],
-                       attention=a.attention, prefill_chunk=a.prefill_chunk,
-                       partitions=a.partitions, lease_ttl_s=a.lease_ttl,
-                       lease_renew_s=max(0.2, a.lease_ttl / 5),
-                       stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
-                       consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
-                                                 max_deliver=a.max_deliver),
-                       metrics_port=a.metrics_port, metrics_host=a.metrics_host,
-                       connect_opts=connect_opts(a))
-    if a.name:
-        cfg.name = a.name
-    w = Worker(model, url, cfg)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, w.stop)  # drain: finish the batch in hand, then exit
-    loop.add_signal_handler(signal.SIGUSR1, w.log_stats)  # counters on demand (benchmarks)
     try:
+        if not url:
+            embedded = broker.EmbeddedNats()
+            url = embedded.start().url
+            log.info("no --nats given: started an embedded broker", url=url,
+                     pid=embedded.proc.pid if embedded.proc else None)
+        from specedge.models import load_model
+
+        # a signal while loading raises lifecycle.Interrupted here: the finally stops the broker
+        model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+        limits = Limits.from_args(a)
+        adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,
+                                  a.adaptive_max_budget, a.adaptive)
+        cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
+                           batch_hold=a.batch_hold, kv_budget_tokens=a.kv_budget[0],
+                           kv_budget_bytes=a.kv_budget[1],
+                           partitions=a.partitions, lease_ttl_s=a.lease_ttl,
+                           lease_renew_s=max(0.2, a.lease_ttl / 5),
+                           stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
+                           consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
+                                                     max_deliver=a.max_deliver),
+                           metrics_port=a.metrics_port, metrics_host=a.metrics_host,
+                           connect_opts=connect_opts(a))
+        if a.name:
+            cfg.name = a.name
+        w = Worker(model, url, cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, w.stop)  # drain: finish the batch in hand, then exit
+        loop.add_signal_handler(signal.SIGUSR1, w.log_stats)  # counters on demand (benchmarks)
         await w.run()
     finally:
         if embedded:
@@ -133,10 +134,16 @@ async def amain(a: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     a = parse(argv)
     logs.configure(a.log_level)
-    structlog.get_logger("workers.verifier").info("config", **settings.effective(a))
+    log = structlog.get_logger("workers.verifier")
+    log.info("config", **settings.effective(a))
     apply_threads(a.threads)
     logs.install_uvloop()
-    return asyncio.run(amain(a))
+    lifecycle.raise_on_signals()  # until the drain handlers are in place (after loading)
+    try:
+        return asyncio.run(amain(a))
+    except lifecycle.Interrupted as exc:  # before serving: nothing to drain
+        log.info("stopped before serving", signal=str(exc))
+        return exc.exit_code
 
 
 if __name__ == "__main__":

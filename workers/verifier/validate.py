@@ -51,6 +51,11 @@ def check_opened(o: SessionOpened, limits: Limits, vocab_size: int) -> None:
     if len(eos) > limits.max_eos_ids or any(not 0 <= t < vocab_size for t in eos):
         raise BlockError("invalid_session", f"eos_ids: at most {limits.max_eos_ids} ids inside "
                          "the vocabulary")
+    if limits.max_positions and len(prompt) > limits.max_positions:
+        # the prompt alone must fit; generation is bounded per block (check_block), so a
+        # session asking for more tokens than fit runs until its tree would leave the context
+        raise BlockError("context_length_exceeded", f"prompt has {len(prompt)} tokens; the "
+                         f"model has {limits.max_positions} positions")
     if not 1 <= o.max_new_tokens <= limits.max_new_tokens:
         raise BlockError("invalid_session", f"max_new_tokens {o.max_new_tokens} outside "
                          f"1..{limits.max_new_tokens}")
@@ -93,4 +98,9 @@ def check_block(b: DraftBlock, st: SessionState, limits: Limits, vocab_size: int
         depths = validate_parents(parents, limits.max_depth)
     except TreeError as exc:
         raise BlockError("invalid_tree", str(exc)) from None
+    # the root sits at position committed_len - 1, a node d below it at committed_len - 1 + d
+    last = b.committed_len - 1 + max(depths, default=0)
+    if limits.max_positions and last >= limits.max_positions:
+        raise BlockError("context_length_exceeded", f"the tree reaches position {last}; the "
+                         f"model has {limits.max_positions} positions")
     return CheckedBlock(b.round, tokens, parents, depths)

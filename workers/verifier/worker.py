@@ -34,6 +34,7 @@ from specedge.execution.walk import commit
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from workers.verifier.admission import Admission
+from workers.verifier.board import Board
 from workers.verifier.engine import Engine, forward_costs, knee, prefill_chunk
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
@@ -148,6 +149,7 @@ class Worker:
                     raise
                 log.warning("stream not ready; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
+        self.board = await Board.join(self)  # effective limits: enforced here, shown to edges
         if (self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0
                 or not self.cfg.prefill_chunk):
             # before taking partitions: their blocks must not wait on it
@@ -211,6 +213,7 @@ class Worker:
                     pass
             await asyncio.gather(*self._publishing)  # the last verdicts out before we go
             await lease_task
+            await self.board.leave()
             try:
                 await self.leases.release_all()
                 await csub.unsubscribe()
