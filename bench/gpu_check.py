@@ -60,9 +60,14 @@ log = structlog.get_logger("bench.gpu_check")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("synthetic", "kernels", "lossless", "tests", "throughput")
+# bench.kernels beyond its default grid, per shape: the issues' yardsticks only (the 7B at 64
+# sessions x 8 tokens; the 0.5B draft step: one session, a root and one node)
+KERNEL_ARGS = {"7b": ["--sessions", "64", "--tokens", "8"],
+               "0.5b": ["--sessions", "1", "--tokens", "2", "--reps", "20"]}
 PROFILES = {  # per device type: what fits 8 minutes on one H100 / a few minutes on 2 cores
-    "cuda": {"shape": "1.5b", "kernel_shapes": ["1.5b", "7b"], "edges": 32, "new_tokens": 64,
-             "lossless_tokens": 32, "kernels_budget_s": 180, "tests_timeout": 240},
+    "cuda": {"shape": "1.5b", "kernel_shapes": ["1.5b", "7b", "0.5b"], "edges": 32,
+             "new_tokens": 64, "lossless_tokens": 32, "kernels_budget_s": 240,
+             "tests_timeout": 240},
     "cpu": {"shape": "tiny", "kernel_shapes": ["tiny"], "edges": 32, "new_tokens": 12,
             "lossless_tokens": 16, "kernels_budget_s": 180, "tests_timeout": 300},
 }
@@ -196,7 +201,7 @@ def step_kernels(ctx: Ctx) -> dict:
     for shape in ctx.a.kernel_shapes:
         out = ctx.a.out / f"kernels-{shape}"
         cmd = [sys.executable, "-m", "bench.kernels", "--device", ctx.a.device, "--shape", shape,
-               "--out", str(out)]
+               "--out", str(out), *KERNEL_ARGS.get(shape, [])]
         t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
@@ -306,6 +311,10 @@ def step_throughput(ctx: Ctx) -> dict:
                 adaptive=adaptive, verifier_batches=v["batches"],
                 mean_nodes=sum(r["nodes"] for r in recs) / max(
                     1, sum(r["rounds"] for r in recs))))
+            rows[-1]["wall_s"] = wall
+            rows[-1]["outside_per_batch_ms"] = v["outside_per_batch_ms"]
+            rows[-1]["outside_x_forward"] = v["outside_x_forward"]
+            rows[-1]["forward_ms"] = 1000 * v["busy_s"] / max(1, v["batches"])
         loaded = stack.verifier_config()
     bar.close()
     plain = rows[0]["server_tokens_per_busy_s"] or 0.0
@@ -361,14 +370,16 @@ def summary(res: dict) -> str:
     if thr:
         lines += ["", "## Throughput", "",
                   "| config | tok/busy s | x plain | tok/wall s | tok/round | accept. | "
-                  "ITL p50 s | TTFT p50 s | batch fill | wall s |", "|" + "---|" * 10]
+                  "ITL p50 s | TTFT p50 s | batch fill | forward ms | outside ms | "
+                  "outside x fwd | wall s |", "|" + "---|" * 13]
         for r in thr:
             lines.append(
                 f"| {r['config']} | {_f(r['server_tokens_per_busy_s'], 1)} | "
                 f"{_f(r['busy_tput_x_plain'])} | {_f(r['server_tokens_per_wall_s'], 1)} | "
                 f"{_f(r['tokens_per_round'])} | {_f(r['acceptance'])} | {_f(r['itl_p50_s'], 4)} "
                 f"| {_f(r['ttft_p50_s'], 3)} | {_f(r['batch_fill'])} | "
-                f"{_f(r['server_wall_s'], 1)} |")
+                f"{_f(r.get('forward_ms'), 2)} | {_f(r.get('outside_per_batch_ms'), 2)} | "
+                f"{_f(r.get('outside_x_forward'), 2)} | {_f(r.get('wall_s'), 1)} |")
     ll = st.get("lossless", {}).get("sessions")
     if ll:
         lines += ["", "## Lossless sessions", "",

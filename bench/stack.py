@@ -127,7 +127,13 @@ class Stack:
 
 def delta(after: dict, before: dict) -> dict:
     """Counters accumulated between two snapshots."""
-    keys = ("batches", "blocks", "tokens", "busy_s", "rejected", "kv_hits", "kv_misses")
+    keys = ("batches", "blocks", "tokens", "busy_s", "batch_s", "rejected", "kv_hits",
+            "kv_misses", "prefill_chunks")
     d = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
     d["mean_batch"] = d["blocks"] / d["batches"] if d["batches"] else 0.0
+    # the control path: time per batch outside the model forward, as a share of the forward
+    d["outside_per_batch_ms"] = (1000 * (d["batch_s"] - d["busy_s"]) / d["batches"]
+                                 if d["batches"] else 0.0)
+    d["outside_x_forward"] = ((d["batch_s"] - d["busy_s"]) / d["busy_s"] if d["busy_s"]
+                              else 0.0)
     return d

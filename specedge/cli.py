@@ -20,6 +20,18 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="model dtype; bfloat16 uses the CPU's AMX units")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default=os.environ.get("SPECEDGE_LOG", "info"))
+    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="attention over the KV pool (auto: flex on CUDA if it checks out "
+                        "against sdpa at start-up, else sdpa)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay CUDA graphs of the forward per bucket of tokens (default: on "
+                        "CUDA with the flex backend and a fixed-size KV pool)")
+
+
+def runner_opts(a: argparse.Namespace) -> dict:
+    """PackedRunner keyword arguments from the flags of add_common."""
+    return {"attention": getattr(a, "attention", "auto"),
+            "cuda_graphs": getattr(a, "cuda_graphs", None)}
 
 
 def add_auth(p: argparse.ArgumentParser) -> None:

@@ -212,7 +212,9 @@ def main(argv=None) -> int:
         env = dict(os.environ, SPECEDGE_LOG=a.log_level)
         verifier = subprocess.Popen(
             [sys.executable, "-m", "workers.verifier", "--nats", nats_srv.url, "--model",
-             a.target, "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads)],
+             a.target, "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads),
+             "--attention", a.attention,
+             *({True: ["--cuda-graphs"], False: ["--no-cuda-graphs"]}.get(a.cuda_graphs, []))],
             stdout=vlog, stderr=subprocess.STDOUT, env=env)
         log.info("started", broker=nats_srv.url, broker_pid=nats_srv.proc.pid,
                  verifier_pid=verifier.pid, verifier_log=str(state / "verifier.log"))

@@ -93,7 +93,7 @@ def test_hold_waits_only_for_sessions_due_within_a_forward():
 
 
 def test_knee_is_the_last_nearly_free_size():
-    from workers.verifier.engine import knee
+    from specedge.execution.costs import knee
 
     assert knee({1: 0.39, 8: 0.41, 16: 0.51, 24: 0.65, 32: 0.79}) == 16
     assert knee({1: 1.0, 8: 2.0}) == 1

@@ -59,7 +59,7 @@ async def test_session_closed_mid_prefill_stops_its_chunks(nats_server, tiny_pai
     target, draft = tiny_pair
     async with running_worker(target, nats_server.url, prefill_chunk=16) as w:
         forwards = record_forwards(w)
-        task = asyncio.create_task(generate(nats_server.url, draft, [prompt(1500, 7)],
+        task = asyncio.create_task(generate(nats_server.url, draft, [prompt(900, 7)],
                                             max_new_tokens=8, prefill_chunk=4096))
         for _ in range(400):  # wait until the verifier is prefilling it
             await asyncio.sleep(0.05)
@@ -74,6 +74,6 @@ async def test_session_closed_mid_prefill_stops_its_chunks(nats_server, tiny_pai
         await asyncio.sleep(1.0)
         done = w.stats.prefill_chunks
         await asyncio.sleep(1.0)
-        assert w.stats.prefill_chunks == done < 1500 // 16 - 5
+        assert w.stats.prefill_chunks == done < 900 // 16 - 5
         assert w.stats.blocks == 0  # no verdict was made for it
     assert len(forwards) == done

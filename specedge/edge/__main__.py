@@ -14,7 +14,7 @@ import structlog
 
 from schemas import Sampling
 from specedge import broker, fleet, lifecycle, logs, settings, subjects
-from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
+from specedge.cli import DTYPES, add_common, apply_threads, connect_opts, runner_opts
 from specedge.config import TreeShape
 from specedge.edge.limits import EdgeLimits, LimitError, Plan, plan
 from specedge.edge.proactive import Mode
@@ -23,6 +23,11 @@ from specedge.edge.proactive import Mode
 EXIT_USAGE = 2  # bad flags or configuration, no broker given
 EXIT_REJECTED = 3  # a verifier rejected the session (e.g. too_many_sessions, rate_limited)
 EXIT_REFUSED = 4  # refused before any work: over the fleet's or the models' limits
+
+
+# A lone session's prefill chunk: nobody shares its draft model, so chunks only bound how long
+# a stop signal waits for the forward in progress.
+LONE_PREFILL_CHUNK = 512
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -60,10 +65,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="the most nodes an adaptive tree may grow to")
     p.add_argument("--emulate-rtt-ms", type=float, default=0.0,
                    help="add this round trip (half each way) to publishes and verdicts")
-    p.add_argument("--prefill-chunk", type=int, default=128,
+    p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per draft forward while prefilling: other sessions "
                         "sharing the draft model wait at most one such forward, and a "
-                        "cancelled session stops between them")
+                        "cancelled session stops between them (0: edge serve measures its "
+                        "draft model's knee at start-up; a lone session uses "
+                        f"{LONE_PREFILL_CHUNK})")
 
 
 def shape_from(a: argparse.Namespace) -> TreeShape:
@@ -136,8 +143,10 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             eos_ids=eos_ids(tokenizer, draft.config, getattr(draft, "generation_config", None)),
             shape=p.shape, target_name=a.target, draft_name=a.model,
             proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
-            adaptive=a.adaptive, max_budget=p.max_budget, prefill_chunk=a.prefill_chunk)
-        session = EdgeSession(nc, nc.jetstream(), Drafter(PackedRunner(draft)), ex, params,
+            adaptive=a.adaptive, max_budget=p.max_budget,
+            prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK)
+        drafter = Drafter(PackedRunner(draft, **runner_opts(a)))
+        session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge))
         result = await session.run()
     finally:

@@ -36,9 +36,11 @@ from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
 from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
+from specedge.execution.costs import forward_costs, knee
 from specedge.fleet import FleetView
 
 log = structlog.get_logger(__name__)
+MIN_PREFILL_CHUNK = 16
 
 
 @dataclass
@@ -60,7 +62,12 @@ class ServeConfig:
     top_k: int = 0
     max_sessions: int = 16  # concurrent sessions; more requests wait for a slot
     verdict_timeout_s: float = 30.0
-    prefill_chunk: int = 128  # prompt tokens per draft forward (SessionParams.prefill_chunk)
+    # prompt tokens per draft forward (SessionParams.prefill_chunk); 0: the draft model's knee,
+    # measured at start-up, so that a long prompt's prefill costs the other requests about one
+    # forward's worth of time per draft step
+    prefill_chunk: int = 128
+    attention: str = "auto"  # the draft runner's (specedge.cli.runner_opts)
+    cuda_graphs: bool | None = None
 
 
 class ApiError(Exception):
@@ -120,8 +127,14 @@ class EdgeService:
         self.tok, self.cfg = tokenizer, cfg
         # concurrent requests draft in their own threads; coinciding draft forwards are
         # packed into one (about the cost of one on this hardware)
-        self.runner = CoalescingRunner(PackedRunner(draft_model))
+        self.runner = CoalescingRunner(PackedRunner(draft_model, attention=cfg.attention,
+                                                    cuda_graphs=cfg.cuda_graphs))
         self.vocab_size = self.runner.vocab_size
+        if not cfg.prefill_chunk:
+            costs = forward_costs(self.runner.runner, stop_ratio=2.0)
+            cfg.prefill_chunk = max(MIN_PREFILL_CHUNK, knee(costs))
+            log.info("draft forward cost measured", prefill_chunk=cfg.prefill_chunk,
+                     costs_ms={n: round(c * 1000, 1) for n, c in costs.items()})
         self.executor = ThreadPoolExecutor(cfg.max_sessions, thread_name_prefix="draft")
         self.eos = eos_ids(tokenizer, draft_model.config,
                            getattr(draft_model, "generation_config", None))

@@ -60,6 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def serve_config(a: argparse.Namespace):
+    from specedge.cli import runner_opts
     from specedge.edge.__main__ import shape_from
     from specedge.edge.api import ServeConfig
 
@@ -72,7 +73,7 @@ def serve_config(a: argparse.Namespace):
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
         max_prompt_tokens=a.max_prompt_tokens,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions,
-        prefill_chunk=getattr(a, "prefill_chunk", 128))
+        prefill_chunk=getattr(a, "prefill_chunk", 0), **runner_opts(a))
 
 
 async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenizer=None,

@@ -91,7 +91,8 @@ def fill_p2l(p2l: torch.Tensor, tables: torch.Tensor, kv_len: torch.Tensor,
     logical block in segment s, -1 where the block is not segment s's."""
     s, nb = tables.shape
     dev = tables.device
-    valid = torch.arange(nb, device=dev)[None, :] < ((kv_len + block_size - 1) // block_size)[:, None]
+    used = (kv_len + block_size - 1) // block_size
+    valid = torch.arange(nb, device=dev)[None, :] < used[:, None]
     logical = torch.arange(nb, dtype=p2l.dtype, device=dev).expand(s, nb)
     p2l.fill_(-1)
     p2l[:s].scatter_(1, torch.where(valid, tables, p2l.shape[1] - 1),

@@ -59,8 +59,6 @@ def parse(argv=None) -> argparse.Namespace:
                    help="committed tokens a session catching up (a long prompt, a rebuilt "
                         "cache) may add to one forward; the others in that forward wait for "
                         "one such chunk per round (0, the default: measured at start-up)")
-    p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
-                   help="attention backend over the KV pool (auto: flex on CUDA, else sdpa)")
     add_limit_args(p)  # --max-nodes, --max-message-bytes, --max-sessions-per-edge, ...
     ad = AdaptiveBudget()
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ad.enabled,
@@ -109,8 +107,10 @@ async def amain(a: argparse.Namespace) -> int:
                                   a.adaptive_max_budget, a.adaptive)
         cfg = WorkerConfig(max_batch=a.max_batch, limits=limits, adaptive=adaptive,
                            batch_hold=a.batch_hold, kv_budget_tokens=a.kv_budget[0],
-                           kv_budget_bytes=a.kv_budget[1],
-                           partitions=a.partitions, lease_ttl_s=a.lease_ttl,
+                           kv_budget_bytes=a.kv_budget[1], kv_budget_fraction=a.kv_budget[2],
+                           attention=a.attention, cuda_graphs=a.cuda_graphs,
+                           prefill_chunk=a.prefill_chunk, partitions=a.partitions,
+                           lease_ttl_s=a.lease_ttl,
                            lease_renew_s=max(0.2, a.lease_ttl / 5),
                            stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),
                            consumer=ConsumerSettings(ack_wait_s=a.ack_wait,

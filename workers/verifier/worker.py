@@ -30,12 +30,13 @@ from schemas import (
 )
 from specedge import broker, metrics, subjects
 from specedge.config import AdaptiveBudget, Limits
+from specedge.execution.costs import forward_costs, knee, prefill_chunk
 from specedge.execution.walk import commit
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
 from workers.verifier.admission import Admission
 from workers.verifier.board import Board
-from workers.verifier.engine import Engine, forward_costs, knee, prefill_chunk
+from workers.verifier.engine import Engine
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
 from workers.verifier.state import SessionState, SessionTable, kv_budget
@@ -88,6 +89,7 @@ class WorkerConfig:
     kv_budget_bytes: int | None = None
     kv_budget_fraction: float | None = None
     attention: str = "auto"  # attention backend: auto, sdpa or flex (specedge/execution)
+    cuda_graphs: bool | None = None  # None: on CUDA with flex and a fixed pool
     # committed tokens a session may prefill per forward while it catches up (0: measured at
     # start-up from the forward's cost, else DEFAULT_PREFILL_CHUNK)
     prefill_chunk: int = 0
@@ -107,7 +109,7 @@ class Worker:
         self.cfg = cfg or WorkerConfig()
         self.url = url
         self.engine = Engine(model, kv_budget_tokens=kv_budget(model, self.cfg),
-                             attention=self.cfg.attention)
+                             attention=self.cfg.attention, cuda_graphs=self.cfg.cuda_graphs)
         self.sessions = SessionTable(self.engine.pool)
         pool, lim = self.engine.pool, self.cfg.limits
         longest = lim.max_prompt_tokens + lim.max_new_tokens + lim.max_nodes
