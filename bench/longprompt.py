@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     pairs.add_args(p)
     p.add_argument("--prompt-tokens", type=int, default=3000)
     p.add_argument("--short-tokens", type=int, default=32)
-    p.add_argument("--running-tokens", type=int, default=160,
+    p.add_argument("--running-tokens", type=int, default=400,
                    help="tokens the four running sessions generate (enough to outlast the join)")
     p.add_argument("--join-after-s", type=float, default=8.0)
     p.add_argument("--edge-chunk", type=int, default=0,

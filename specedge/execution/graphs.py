@@ -115,11 +115,10 @@ class Bucket:
                                  tables + ([[self.scratch]] if pad else []),
                                  kv_len + ([1] if pad else []), b, rows // Q_BLOCK)
         num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
-        idx = torch.zeros(len(per_q), pool.blocks, dtype=torch.int32)
-        for i, x in enumerate(per_q):
-            idx[i, : len(x)] = torch.tensor(x, dtype=torch.int32)
+        w = max(len(x) for x in per_q)  # entries past a query block's count are never read
+        idx = torch.tensor([x + [0] * (w - len(x)) for x in per_q], dtype=torch.int32)
         self.kv_num.copy_(_staged(num), non_blocking=True)
-        self.kv_idx.copy_(_staged(idx), non_blocking=True)
+        self.kv_idx[:, :w].copy_(_staged(idx), non_blocking=True)
         width = max(len(t) for t in tables)
         flat = [x for t in tables for x in t + [0] * (width - len(t))] + kv_len
         t = _staged(torch.tensor(flat, dtype=torch.long)).to(self.p2l.device, non_blocking=True)

@@ -107,7 +107,7 @@ class PackedRunner:
                 finally:
                     for s in seqs:
                         s.free()
-            a, b = torch.cat(outs[0]), torch.cat(outs[1])
+            a, b = torch.cat(outs[0]).float(), torch.cat(outs[1]).float()
             err = float((a - b).abs().max())
             tol = 2e-2 * float(a.abs().max()) + 1e-3
             if not err <= tol:
@@ -128,9 +128,10 @@ class PackedRunner:
 
     @torch.no_grad()
     def forward_flat(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, list[int]]:
-        """Run one forward over all segments: the wanted rows' logits [R, V] (float32, or the
-        model's dtype if wider) and each segment's first row in them (plus the end). New
-        tokens' KV is appended to each sequence."""
+        """Run one forward over all segments: the wanted rows' logits [R, V] in the model's
+        dtype (an upcast of every row would cost more than the attention: the picks and the
+        drafter's top-k promote only what they read), and each segment's first row in them
+        (plus the end). New tokens' KV is appended to each sequence."""
         if not segments:
             return torch.empty(0, self.vocab_size, device=self.device), [0]
         if len({id(s.seq) for s in segments}) != len(segments):
@@ -168,8 +169,6 @@ class PackedRunner:
             self.forward_calls += 1
             for seg in segments:
                 seg.seq.length += len(seg.tokens)
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
         offsets = [0]
         for seg in segments:
             offsets.append(offsets[-1] + len(seg.logits_at))

@@ -18,12 +18,12 @@ import time
 
 import msgspec
 import structlog
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from specedge import fleet, subjects
 from specedge.config import Limits
 from specedge.fleet import FleetLimits
+from workers.verifier.leases import kv_bucket
 
 log = structlog.get_logger(__name__)
 
@@ -36,23 +36,6 @@ def effective_limits(limits: Limits, model_config) -> Limits:
     want = limits.max_positions
     positions = min(x for x in (own, want) if x > 0) if own or want > 0 else 0
     return dataclasses.replace(limits, max_positions=positions)
-
-
-async def fleet_bucket(js, ttl_s: float):
-    """The board's bucket, created like the leases' (file storage, the stream's replicas).
-    Two workers may race to create it; an existing bucket keeps its TTL."""
-    for _ in range(3):
-        try:
-            return await js.key_value(subjects.FLEET)
-        except BucketNotFoundError:
-            info = await js.stream_info(subjects.STREAM)
-            try:
-                return await js.create_key_value(KeyValueConfig(
-                    bucket=subjects.FLEET, history=1, ttl=ttl_s, storage=StorageType.FILE,
-                    replicas=info.config.num_replicas or 1))
-            except Exception as exc:  # created by another worker meanwhile: look again
-                log.debug("fleet bucket create raced", error=repr(exc))
-    return await js.key_value(subjects.FLEET)
 
 
 class Board:
@@ -118,7 +101,7 @@ class Board:
     async def tick(self) -> None:
         """Renew our entry, re-read the board, broadcast the merged view if it changed."""
         if self.kv is None:
-            self.kv = await fleet_bucket(self.js, self.ttl_s)
+            self.kv = await kv_bucket(self.js, subjects.FLEET, self.ttl_s)
         self.entry = msgspec.structs.replace(self.entry, t=time.time())
         await self.kv.put(self.key, fleet.encode(self.entry))
         others = [e for e in await self.entries() if e.verifiers != self.entry.verifiers]

@@ -44,21 +44,22 @@ def assignment(members: list[str], partitions: int) -> dict[str, set[int]]:
     return out
 
 
-async def leases_bucket(js, ttl_s: float):
-    """The bucket, created like the main stream (file storage survives a broker restart,
-    the same replicas survive a node loss). Two workers may race to create it."""
+async def kv_bucket(js, bucket: str, ttl_s: float):
+    """A worker-maintained KV bucket, created like the main stream (file storage survives a
+    broker restart, the same replicas survive a node loss). Two workers may race to create it;
+    an existing bucket keeps its TTL."""
     for _ in range(3):
         try:
-            return await js.key_value(subjects.LEASES)
+            return await js.key_value(bucket)
         except BucketNotFoundError:
             info = await js.stream_info(subjects.STREAM)
             try:
                 return await js.create_key_value(KeyValueConfig(
-                    bucket=subjects.LEASES, history=1, ttl=ttl_s, storage=StorageType.FILE,
+                    bucket=bucket, history=1, ttl=ttl_s, storage=StorageType.FILE,
                     replicas=info.config.num_replicas or 1))
             except Exception as exc:  # created by another worker meanwhile: look again
-                log.debug("leases bucket create raced", error=repr(exc))
-    return await js.key_value(subjects.LEASES)
+                log.debug("bucket create raced", bucket=bucket, error=repr(exc))
+    return await js.key_value(bucket)
 
 
 class Leases:
@@ -75,7 +76,7 @@ class Leases:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                self.kv = await leases_bucket(self.js, self.ttl_s)
+                self.kv = await kv_bucket(self.js, subjects.LEASES, self.ttl_s)
                 await self.tick()
                 return
             except Exception as exc:
