@@ -85,7 +85,7 @@ class Bucket:
     def fill(self, segments: Sequence[Segment]) -> None:
         """Copy this forward's metadata into the buffers (segments' slots already writable);
         rows past the forward's tokens are padding on the scratch block."""
-        pool, b, rows = self.runner.pool, self.runner.pool.block_size, self.rows
+        b, rows = self.runner.pool.block_size, self.rows
         ids, pos, slots, upto, window, seg_of = ([] for _ in range(6))
         bits = torch.zeros(rows, BITS, dtype=torch.bool)
         tables, kv_len, rows_of = [], [], []
