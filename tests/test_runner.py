@@ -218,10 +218,13 @@ def test_one_sequence_once_per_forward():
 
 
 def test_backend_probe_keeps_a_good_backend_and_refuses_a_wrong_one(monkeypatch):
-    """On CUDA, 'auto' takes flex only after checking it against the sdpa reference."""
+    """On CUDA, 'auto' takes flex only after checking it against the sdpa reference, when the
+    runner is built (here made to do on the CPU what it does on CUDA)."""
     from specedge.execution import attention
 
+    monkeypatch.setattr("specedge.execution.runner.AUTO", {"cpu": "flex"})
     runner = PackedRunner(tiny_model(20, dtype=torch.float32))
+    assert runner.attention == "flex" and runner.forward_calls == 4  # the check's forwards
     assert runner._probe("flex")[0] == "flex"
     real = attention.backend_for
 

@@ -29,6 +29,8 @@ log = structlog.get_logger(__name__)
 # device memory for a pool of fixed size (a fixed pool is what CUDA graphs need); on the CPU
 # the pool grows instead. A verifier sizes its own pool (workers/verifier/state.py).
 GPU_DEFAULT_SHARE = 0.25
+# What `--attention auto` tries per device type, checked against sdpa at start-up (else sdpa).
+AUTO = {"cuda": "flex"}
 
 
 def gpu_share_tokens(model, share: float) -> int:
@@ -73,12 +75,14 @@ class PackedRunner:
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
                                              block_size=block_size)
         self.forward_calls = 0  # one per forward(); tests assert batching with it
+        self.graphs: GraphRunner | None = None  # set after the backend is chosen (below)
         self.attention_calls = 0  # attention-function calls (layers x forwards)
-        if attention == "auto" and self.device.type == "cuda":
-            self.attention, self.backend = self._probe("flex")
+        tried = AUTO.get(self.device.type) if attention == "auto" else None
+        if tried:
+            self.attention, self.backend = self._probe(tried)
         else:
-            self.attention, self.backend = backend_for(attention, self.device)
-        self.graphs: GraphRunner | None = None
+            self.attention, self.backend = backend_for(
+                "sdpa" if attention == "auto" else attention, self.device)
         if cuda_graphs is None:
             cuda_graphs = (self.device.type == "cuda" and self.attention == "flex"
                            and self.pool.fixed)
