@@ -39,6 +39,11 @@ class Engine:
             st.kv = kv = None
         return (0 if kv is None else kv.length), kv is not None and kv.length == c - 1
 
+    def catching_up(self, st: SessionState, prefill_chunk: int | None) -> bool:
+        """Whether this session's next forward would only prefill a chunk (no verdict)."""
+        have, _ = self._chain(st)
+        return bool(prefill_chunk) and len(st.committed) - have > prefill_chunk
+
     def blocks_needed(self, work: list[tuple[SessionState, CheckedBlock]]) -> int:
         """Pool blocks this batch's forward will allocate."""
         need = 0

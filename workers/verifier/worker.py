@@ -127,6 +127,7 @@ class Worker:
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
         self._publishing: set[asyncio.Future] = set()  # verdicts still being published
+        self._chunked_last = False  # the last forward carried a prefill chunk beside others
         self._inbox: asyncio.Queue = asyncio.Queue()
         self.prefill_chunk = self.cfg.prefill_chunk or DEFAULT_PREFILL_CHUNK
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed sessions
@@ -399,6 +400,7 @@ class Worker:
                 queued = max(0.0, t_pick - m.metadata.timestamp.timestamp())
                 work.append((m, item[0], item[1], queued))
         work = await self._fit(work, raw)
+        work = self._pace_chunks(work, raw)
         if not work:
             return
         self.load.observe([st.sid for _, st, _, _ in work],
@@ -470,6 +472,20 @@ class Worker:
         task = asyncio.ensure_future(asyncio.gather(*pubs))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
+
+    def _pace_chunks(self, work: list, raw: dict[int, DraftBlock]) -> list:
+        """Sessions catching up add their chunk to every other forward while others are being
+        verified. A running session's round meets at most two forwards (the one in progress
+        when its block arrives and its own), so it pays for at most one chunk per round."""
+        chunk = self.prefill_chunk
+        catching = [w for w in work if self.engine.catching_up(w[1], chunk)]
+        if catching and len(catching) < len(work) and self._chunked_last:
+            for m, st, _, _ in catching:
+                self._deferred.append((m, (st.sid, raw[id(m)])))
+            work = [w for w in work if w not in catching]
+            catching = []
+        self._chunked_last = bool(catching) and len(catching) < len(work)
+        return work
 
     async def _fit(self, work: list, raw: dict[int, DraftBlock]) -> list:
         """Make room in the KV pool for the batch by evicting least recently used sessions'
