@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     import subprocess
 
     from bench.machine import machine
-    from bench.stack import Stack
+    from bench.stack import Stack, delta
     from specedge import devices
     from specedge.cli import DTYPES
 
@@ -137,7 +137,13 @@ def main(argv=None) -> int:
                      model, "--threads", "1", "--max-batch", str(a.max_batch), "--name", f"w{i}",
                      "--device", a.device, "--dtype", a.dtype, "--log-level", "warning"]))
             asyncio.run(_wait_members(stack.url, n))
+            before = stack.snapshot()
             res = asyncio.run(load(stack.url, a.sessions, a.rounds, a.nodes, vocab))
+            v = delta(stack.snapshot(), before)  # worker w0's control path
+            res |= {"w0_batches": v["batches"], "w0_mean_batch": round(v["mean_batch"], 2),
+                    "w0_forward_ms": round(1000 * v["busy_s"] / max(1, v["batches"]), 2),
+                    "w0_outside_ms": round(v["outside_per_batch_ms"], 2),
+                    "w0_outside_x_forward": round(v["outside_x_forward"], 2)}
         finally:
             for proc in extra:
                 proc.terminate()
@@ -148,9 +154,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(a.device, a.dtype), "settings": vars(a), "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    md = ["| workers | sessions | tree nodes | verdicts/s | tokens/s |", "|---|---|---|---|---|"]
+    md = ["| workers | sessions | tree nodes | verdicts/s | tokens/s | w0 blocks/batch | "
+          "w0 forward ms | w0 outside ms | outside x forward |", "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['workers']} | {r['sessions']} | {r['nodes']} | {r['verdicts_per_s']:.0f} | "
-           f"{r['tokens_per_s']:.0f} |" for r in rows]
+           f"{r['tokens_per_s']:.0f} | {r['w0_mean_batch']} | {r['w0_forward_ms']} | "
+           f"{r['w0_outside_ms']} | {r['w0_outside_x_forward']} |" for r in rows]
     (out / "table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
