@@ -59,7 +59,7 @@ from specedge.models import load_model, load_tokenizer
 log = structlog.get_logger("bench.gpu_check")
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("synthetic", "kernels", "lossless", "tests", "throughput")
+STEPS = ("synthetic", "kernels", "lossless", "tests", "throughput", "proactive")
 # bench.kernels per shape on CUDA: the issues' yardsticks, not the whole grid (each mode, size
 # and bucket compiles FlexAttention once, which costs more than the timings): the 1.5B at 1, 16,
 # 32 and 64 sessions x 1 and 8 tokens; the 7B at 64 x 8; the 0.5B draft step (one session, a
@@ -103,6 +103,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lossless-tokens", type=int, default=None)
     p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated edge round trip")
     p.add_argument("--skip", nargs="*", default=[], choices=STEPS)
+    p.add_argument("--proactive", action="store_true",
+                   help="also measure proactive drafting off/single/multi at one edge with a "
+                        "15 ms round trip (bench.proactive; a verifier start per mode, so it "
+                        "is outside the 8-minute budget)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="the wall time the run should fit in (reported, not enforced)")
     p.add_argument("--log-level", default="warning")
@@ -331,9 +335,27 @@ def step_throughput(ctx: Ctx) -> dict:
             "verifier": loaded, "rows": rows}
 
 
+def step_proactive(ctx: Ctx) -> dict:
+    """Proactive drafting where a draft forward takes milliseconds: bench.proactive on the
+    synthetic pair, one edge, 15 ms emulated round trip."""
+    out = ctx.a.out / "proactive"
+    cmd = [sys.executable, "-m", "bench.proactive", "--synthetic", ctx.a.shape, "--device",
+           ctx.a.device, "--draft-agreement", str(ctx.a.agreement), "--edges", "1",
+           "--prompts", "2", "--max-new-tokens", "48", "--rtt-ms", "15", "--out", str(out)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        rc, text = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, text = None, f"timed out\n{_text(e.stderr)}"
+    res = {"ok": rc == 0, "rc": rc, "out": str(out), "tail": text[-1500:]}
+    if (out / "results.json").is_file():
+        res["rows"] = json.loads((out / "results.json").read_text()).get("rows")
+    return res
+
+
 STEP_FUNCS: dict[str, Callable[[Ctx], dict]] = {
     "synthetic": step_synthetic, "kernels": step_kernels, "lossless": step_lossless,
-    "tests": step_tests, "throughput": step_throughput}
+    "tests": step_tests, "throughput": step_throughput, "proactive": step_proactive}
 NEEDS_MODELS = ("lossless", "throughput")
 
 
@@ -417,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
            "wall_s": 0.0}
     ctx = Ctx(a, res)
     for name in tqdm(STEPS, desc="gpu-check", file=sys.stderr):
-        if name in a.skip or (name in NEEDS_MODELS and ctx.pair is None):
+        if name in a.skip or (name in NEEDS_MODELS and ctx.pair is None) or (
+                name == "proactive" and not a.proactive):
             continue
         t0 = time.perf_counter()
         try:

@@ -29,6 +29,7 @@ from specedge.execution.plan import ForwardPlan
 Backend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float | None, ForwardPlan],
                    torch.Tensor]
 
+
 def _short_mask(plan: ForwardPlan, n_keys: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     """[Ss, 1, group * M, L] additive mask for the short segments' folded queries (row
     g * M + r is query head g of the KV head, token r); padding rows see key 0 so that no
