@@ -87,3 +87,21 @@ def test_demo_cli_answers_like_the_target(qwen, tmp_path):
     check_against_reference(target, ids, res["token_ids"], ref)  # fails unless equal or near-tie
     assert res["text"] == tok.decode(res["token_ids"], skip_special_tokens=True)
     assert res["rounds"] < NEW and res["tokens_per_round"] > 1.5
+
+
+async def test_long_prompt_prefilled_in_chunks_is_lossless(nats_server, qwen):
+    """A prompt of about 1,200 tokens, prefilled in chunks on both sides (the verifier's 256,
+    the edge's 128), while a short session runs beside it: both answer like the target alone
+    (same near-tie rule), and the verifier's catch-up really was chunked."""
+    from bench.longprompt import long_prompt
+
+    tok, target, draft = qwen
+    eos = eos_ids(tok, target.config, target.generation_config)
+    long, short = long_prompt(tok, 1200), prompts(tok)[0][0]
+    async with running_worker(target, nats_server.url, max_batch=4, prefill_chunk=256) as w:
+        results = await generate(nats_server.url, draft, [long, short], max_new_tokens=16,
+                                 shape=TreeShape(), eos_ids=eos, prefill_chunk=128)
+    ties = sum(check_against_reference(target, p, r.token_ids, reference_greedy(target, p, 16, eos))
+               for p, r in zip([long, short], results, strict=True))
+    assert ties <= 1
+    assert w.stats.prefill_chunks == (1200 - 1) // 256

@@ -275,7 +275,10 @@ class EdgeSession:
         if self._inflight is not None and not self._inflight.done():
             await asyncio.wrap_future(self._inflight)
         if not self.keep_draft_kv:
-            await self._run_model(self.drafter.close)
+            try:
+                await self._run_model(self.drafter.close)
+            except RuntimeError:  # the executor is shut down (the process is stopping)
+                self.drafter.close()
 
     async def _finish(self, builder: TreeBuilder) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
