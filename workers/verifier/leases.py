@@ -142,13 +142,22 @@ class Leases:
             except Exception as exc:  # a broker outage: keep trying, leases may lapse meanwhile
                 log.warning("lease renewal failed", worker=self.name, error=str(exc))
 
-    async def release_all(self) -> None:
-        for p in list(self.owned):
-            await self._release(p)
+    async def release_all(self, timeout_s: float = 3.0) -> None:
+        """Give every lease back at once, for at most timeout_s: with the broker gone, each
+        delete would wait out its own request timeout, and the leases expire by themselves."""
+
+        async def member() -> None:
+            try:
+                await self.kv.delete(f"member.{self.name}")
+            except Exception:
+                pass
+
         try:
-            await self.kv.delete(f"member.{self.name}")
-        except Exception:
-            pass
+            await asyncio.wait_for(asyncio.gather(*(self._release(p) for p in list(self.owned)),
+                                                  member()), timeout_s)
+        except TimeoutError:
+            log.warning("leases not released in time; they expire by themselves",
+                        worker=self.name, timeout_s=timeout_s)
         self.changed.set()
 
 
