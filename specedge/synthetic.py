@@ -278,6 +278,8 @@ def build(ref: str | SyntheticRef, *, dtype: torch.dtype | None = None,
     first (it builds the target too, and logs the `draft=N` reference to reuse)."""
     import torch
 
+    from specedge.devices import synchronize
+
     r = parse(ref) if isinstance(ref, str) else ref
     dtype = dtype or torch.bfloat16
     device = torch.device(device)
@@ -298,7 +300,7 @@ def build(ref: str | SyntheticRef, *, dtype: torch.dtype | None = None,
             name, target_init(name, shape, r.seed, hidden, device).to(dtype), r.seed,
             r.noise or 0.0))
     model.eval()
-    _sync(device)
+    synchronize(device)  # the build's time, logged below, is the device's
     log.info("synthetic model built", ref=str(r), dtype=str(dtype).removeprefix("torch."),
              device=str(device), params=sum(p.numel() for p in model.parameters()),
              s=round(time.perf_counter() - t0, 2))
@@ -313,12 +315,6 @@ def set_noise(draft: PreTrainedModel, target: PreTrainedModel, noise: float, see
         tp = dict(target.named_parameters())
         for name, p in draft.named_parameters():
             p.copy_(noised(name, tp[name], seed, noise))
-
-
-def _sync(device: torch.device) -> None:
-    from specedge.devices import synchronize
-
-    synchronize(device)
 
 
 # ---------------------------------------------------------------- calibration
