@@ -41,7 +41,8 @@ def test_env_override(tmp_path, monkeypatch):
 
 
 def test_a_lone_copy_of_the_package_reads_its_prompts(tmp_path):
-    """No sibling ../shared: the bench package copied on its own still finds the prompts."""
+    """No sibling folder of shared data: the bench package copied on its own still finds the
+    prompts."""
     shutil.copytree(ROOT / "bench", tmp_path / "bench",
                     ignore=shutil.ignore_patterns("results", "__pycache__"))
     code = "from bench import workload as w; print(w.spec_bench_path(), len(w.load()))"
@@ -55,8 +56,10 @@ def test_a_lone_copy_of_the_package_reads_its_prompts(tmp_path):
 def test_nothing_reads_a_directory_beside_the_checkout():
     tracked = subprocess.run(["git", "ls-files", "*.py", "Makefile", "*.toml", "*.cfg"],
                              cwd=ROOT, capture_output=True, text=True).stdout.split()
+    beside = "shared"  # the folder next to a developer's checkout, absent from a clone
+    patterns = (f'"{beside}"', f"../{beside}")
     offenders = [f for f in tracked if f != "tests/test_workload.py"
-                 and any(s in (ROOT / f).read_text() for s in ('"shared"', "../shared"))]
+                 and any(s in (ROOT / f).read_text() for s in patterns)]
     assert not offenders, offenders
 
 
