@@ -4,8 +4,8 @@ import torch
 from specedge.execution.tree import (
     TreeError,
     ancestor_mask,
-    chain_then_tree_mask,
     children_map,
+    depths_of,
     path_to,
     validate_parents,
 )
@@ -33,6 +33,22 @@ def test_ancestor_mask():
     ], dtype=torch.bool)
     assert torch.equal(m, expect)
     assert torch.equal(ancestor_mask([0, 0, 1], include_root=False), expect[1:, 1:])
+
+
+def chain_then_tree_mask(chain_len: int, parents: list[int]) -> torch.Tensor:
+    """What a verifier segment's rows see (a chain ending at the root, then the tree), as
+    the packed forward's plan computes it."""
+    from specedge.execution import KVPool, Segment
+    from specedge.execution.plan import build_plan
+
+    pool = KVPool(1, 1, 1, torch.float32, "cpu", block_size=4)
+    seq = pool.new_seq()
+    seg = Segment.tree(seq, list(range(chain_len)), [9] * len(parents), parents,
+                       depths_of(parents))
+    seq.prepare_write(0, len(seg.tokens))
+    plan = build_plan([seg], pool, torch.device("cpu"))
+    n = len(seg.tokens)
+    return plan.visible(torch.arange(n), n)
 
 
 def test_chain_then_tree_mask():

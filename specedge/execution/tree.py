@@ -48,22 +48,6 @@ def ancestor_mask(parents: Sequence[int], *, include_root: bool = True) -> torch
     return m if include_root else m[1:, 1:]
 
 
-def chain_then_tree_mask(chain_len: int, parents: Sequence[int]) -> torch.Tensor:
-    """Mask for new tokens = a chain of `chain_len` committed tokens (the last one is the root)
-    followed by the tree's nodes. Columns cover the same new tokens; the cached context before
-    them is visible to all rows and is not part of this matrix."""
-    if chain_len < 1:
-        raise ValueError("the chain must contain at least the root")
-    n = len(parents)
-    total = chain_len + n
-    mask = torch.zeros(total, total, dtype=torch.bool)
-    mask[:chain_len, :chain_len] = torch.ones(chain_len, chain_len, dtype=torch.bool).tril()
-    if n:
-        mask[chain_len:, :chain_len] = True  # every node sees the whole chain (root included)
-        mask[chain_len:, chain_len:] = ancestor_mask(parents, include_root=False)
-    return mask
-
-
 def children_map(tokens: Sequence[int], parents: Sequence[int]) -> list[dict[int, int]]:
     """For each of root + nodes, token -> child index. First child wins on a duplicate token,
     which keeps the walk deterministic (duplicates only waste budget)."""

@@ -90,9 +90,6 @@ class SessionTable:
             st.kv.free()
             st.kv = None
 
-    def kv_tokens(self) -> int:
-        return sum(s.kv.capacity for s in self._s.values() if s.kv is not None)
-
     def kv_bytes(self) -> int:
         return sum(s.kv.nbytes for s in self._s.values() if s.kv is not None)
 
