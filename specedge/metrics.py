@@ -37,6 +37,9 @@ class VerifierMetrics:
         self.rounds = Counter(p + "rounds", "Draft blocks verified (one verdict each)",
                               registry=r)
         self.batches = Counter(p + "batches", "Batched target forwards", registry=r)
+        self.prefill_chunks = Counter(p + "prefill_chunks", "Blocks whose session only caught "
+                                      "up on its prompt in a forward (no verdict yet; the "
+                                      "block is verified in a later one)", registry=r)
         self.batch_size = Histogram(p + "batch_size", "Blocks per batched forward",
                                     buckets=_SMALL_COUNTS, registry=r)
         self.batch_fill = Histogram(p + "batch_fill", "Blocks per forward / --max-batch",

@@ -129,8 +129,10 @@ async def test_concurrent_requests_lossless_and_metrics_consistent(nats_server, 
     chats = ["Tell me a story.", "Name three rivers.", "What is TCP?"]
     completions = ["def fib(n):", [5, 17, 42, 99, 3]]
     n = 24
+    # prefill_chunk 16: the chat prompts (30+ tokens) catch up over several forwards, which the
+    # batch series must count (a measured chunk would chunk them only on a slow machine).
     async with api_stack(nats_server.url, tiny_pair, tok, "--max-sessions", "8",
-                         max_batch=8) as (base, w):
+                         max_batch=8, prefill_chunk=16) as (base, w):
         client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x")
 
         async def chat(q: str) -> tuple[str, int]:
@@ -190,11 +192,14 @@ async def test_concurrent_requests_lossless_and_metrics_consistent(nats_server, 
     # The verifier's batch, KV and acceptance series agree with each other.
     batches = ver["specedge_verifier_batches_total"]
     assert ver["specedge_verifier_batch_size_count"] == batches > 0
-    assert ver["specedge_verifier_batch_size_sum"] == rounds
+    # A block is in one forward per verdict, plus one per prefill chunk its session needed.
+    blocks = rounds + ver["specedge_verifier_prefill_chunks_total"]
+    assert 0 < ver["specedge_verifier_prefill_chunks_total"] == w.stats.prefill_chunks
+    assert ver["specedge_verifier_batch_size_sum"] == blocks
     assert ver["specedge_verifier_verify_seconds_count"] == batches
     assert 0 < ver["specedge_verifier_busy_seconds_total"] == pytest.approx(
         ver["specedge_verifier_verify_seconds_sum"])
-    assert ver["specedge_verifier_batch_fill_sum"] == pytest.approx(rounds / 8)
+    assert ver["specedge_verifier_batch_fill_sum"] == pytest.approx(blocks / 8)
     assert 1 <= ver["specedge_verifier_suggested_budget"] <= 16  # a load hint was sent
     assert ver["specedge_verifier_hold_seconds_total"] >= 0
     assert max(w.stats.batch_sizes) > 1  # the concurrent sessions did share forwards

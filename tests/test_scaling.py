@@ -11,7 +11,8 @@ import signal
 
 import pytest
 
-from specedge import broker
+from schemas import Verdict, WireError, decode
+from specedge import broker, subjects
 from specedge.broker import StreamSettings
 from tests.conftest import FAST_CONSUMER
 from tests.procs import ProcWorker, cluster, urls
@@ -35,6 +36,25 @@ async def proc_workers(url: str, target_dir: str, log_dir, n: int = 2):
     finally:
         for w in ws:
             w.stop()
+
+
+@contextlib.asynccontextmanager
+async def first_verdict_from(url: str, worker: str):
+    """An event set once a verdict signed by `worker` goes over the broker."""
+    seen = asyncio.Event()
+    nc = await broker.connect(url, "test-watch")
+
+    async def on_verdict(msg) -> None:
+        with contextlib.suppress(WireError):
+            v = decode(msg.data)
+            if isinstance(v, Verdict) and v.worker == worker:
+                seen.set()
+
+    await nc.subscribe(subjects.verdict("*.*"), cb=on_verdict)
+    try:
+        yield seen
+    finally:
+        await nc.close()
 
 
 def assert_lossless(target, ps, results, new):
@@ -63,9 +83,10 @@ async def test_kill_9_mid_run(nats_server, tiny_pair, target_dir, tmp_path):
     url = nats_server.url
     async with proc_workers(url, target_dir, tmp_path) as ws:
         ps = prompts(8, 2)
-        run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=200,
-                                           emulate_rtt_ms=40, verdict_timeout_s=10))
-        await asyncio.sleep(1.5)
+        async with first_verdict_from(url, "w0") as seen:
+            run = asyncio.create_task(generate(url, draft, ps, max_new_tokens=200,
+                                               emulate_rtt_ms=40, verdict_timeout_s=10))
+            await asyncio.wait_for(seen.wait(), 120)  # not a fixed sleep: start-up varies
         assert not run.done()
         ws[0].signal(signal.SIGKILL)
         results = await run

@@ -438,6 +438,7 @@ class Worker:
             if res is None:  # still catching up: no verdict; its block goes first next step
                 prefilling.append((m, (st.sid, raw[id(m)])))
                 self.stats.prefill_chunks += 1
+                self.metrics.prefill_chunks.inc()
                 pubs.append(_quietly(m.in_progress()))
                 continue
             new = [blk.tokens[i - 1] for i in res.accepted] + [res.next_token]
