@@ -31,6 +31,7 @@ from schemas import (
     unpack_ids,
 )
 from specedge import broker, logs, subjects
+from specedge.orphan import tied_to_parent
 
 
 def tiny_target_dir(vocab: int = 512) -> str:
@@ -132,10 +133,10 @@ def main(argv=None) -> int:
         extra = []
         try:
             for i in range(1, n):
-                extra.append(subprocess.Popen(
+                extra.append(subprocess.Popen(tied_to_parent(
                     [sys.executable, "-m", "workers.verifier", "--nats", stack.url, "--model",
                      model, "--threads", "1", "--max-batch", str(a.max_batch), "--name", f"w{i}",
-                     "--device", a.device, "--dtype", a.dtype, "--log-level", "warning"]))
+                     "--device", a.device, "--dtype", a.dtype, "--log-level", "warning"])))
             asyncio.run(_wait_members(stack.url, n))
             before = stack.snapshot()
             res = asyncio.run(load(stack.url, a.sessions, a.rounds, a.nodes, vocab))

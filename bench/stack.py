@@ -17,6 +17,7 @@ from pathlib import Path
 
 from specedge import broker
 from specedge.demo import wait_verifier
+from specedge.orphan import tied_to_parent
 
 
 def split_cores() -> tuple[list[int], list[int]]:
@@ -70,12 +71,12 @@ class Stack:
         broker.run_setup(self.srv.url)
         self.log_path = state / "verifier.log"
         with open(self.log_path, "wb") as vlog:
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(tied_to_parent(
                 ["taskset", "-c", ",".join(map(str, self.vcores)), sys.executable, "-m",
                  "workers.verifier", "--nats", self.srv.url, "--threads", str(len(self.vcores)),
                  "--device", self.device, "--dtype", self.dtype,
                  *(["--model", self.model] if self.model else []),
-                 "--log-level", "info", *self.extra_args],
+                 "--log-level", "info", *self.extra_args]),
                 stdout=vlog, stderr=subprocess.STDOUT, env=dict(os.environ, SPECEDGE_LOG="info"))
         asyncio.run(wait_verifier(self.srv.url, self.proc))
         return self

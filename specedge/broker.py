@@ -33,6 +33,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from specedge import subjects
+from specedge.orphan import tied_to_parent
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +106,7 @@ class EmbeddedNats:
         args += self.extra_args
         self.store_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by proc
-        self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(tied_to_parent(args), stdout=logf, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.env} if self.env else None)
         if self.cpus:
             os.sched_setaffinity(self.proc.pid, self.cpus)
@@ -182,6 +183,16 @@ async def connect(url: str, name: str, **kw) -> nats.NATS:
     nc = await nats.connect([u.strip() for u in url.split(",") if u.strip()], **opts)
     holder.append(nc)
     return nc
+
+
+async def close(nc: nats.NATS, timeout_s: float = 5.0) -> None:
+    """Close a connection on the way out, whatever state the broker is in: with the broker
+    gone, nats-py's flush of pending data can raise (a closed transport) or wait; a process
+    that is stopping logs that and goes on."""
+    try:
+        await asyncio.wait_for(nc.close(), timeout_s)
+    except Exception as exc:
+        log.warning("nats connection closed uncleanly", error=repr(exc))
 
 
 async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None:

@@ -26,6 +26,7 @@ from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
 from specedge.edge.__main__ import EXIT_REFUSED, add_generation_args
 from specedge.edge.limits import LimitError
+from specedge.orphan import tied_to_parent
 
 log = structlog.get_logger("specedge.demo")
 
@@ -210,11 +211,11 @@ def main(argv=None) -> int:
         nats_srv.start()
         broker.run_setup(nats_srv.url)
         env = dict(os.environ, SPECEDGE_LOG=a.log_level)
-        verifier = subprocess.Popen(
+        verifier = subprocess.Popen(tied_to_parent(
             [sys.executable, "-m", "workers.verifier", "--nats", nats_srv.url, "--model",
              a.target, "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads),
              "--attention", a.attention,
-             *({True: ["--cuda-graphs"], False: ["--no-cuda-graphs"]}.get(a.cuda_graphs, []))],
+             *({True: ["--cuda-graphs"], False: ["--no-cuda-graphs"]}.get(a.cuda_graphs, []))]),
             stdout=vlog, stderr=subprocess.STDOUT, env=env)
         log.info("started", broker=nats_srv.url, broker_pid=nats_srv.proc.pid,
                  verifier_pid=verifier.pid, verifier_log=str(state / "verifier.log"))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from specedge import broker
+from specedge.orphan import tied_to_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_FAILOVER = ["--ack-wait", "2", "--lease-ttl", "2.5", "--max-deliver", "10"]
@@ -23,10 +24,10 @@ class ProcWorker:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(tied_to_parent(
             [sys.executable, "-m", "workers.verifier", "--nats", url, "--model", model_dir,
              "--dtype", "float64", "--name", name, "--threads", "1", "--log-level", "info",
-             *FAST_FAILOVER, *extra],
+             *FAST_FAILOVER, *extra]),
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
             env=dict(os.environ, SPECEDGE_LOG="info"))
 

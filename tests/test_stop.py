@@ -49,6 +49,14 @@ def alive(pid: int) -> bool:
     return st is not None and st[0] != "Z"
 
 
+def wait_gone(pids: set[int], timeout: float) -> list[int]:
+    """The pids still alive after up to `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while (left := [k for k in pids if alive(k)]) and time.monotonic() < end:
+        time.sleep(0.1)
+    return left
+
+
 class Proc:
     """A command's process with its JSON log lines (stderr) and text (stdout) collected."""
 
@@ -147,6 +155,42 @@ async def test_demo_sigterm_stops_verifier_and_broker(model_dirs, mode):
         assert stopped == {"verifier": 0}, stopped  # drained on its SIGTERM, not killed
     if mode == "answer":
         assert p.event("session finished") is None  # cut short, not run to the end
+
+
+async def test_demo_killed_leaves_nothing_behind(model_dirs):
+    """kill -9 (or the OOM killer) on the demo runs no `finally`: its children get SIGTERM
+    from the kernel (the parent-death signal) and stop as they would on a supervisor's
+    SIGTERM: the verifier drains and says so, the broker exits."""
+    target, draft = model_dirs
+    p = await Proc.start("-m", "specedge.demo", "--target", target, "--draft", draft,
+                         "--dtype", "float64", "--threads", "1", "--verifier-threads", "1",
+                         "--log-level", "info", "--serve", "--port", "0")
+    try:
+        await p.wait_for(lambda: any("OpenAI-compatible API on" in t for t in p.text), "the API")
+        started = p.event("started")
+        kids = {started["verifier_pid"], started["broker_pid"]}
+        assert kids <= descendants(p.proc.pid), (started, descendants(p.proc.pid))
+        p.proc.kill()
+        await p.proc.wait()
+        left = await asyncio.to_thread(wait_gone, kids, 30.0)
+    finally:
+        await p.kill()
+    assert not left, "left running after kill -9 of the demo"
+    vlog = await asyncio.to_thread(Path(started["verifier_log"]).read_text, errors="replace")
+    assert '"verifier stopped"' in vlog and "Traceback" not in vlog, vlog[-3000:]
+
+
+def test_tied_to_parent_exits_when_its_parent_already_died():
+    """The race the wrapper closes: a parent gone before the signal was armed."""
+    import subprocess
+
+    from specedge.orphan import tied_to_parent
+
+    cmd = tied_to_parent(["sleep", "30"])
+    assert cmd[-2:] == ["sleep", "30"] and cmd[0] == sys.executable
+    cmd[3] = "1"  # a "parent" that is not ours: as if it had died before the prctl
+    done = subprocess.run(cmd, timeout=10)
+    assert done.returncode == 128 + signal.SIGTERM
 
 
 async def test_verifier_with_embedded_broker_stops_it_on_sigterm(model_dirs):

@@ -151,7 +151,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
         result = await session.run()
     finally:
         ex.shutdown(wait=False)
-        await nc.close()
+        await broker.close(nc)
     result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     summary = result.summary()
     if a.json:

@@ -109,7 +109,7 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
         await server.stop()
         service.close()
         await fleet.close()
-        await nc.close()
+        await broker.close(nc)
 
 
 def main(argv=None) -> int:

@@ -222,7 +222,7 @@ class Worker:
                 await csub.unsubscribe()
             except Exception as exc:
                 log.warning("could not release leases", error=str(exc))
-            await nc.close()
+            await broker.close(nc)
             self._executor.shutdown(wait=True)
             for t in observers:
                 t.cancel()
