@@ -189,6 +189,66 @@ def test_a_fixed_pool_refuses_and_a_growing_pool_grows():
     assert grow.capacity_tokens >= 40 and float(grow.kv[0, 0, 0, s.slot(3), 0]) == 1.5
 
 
+def test_a_growing_pool_shrinks_after_a_peak_and_keeps_every_sequence():
+    """After a peak the pool gives memory back: live blocks (a fork's shared ones once) move
+    down, tables are renumbered, and every sequence still holds exactly its KV."""
+    pool = KVPool(2, 1, 3, torch.float64, "cpu", block_size=4, initial_tokens=8)
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (30, 9, 50, 21, 64, 3):
+        s = pool.new_seq()
+        s.prepare_write(0, n)
+        s.length = n
+        pool.kv[:, :, :, s.slots(0, n)] = torch.rand(2, 2, 1, n, 3, generator=g,
+                                                      dtype=torch.float64)
+        seqs.append(s)
+    fork = seqs[2].fork(48, keep=[1])  # shares 12 full blocks, copies the rest
+    peak = pool.blocks
+    assert peak == 64 and not pool.shrink()  # well used: nothing to give back
+    for s in seqs[:2] + seqs[3:5]:
+        s.free()
+    keep = [seqs[2], seqs[5], fork]
+    want = [s.view() for s in keep]
+    assert pool.shrink() and pool.shrinks == 1
+    used = pool.used_blocks
+    assert pool.blocks == 32 and used == 13 + 1 + 1 and pool.kv.shape[3] == 32 * 4
+    assert sorted({b for s in keep for b in s.blocks}) == list(range(used))
+    assert pool.refs[keep[0].blocks[0]] == 2 and sum(pool.refs) == 13 + 1 + 13
+    for s, (k, v) in zip(keep, want, strict=True):
+        k2, v2 = s.view()
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert torch.count_nonzero(pool.kv[:, :, :, used * 4:]) == 0  # free blocks stay finite
+    fork.prepare_write(fork.length, fork.length + 40)  # and the pool works on from there
+    assert pool.blocks == 32 and not pool.shrink()
+    for s in keep:
+        s.free()
+    assert pool.shrink() and pool.blocks == 2 and pool.used_blocks == 0  # its initial size
+
+
+def test_greedy_decoding_is_unchanged_across_a_pool_shrink():
+    """The runner shrinks the pool before a forward; the sessions decoding through it still
+    match the model's own greedy continuation."""
+    model = tiny_model(23)
+    runner = PackedRunner(model, block_size=4)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (900, 800, 7, 12)]
+    seqs = [runner.new_seq() for _ in prompts]
+    logits = runner.forward([Segment.chain(s, p) for s, p in zip(seqs, prompts, strict=True)])
+    for s in seqs[:2]:  # the long ones leave: the pool is now mostly empty
+        s.free()
+    peak = runner.pool.blocks
+    out = {i: prompts[i] + [int(logits[i][-1].argmax())] for i in (2, 3)}
+    for _ in range(6):
+        step = runner.forward([Segment.chain(seqs[i], out[i][-1:]) for i in (2, 3)])
+        for i, lg in zip((2, 3), step, strict=True):
+            out[i].append(int(lg[-1].argmax()))
+    assert runner.pool.shrinks >= 1 and runner.pool.blocks < peak
+    for i in (2, 3):
+        ref = model.generate(torch.tensor([prompts[i]]), max_new_tokens=7, do_sample=False,
+                             min_new_tokens=7)
+        assert out[i] == ref[0].tolist()
+
+
 def test_compiled_flex_matches_the_sdpa_reference(monkeypatch):
     """The compiled FlexAttention path (as on CUDA; here through inductor's CPU kernel) over
     the pool with the per-forward BlockMask gives the reference attention's logits."""

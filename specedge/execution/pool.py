@@ -14,6 +14,7 @@ zero weight, and zero times a NaN would not be zero.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,8 @@ class KVPool:
                  device: torch.device | str, *, block_size: int = 16,
                  capacity_tokens: int | None = None, initial_tokens: int = 1024):
         """capacity_tokens: a fixed budget (rounded up to whole blocks), allocated now; None:
-        start with initial_tokens and double when full."""
+        start with initial_tokens, double when full and halve (or more) once at most a
+        quarter is used (`shrink`)."""
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.block_size = block_size
@@ -48,6 +50,9 @@ class KVPool:
         self._dst: list[int] = []
         self._pending_dst: set[int] = set()
         self.copies_flushed = 0  # batched copies run (tests count them)
+        self.min_blocks = blocks
+        self.shrinks = 0
+        self._seqs: weakref.WeakSet[KVSeq] = weakref.WeakSet()  # the tables `shrink` renumbers
 
     @classmethod
     def for_model(cls, model, **kw) -> KVPool:
@@ -117,6 +122,45 @@ class KVPool:
         self.refs.extend([0] * old)
         self._free = list(range(2 * old - 1, old - 1, -1)) + self._free
 
+    def _shrunk_size(self) -> int | None:
+        """The block count a growable pool at most a quarter used shrinks to (twice what it
+        uses, in powers of two from its initial size, so that growing back takes usage
+        quadrupling), or None."""
+        used = self.used_blocks
+        if self.fixed or 4 * used > self.blocks:
+            return None
+        target = self.min_blocks
+        while target < 2 * used:
+            target *= 2
+        return target if target < self.blocks else None
+
+    def shrink(self) -> bool:
+        """Give memory back after a peak (a CPU verifier once holding many long sessions):
+        the live blocks move to the lowest ids in one batched copy into a smaller tensor, and
+        every sequence's block table is renumbered. The caller holds no slots across it (the
+        runner calls it before planning a forward)."""
+        with self.lock:
+            target = self._shrunk_size()
+            if target is None:
+                return False
+            self.flush()
+            live = [blk for blk, r in enumerate(self.refs) if r > 0]
+            renum = {old: new for new, old in enumerate(live)}
+            b = self.block_size
+            kv = torch.zeros((*self.kv.shape[:3], target * b, self.kv.shape[4]),
+                             dtype=self.dtype, device=self.device)
+            if live:
+                src = torch.tensor([blk * b + o for blk in live for o in range(b)],
+                                   dtype=torch.long).to(self.device, non_blocking=True)
+                kv[:, :, :, : len(live) * b] = self.kv.index_select(3, src)
+            self.kv = kv
+            self.refs = [self.refs[blk] for blk in live] + [0] * (target - len(live))
+            self._free = list(range(target - 1, len(live) - 1, -1))
+            for seq in list(self._seqs):
+                seq.blocks = [renum[blk] for blk in seq.blocks]
+            self.shrinks += 1
+            return True
+
     # -- copies ----------------------------------------------------------------------------
 
     def queue_copy(self, src: Sequence[int], dst: Sequence[int]) -> None:
@@ -163,6 +207,8 @@ class KVSeq:
         self.pool = pool
         self.blocks: list[int] = []
         self.length = 0
+        with pool.lock:  # `shrink` may be walking the set from another thread
+            pool._seqs.add(self)
 
     @property
     def capacity(self) -> int:

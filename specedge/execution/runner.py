@@ -144,6 +144,7 @@ class PackedRunner:
             seg.check()
         pool = self.pool
         with pool.lock:
+            pool.shrink()  # after a peak, before any slot of this forward is computed
             for seg in segments:
                 n = seg.seq.length
                 seg.seq.prepare_write(n, n + len(seg.tokens))
