@@ -196,5 +196,5 @@ def test_kv_budget_parsing_and_lru_eviction_from_the_pool():
     assert table.get("s1").kv is None and table.get("s0").kv is not None
     assert table.get("s2").kv is not None and table.evictions == 1 and pool.free_blocks == 4
     assert not table.make_room(13, keep=set())  # more than the whole pool: evicting won't do
-    table.drop("s0")  # a closed session's blocks go back
+    table.release(table.pop("s0"))  # a closed session's blocks go back
     assert pool.free_blocks == 12 and len(table) == 3

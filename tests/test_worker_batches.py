@@ -4,6 +4,8 @@ answers bad blocks with a Rejected while serving everyone else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 import pytest
 
@@ -104,3 +106,46 @@ async def test_bad_blocks_are_rejected_and_others_served(nats_server, tiny_pair)
     assert w.stats.rejected == len(bad)
     for p, r in zip(honest_prompts, results, strict=True):
         assert r.token_ids == reference_greedy(target, p, 20)
+
+
+async def test_a_close_during_its_forward_disturbs_nobody(nats_server, tiny_pair):
+    """A client hangs up while its session's block is in the batched forward: its KV is
+    freed after that forward, not from under it. The batch does not fail and the sessions
+    sharing it keep their caches (no rebuild) and their exact output."""
+    target, draft = tiny_pair
+    url = nats_server.url
+    loop = asyncio.get_running_loop()
+    others = [[(11 * i + j) % 256 for j in range(6 + 3 * i)] for i in range(2)]
+    victim_sid = "anon.hangs-up"
+    async with running_worker(target, url, max_batch=8, prefill_chunk=256,
+                              adaptive=AdaptiveBudget(batch_tokens=16)) as w:
+        runner = w.engine.runner
+        inner = runner.forward_flat
+        fired = []
+
+        def spy(segments):
+            st = w.sessions.get(victim_sid)
+            if not fired and st is not None and len(segments) > 1 and any(
+                    s.seq is st.kv for s in segments) and st.round >= 2:
+                fired.append(True)
+                loop.call_soon_threadsafe(victim.cancel)  # the edge closes its session
+                for _ in range(500):  # until the worker has handled the close
+                    if victim_sid in w._closed:
+                        break
+                    time.sleep(0.01)
+                time.sleep(0.05)
+            return inner(segments)
+
+        runner.forward_flat = spy
+        victim = asyncio.create_task(generate(url, draft, [[3, 1, 4, 1, 5]], max_new_tokens=400,
+                                              sids=[victim_sid]))
+        results = await generate(url, draft, others, max_new_tokens=48)
+        with contextlib.suppress(asyncio.CancelledError):
+            await victim
+    assert fired, "the victim never shared a forward with the others"
+    assert victim_sid in w._closed and w.sessions.get(victim_sid) is None
+    assert w.stats.failed_batches == 0
+    assert w.stats.kv_misses == 3  # each session's first sight only
+    for p, r in zip(others, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 48)
+    assert w.engine.pool.used_blocks == 0  # everybody's KV went back, the victim's too

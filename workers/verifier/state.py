@@ -74,10 +74,14 @@ class SessionTable:
         while len(self._s) > self.max_sessions:
             self._free(self._s.popitem(last=False)[1])
 
-    def drop(self, sid: str) -> None:
-        st = self._s.pop(sid, None)
-        if st is not None:
-            self._free(st)
+    def pop(self, sid: str) -> SessionState | None:
+        """Forget a session and hand back its state, KV still held (see `release`)."""
+        return self._s.pop(sid, None)
+
+    @staticmethod
+    def release(st: SessionState) -> None:
+        """Free a forgotten session's KV."""
+        SessionTable._free(st)
 
     def free_kv(self, sid: str) -> None:
         st = self._s.get(sid)

@@ -353,9 +353,19 @@ class Worker:
             while len(self._closed) > CLOSED_MEMORY:
                 self._closed.popitem(last=False)
             self.admission.closed(sid)
-            self.sessions.drop(sid)  # frees its KV
+            if (st := self.sessions.pop(sid)) is not None:
+                self._release_on_forward_thread(st)
             self.load.forget(sid)
             log.debug("session closed", sid=sid)
+
+    def _release_on_forward_thread(self, st: SessionState) -> None:
+        """A close may arrive while the session's block is in the forward: freeing its KV here
+        would pull the cache from under that forward (and wait on the pool's lock, stalling the
+        event loop). Queued on the forward thread, it runs once that batch is done."""
+        try:
+            self._executor.submit(SessionTable.release, st)
+        except RuntimeError:  # the executor is shut down: no forward runs any more
+            SessionTable.release(st)
 
     # -- one batch -----------------------------------------------------------------------
 
