@@ -90,9 +90,10 @@ class SessionTable:
 
     @staticmethod
     def _free(st: SessionState) -> None:
-        if st.kv is not None:
-            st.kv.free()
-            st.kv = None
+        # a closed session may be released from both threads at once; freeing twice is safe
+        kv, st.kv = st.kv, None
+        if kv is not None:
+            kv.free()
 
     def kv_bytes(self) -> int:
         return sum(s.kv.nbytes for s in self._s.values() if s.kv is not None)

@@ -477,6 +477,9 @@ class Worker:
             pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
             log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
                       finished=finished)
+        for _, st, _, _ in work:  # closed while this batch was being formed: the forward
+            if st.sid in self._closed:  # gave it a cache again, which nobody else would free
+                SessionTable.release(st)
         self._deferred[:0] = prefilling
         # Publishing and acking run beside the next batch (each handles its own failure): the
         # next forward need not wait for the broker's acknowledgements of this one's verdicts.
