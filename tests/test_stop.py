@@ -180,7 +180,7 @@ async def test_demo_killed_leaves_nothing_behind(model_dirs):
     assert '"verifier stopped"' in vlog and "Traceback" not in vlog, vlog[-3000:]
 
 
-def test_tied_to_parent_exits_when_its_parent_already_died():
+async def test_tied_to_parent_exits_when_its_parent_already_died():
     """The race the wrapper closes: a parent gone before the signal was armed."""
     import subprocess
 
@@ -189,7 +189,7 @@ def test_tied_to_parent_exits_when_its_parent_already_died():
     cmd = tied_to_parent(["sleep", "30"])
     assert cmd[-2:] == ["sleep", "30"] and cmd[0] == sys.executable
     cmd[3] = "1"  # a "parent" that is not ours: as if it had died before the prctl
-    done = subprocess.run(cmd, timeout=10)
+    done = await asyncio.to_thread(subprocess.run, cmd, timeout=10)
     assert done.returncode == 128 + signal.SIGTERM
 
 
