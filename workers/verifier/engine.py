@@ -48,7 +48,7 @@ class Engine:
         """Pool blocks this batch's forward will allocate."""
         need = 0
         for st, blk in work:
-            have, _ = self._chain(st)
+            self._chain(st)  # a cache out of step is dropped first: it will be rebuilt
             total = len(st.committed) + len(blk.tokens)
             if st.kv is None:
                 need += -(-total // self.pool.block_size)
