@@ -149,12 +149,27 @@ class EmbeddedNats:
         self.cleanup()
 
 
+ERROR_LOG_EVERY_S = 10.0
+
+
 async def connect(url: str, name: str, **kw) -> nats.NATS:
     """Connect with settings that survive a broker restart: retry forever, notice a dead peer
     in seconds (nats-py's defaults give up after 60 attempts and ping every 2 minutes)."""
 
+    last: dict[str, float] = {}  # error type -> when it was last logged
+    quiet: dict[str, int] = {}  # ... and how often it came since
+
     async def on_error(e: Exception) -> None:
-        log.warning("nats error", error=str(e), client=name)
+        # Every failed reconnect attempt lands here (twice a second through an outage): say
+        # each kind once per ERROR_LOG_EVERY_S with a count, always with its type (many of
+        # nats-py's errors have no text).
+        kind, now = type(e).__name__, time.monotonic()
+        if now - last.get(kind, float("-inf")) < ERROR_LOG_EVERY_S:
+            quiet[kind] = quiet.get(kind, 0) + 1
+            return
+        last[kind] = now
+        log.warning("nats error", error_type=kind, error=str(e) or repr(e), client=name,
+                    repeated=quiet.pop(kind, 0))
 
     holder: list[nats.NATS] = []
 
@@ -192,7 +207,8 @@ async def close(nc: nats.NATS, timeout_s: float = 5.0) -> None:
     try:
         await asyncio.wait_for(nc.close(), timeout_s)
     except Exception as exc:
-        log.warning("nats connection closed uncleanly", error=repr(exc))
+        log.warning("nats connection closed uncleanly", error_type=type(exc).__name__,
+                    error=repr(exc))
 
 
 async def ensure_stream(js, settings: StreamSettings = StreamSettings()) -> None:

@@ -79,6 +79,9 @@ class VerifierMetrics:
         self.position_accepted = Counter(p + "position_accepted", "Blocks whose accepted path "
                                          "reached this depth (acceptance at a position = "
                                          "accepted / drafted)", ["position"], registry=r)
+        self.sessions_reclaimed = Counter(p + "sessions_reclaimed", "Sessions forgotten (state "
+                                          "and KV freed) because their edge went silent",
+                                          registry=r)
         self.redeliveries = Counter(p + "redeliveries", "Draft blocks delivered more than once",
                                     registry=r)
         self.suggested_budget = Gauge(p + "suggested_budget", "Tree budget (nodes) suggested "

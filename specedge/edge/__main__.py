@@ -23,6 +23,9 @@ from specedge.edge.proactive import Mode
 EXIT_USAGE = 2  # bad flags or configuration, no broker given
 EXIT_REJECTED = 3  # a verifier rejected the session (e.g. too_many_sessions, rate_limited)
 EXIT_REFUSED = 4  # refused before any work: over the fleet's or the models' limits
+# the fleet out of reach: no contact with the broker for --give-up-s (or none at start), or no
+# verdict after every re-publish
+EXIT_UNREACHABLE = 5
 
 
 # A lone session's prefill chunk: nobody shares its draft model, so chunks only bound how long
@@ -65,6 +68,14 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="the most nodes an adaptive tree may grow to")
     p.add_argument("--emulate-rtt-ms", type=float, default=0.0,
                    help="add this round trip (half each way) to publishes and verdicts")
+    p.add_argument("--give-up-s", type=float, default=60.0,
+                   help="give up once the broker has been out of reach this long (publishes "
+                        "unacknowledged, the connection down; a silent link is noticed within "
+                        "about 6 s): the CLI exits 5, `edge serve` fails the request with a 503")
+    p.add_argument("--verdict-timeout-s", type=float, default=30.0,
+                   help="the longest wait for a verdict before the edge looks for it in the "
+                        "stream and re-publishes its block (the wait is 4 measured round "
+                        "times, at least 2 s; this long for the first round)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per draft forward while prefilling: other sessions "
                         "sharing the draft model wait at most one such forward, and a "
@@ -92,6 +103,20 @@ def parse(argv=None) -> argparse.Namespace:
     return settings.parse_args(p, "edge", argv, sibling_keys=SERVE_ONLY)
 
 
+def model_config(ref: str):
+    """A model's config without its weights: a `synthetic:` reference names its shape's config
+    (shipped in specedge/assets), anything else is read by transformers."""
+    from specedge import synthetic
+
+    if synthetic.is_synthetic(ref):
+        return synthetic.config(synthetic.parse(ref).shape)
+    from transformers import AutoConfig
+
+    from specedge.models import resolve
+
+    return AutoConfig.from_pretrained(resolve(ref))
+
+
 def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits | None,
           draft_config) -> Plan:
     """The session this edge may run, or LimitError: what the fleet would refuse is refused
@@ -106,10 +131,11 @@ def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits |
 
 async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
     from specedge.edge.drafter import Drafter
+    from specedge.edge.link import connect_kwargs
     from specedge.edge.session import EdgeSession, SessionParams
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
     from specedge.execution import PackedRunner
-    from specedge.models import load_model, load_tokenizer, resolve
+    from specedge.models import load_model, load_tokenizer
 
     log = structlog.get_logger("specedge.edge")
     tokenizer = tokenizer or load_tokenizer(a.model)
@@ -122,15 +148,12 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             sys.stdout.flush()
 
     edge = getattr(a, "edge_name", subjects.ANON)  # the demo has no --edge-name
-    nc = await broker.connect(url, f"edge-{edge}", **connect_opts(a, subjects.edge_inbox(edge)))
+    nc = await broker.connect(url, f"edge-{edge}", **connect_kwargs(),
+                              **connect_opts(a, subjects.edge_inbox(edge)))
     ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
     try:
-        if draft is None:  # its config is enough to refuse; load the weights only if admitted
-            from transformers import AutoConfig
-
-            draft_config = AutoConfig.from_pretrained(resolve(a.model))
-        else:
-            draft_config = draft.config
+        # its config is enough to refuse; load the weights only if admitted
+        draft_config = model_config(a.model) if draft is None else draft.config
         limits = await fleet.fetch(nc)
         p = admit(a, len(ids), limits, draft_config)
         if limits is None:
@@ -144,7 +167,9 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             shape=p.shape, target_name=a.target, draft_name=a.model,
             proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
             adaptive=a.adaptive, max_budget=p.max_budget,
-            prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK)
+            prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK,
+            give_up_s=getattr(a, "give_up_s", 60.0),
+            verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0))
         drafter = Drafter(PackedRunner(draft, **runner_opts(a)))
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge))
@@ -181,10 +206,25 @@ def main(argv=None) -> int:
               "(or run `python -m specedge.demo` for a self-contained stack)", file=sys.stderr)
         return EXIT_USAGE
     logs.install_uvloop()
+    import nats.errors
+
+    from specedge.edge.link import BrokerUnreachable
     from specedge.edge.session import SessionRejected
 
     try:
         lifecycle.run(run_edge(a, a.nats))
+    except BrokerUnreachable as exc:
+        print(f"specedge.edge: gave up: {exc}; the session is closed on the broker when the "
+              f"link allows (tune with --give-up-s)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (nats.errors.Error, OSError) as exc:  # e.g. no broker at that address at start
+        print(f"specedge.edge: cannot reach the broker at {settings.mask('nats', a.nats)}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TimeoutError as exc:  # the broker answers, no verifier does
+        print(f"specedge.edge: no verdict: {exc}; is a verifier running on this broker?",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
     except SessionRejected as exc:  # e.g. too_many_sessions, rate_limited: say why and stop
         print(f"specedge.edge: {exc}", file=sys.stderr)
         return EXIT_REJECTED

@@ -32,6 +32,7 @@ from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.limits import EdgeLimits, LimitError, plan
+from specedge.edge.link import BrokerUnreachable, Link
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
 from specedge.edge.text import Detokenizer, eos_ids
@@ -61,7 +62,8 @@ class ServeConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_sessions: int = 16  # concurrent sessions; more requests wait for a slot
-    verdict_timeout_s: float = 30.0
+    verdict_timeout_s: float = 30.0  # the longest wait before looking for a verdict
+    give_up_s: float = 60.0  # the broker out of reach this long: the request fails with a 503
     # prompt tokens per draft forward (SessionParams.prefill_chunk); 0: the draft model's knee,
     # measured at start-up, so that a long prompt's prefill costs the other requests about one
     # forward's worth of time per draft step
@@ -83,8 +85,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class EdgeService:
     def __init__(self, nc, draft_model, tokenizer, cfg: ServeConfig,
                  edge_metrics: metrics.EdgeMetrics | None = None, fleet: FleetView | None = None):
         self.nc, self.js = nc, nc.jetstream()
+        self.link = Link.of(nc)  # shared by every request's session on this connection
         self.fleet = fleet  # the verifiers' limits (None: this edge's own limits only)
         self.draft_positions = getattr(draft_model.config, "max_position_embeddings", None)
         self.tok, self.cfg = tokenizer, cfg
@@ -182,8 +185,9 @@ class EdgeService:
             seed=req.seed, eos_ids=self.eos, shape=req.shape,
             target_name=self.cfg.target_name, draft_name=self.cfg.draft_name,
             proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
-            verdict_timeout_s=self.cfg.verdict_timeout_s, adaptive=self.cfg.adaptive,
-            max_budget=req.max_budget, prefill_chunk=self.cfg.prefill_chunk)
+            verdict_timeout_s=self.cfg.verdict_timeout_s, give_up_s=self.cfg.give_up_s,
+            adaptive=self.cfg.adaptive, max_budget=req.max_budget,
+            prefill_chunk=self.cfg.prefill_chunk)
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:
@@ -192,7 +196,7 @@ class EdgeService:
         async with self.slots:
             self.metrics.active.inc()
             session = EdgeSession(self.nc, self.js, Drafter(self.runner), self.executor, params,
-                                  on_tokens=on_tokens, sid=sid)
+                                  on_tokens=on_tokens, sid=sid, link=self.link)
             task = asyncio.create_task(session.run())
             task.add_done_callback(lambda _: arrivals.put_nowait(_DONE))
             detok = Detokenizer(self.tok)
@@ -235,6 +239,11 @@ class EdgeService:
                                or r.code == "context_length_exceeded" else 502,
                                f"the verifier rejected the request: {r.reason}",
                                code=r.code) from None
+            except BrokerUnreachable as exc:
+                outcome = "unreachable"
+                slog.warning("request failed: broker out of reach", error=str(exc))
+                raise ApiError(503, f"the edge cannot reach its broker: {exc}; retry later",
+                               code="broker_unreachable") from None
             except TimeoutError:
                 outcome = "timeout"
                 raise ApiError(504, "no verdict from the verifier fleet in time; is a verifier "
@@ -395,8 +404,8 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
     gen = service.generate(req, sid)
     try:
         first = await anext(gen)  # errors before the first token get a real status code
-    except ApiError as exc:
-        return exc.response()
+    except ApiError as exc:  # the session id, so that replay can show what happened
+        return exc.response({"X-SpecEdge-Session": sid})
     except StopAsyncIteration:
         return ApiError(500, "generation ended without a result").response()
 
@@ -418,7 +427,7 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
                 else:
                     parts.append(item)
         except ApiError as exc:
-            return exc.response()
+            return exc.response({"X-SpecEdge-Session": sid})
         assert fin is not None
         text = "".join(parts)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},

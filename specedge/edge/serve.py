@@ -73,13 +73,15 @@ def serve_config(a: argparse.Namespace):
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
         max_prompt_tokens=a.max_prompt_tokens,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions,
-        prefill_chunk=getattr(a, "prefill_chunk", 0), **runner_opts(a))
+        prefill_chunk=getattr(a, "prefill_chunk", 0), give_up_s=a.give_up_s,
+        verdict_timeout_s=a.verdict_timeout_s, **runner_opts(a))
 
 
 async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenizer=None,
                 started: asyncio.Future | None = None) -> None:
     """Serve until `stop` is set. `started` (if given) receives the HttpServer once listening."""
     from specedge.edge.api import EdgeService, build_app
+    from specedge.edge.link import connect_kwargs
     from specedge.fleet import FleetView
     from specedge.httpserver import HttpServer
     from specedge.models import load_model, load_tokenizer
@@ -89,7 +91,7 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
         tokenizer, draft = await loop.run_in_executor(None, lambda: (
             load_tokenizer(a.model), load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)))
     edge = getattr(a, "edge_name", subjects.ANON)
-    nc = await broker.connect(a.nats, f"edge-api-{edge}",
+    nc = await broker.connect(a.nats, f"edge-api-{edge}", **connect_kwargs(),
                               **connect_opts(a, subjects.edge_inbox(edge)))
     fleet = FleetView(nc)
     service = EdgeService(nc, draft, tokenizer, serve_config(a), fleet=fleet)
@@ -130,5 +132,12 @@ def main(argv=None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(a, stop)
 
-    asyncio.run(run())
+    import nats.errors
+
+    try:
+        asyncio.run(run())
+    except (nats.errors.Error, OSError) as exc:  # no broker at that address at start
+        print(f"specedge.edge serve: cannot reach the broker at {settings.mask('nats', a.nats)}"
+              f": {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 5  # specedge.edge.__main__.EXIT_UNREACHABLE
     return 0

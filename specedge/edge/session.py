@@ -37,6 +37,7 @@ from schemas import (
 from specedge import subjects
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
+from specedge.edge.link import BrokerUnreachable, Link, WaitPolicy
 from specedge.edge.proactive import Mode, Proactive
 
 log = structlog.get_logger(__name__)
@@ -116,9 +117,16 @@ class SessionParams:
     shape: TreeShape = field(default_factory=TreeShape)
     target_name: str = ""
     draft_name: str = ""
+    # the longest wait for a verdict before looking for it (and re-publishing the block); the
+    # wait itself is `verdict_wait_factor` measured round times, at least `verdict_wait_min_s`
     verdict_timeout_s: float = 30.0
-    max_retries: int = 5
-    publish_timeout_s: float = 120.0  # keep retrying a publish through a broker outage this long
+    verdict_wait_factor: float = 4.0
+    verdict_wait_min_s: float = 2.0
+    max_retries: int = 5  # re-publishes of one block (each wait doubles) before TimeoutError
+    # the broker out of reach this long (publishes unacknowledged, the connection down): the
+    # session fails with BrokerUnreachable instead of retrying for ever
+    give_up_s: float = 60.0
+    publish_ack_s: float = 2.0  # one publish attempt waits this long for the broker's ack
     proactive: Mode = Mode.SINGLE
     emulate_rtt_ms: float = 0.0  # half of it delays each publish, half each received verdict
     adaptive: bool = True  # resize the tree to the budget the verifier suggests (load hint)
@@ -141,10 +149,12 @@ class State(enum.StrEnum):
 class EdgeSession:
     def __init__(self, nc, js, drafter: Drafter, executor: ThreadPoolExecutor,
                  params: SessionParams, on_tokens: Callable[[list[int]], None] | None = None,
-                 sid: str | None = None, keep_draft_kv: bool = False):
+                 sid: str | None = None, keep_draft_kv: bool = False, link: Link | None = None):
         """The session owns `drafter`: its KV goes back to the runner's pool when the session
-        ends (keep_draft_kv keeps it, for inspection)."""
+        ends (keep_draft_kv keeps it, for inspection). `link`: the connection's shared state
+        (Link.of(nc) if not given)."""
         self.nc, self.js, self.drafter, self.ex = nc, js, drafter, executor
+        self.link = link or Link.of(nc)
         self.keep_draft_kv = keep_draft_kv
         self._inflight: concurrent.futures.Future | None = None  # the model step running
         self._pro: Proactive | None = None
@@ -160,7 +170,13 @@ class EdgeSession:
         self._inbox: dict[int, Verdict | Rejected] = {}
         self._arrived = asyncio.Event()
         self._arrival: dict[int, float] = {}
-        self._lookup = True  # off once the stream read fails (an edge user has no $JS.API)
+        # Stream lookups stop after this many failed on a link that stayed up (an edge user
+        # without $JS.API access: the broker refuses, the request times out); a lookup that
+        # fails while the link is down says nothing about that and does not count.
+        self._lookup_strikes = 0
+        self._look_now = False  # a reconnect or a duplicate ack: look the verdict up at once
+        self.waits = WaitPolicy(params.verdict_wait_factor, params.verdict_wait_min_s,
+                                params.verdict_timeout_s)
 
     def _to(self, state: State) -> None:
         self.log.debug("state", round=self.round, state=str(state), was=str(self.state))
@@ -182,84 +198,160 @@ class EdgeSession:
                 self._arrival.setdefault(msg.round, time.perf_counter())
             self._arrived.set()
 
-    async def _publish(self, subject: str, msg, kind: str, round_no: int) -> None:
-        """Publish to the stream, retrying through broker outages. The message id makes a
-        retry of an already-stored message a no-op."""
+    def _wake(self) -> None:
+        """The link came back: whatever we wait for may have been missed while it was down."""
+        self._look_now = True
+        self._arrived.set()
+
+    def _check_link(self, what: str) -> None:
+        down = self.link.down_for()
+        if down > self.p.give_up_s:
+            raise BrokerUnreachable(down, self.p.give_up_s, what)
+
+    async def _publish(self, subject: str, msg, kind: str, round_no: int) -> bool:
+        """Publish to the stream, retrying through broker outages until the link has been down
+        for `give_up_s` (then BrokerUnreachable). The message id makes a retry of an
+        already-stored message a no-op; returns whether the broker said it was a duplicate (it
+        had the message before: its answer may have been published while we were away). A
+        reconnect cuts the wait for an acknowledgement short: a request sent on the old
+        connection is answered on no connection."""
         if self.p.emulate_rtt_ms:
             await asyncio.sleep(self.p.emulate_rtt_ms / 2000)
         data = encode(msg)
         headers = {"Nats-Msg-Id": subjects.msg_id(self.sid, round_no, kind)}
-        deadline = time.monotonic() + self.p.publish_timeout_s
         delay = 0.1
         while True:
+            self._check_link(f"publishing {kind} of round {round_no}")
+            up = self.link.next_up()
+            pub = asyncio.ensure_future(self.js.publish(subject, data, headers=headers,
+                                                        timeout=self.p.publish_ack_s))
             try:
-                await self.js.publish(subject, data, headers=headers, timeout=2.0)
-                return
+                await asyncio.wait({pub, up}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                pub.cancel()
+                raise
+            if not pub.done():  # reconnected meanwhile: send it again on the new connection
+                pub.cancel()
+                self.log.info("reconnected; publishing again", kind=kind, round=round_no)
+                continue
+            try:
+                ack = pub.result()
             except (TimeoutError, nats.errors.Error) as exc:
-                if time.monotonic() > deadline:
-                    raise
+                self.link.failed()
                 self.log.warning("publish failed; retrying", kind=kind, round=round_no,
-                                 error=repr(exc))
+                                 error_type=type(exc).__name__, error=str(exc),
+                                 down_s=round(self.link.down_for(), 1))
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
+                continue
+            self.link.ok()
+            return bool(getattr(ack, "duplicate", False))
+
+    async def _close_on_broker(self, reason: str) -> None:
+        """Tell the verifiers the session is over. With the link up: one acknowledged publish;
+        otherwise (or if that fails) a plain publish, which nats-py holds while reconnecting
+        and sends once the link is back (the stream stores it either way; the message id
+        deduplicates)."""
+        closed = SessionClosed(v=SCHEMA_VERSION, reason=reason, t=time.time())
+        subject, data = subjects.session(self.sid), encode(closed)
+        headers = {"Nats-Msg-Id": subjects.msg_id(self.sid, self.round, "close")}
+        if self.link.connected() and not self.link.down_since:
+            try:
+                await self.js.publish(subject, data, headers=headers,
+                                      timeout=self.p.publish_ack_s)
+                return
+            except Exception as exc:
+                self.log.info("close not acknowledged; sent when the link allows",
+                              error_type=type(exc).__name__, error=str(exc))
+        try:
+            await self.nc.publish(subject, data, headers=headers)
+        except Exception as exc:  # closed connection, full reconnect buffer: the verifier
+            self.log.info("close not sent", error_type=type(exc).__name__,  # reclaims it
+                          error=str(exc))
 
     async def _lookup_verdict(self) -> None:
         """A verdict published while we were disconnected never reaches our subscription; the
         stream has it. An edge user without JetStream API access cannot read it (the broker
-        refuses, the request times out): then rely on the re-publish, which a verifier answers
-        by replaying the verdict it remembers or rebuilds from the log."""
-        if not self._lookup:
+        refuses, the request times out): after two such failures on a link that stayed up,
+        rely on the re-publish, which a verifier answers by replaying the verdict it remembers
+        or rebuilds from the log."""
+        if self._lookup_strikes >= 2:
             return
+        reconnects, was_up = self.link.reconnects, self.link.connected()
         try:
             raw = await asyncio.wait_for(
                 self.js.get_last_msg(subjects.STREAM, subjects.verdict(self.sid)), 2.0)
         except nats.js.errors.NotFoundError:
             return
         except Exception as exc:
-            self._lookup = False
-            self.log.info("stream lookup unavailable; relying on re-publish", round=self.round,
-                          error=repr(exc))
+            stayed_up = was_up and self.link.connected() and self.link.reconnects == reconnects
+            if stayed_up:
+                self._lookup_strikes += 1
+            self.log.info("stream lookup failed", round=self.round, error_type=type(exc).__name__,
+                          error=str(exc), counted=stayed_up,
+                          disabled=self._lookup_strikes >= 2)
             return
         try:
             msg = decode(raw.data)
         except WireError:
             return
         if isinstance(msg, Verdict | Rejected) and msg.round == self.round:
+            self._lookup_strikes = 0
+            if self.round not in self._inbox:
+                self.log.info("verdict found in the stream", round=self.round)
             self._inbox.setdefault(msg.round, msg)
             self._arrival.setdefault(msg.round, time.perf_counter())
 
-    async def _await_verdict(self, block: DraftBlock) -> tuple[Verdict, float]:
-        """Wait for this round's verdict. If none arrives in time, look it up in the stream (it
-        may have been published while we were disconnected), then re-publish the block."""
-        for attempt in range(self.p.max_retries + 2):
-            deadline = time.monotonic() + self.p.verdict_timeout_s
-            while self.round not in self._inbox:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), left)
-                except TimeoutError:
-                    break
+    async def _await_verdict(self, block: DraftBlock, t_sent: float) -> tuple[Verdict, float]:
+        """Wait for this round's verdict. At a reconnect or a duplicate acknowledgement, look it
+        up in the stream at once. If none arrives within the wait derived from the measured
+        round time (counted from the block's first publish), look it up, then re-publish the
+        block; with the link down, wait for it (up to the give-up bound) instead."""
+        attempt = 0
+        round_s = self.link.round_s if self.round > 0 else None  # round 0 includes the prefill
+        deadline = t_sent + self.waits.wait_s(round_s)
+        while True:
             if self.round in self._inbox:
                 msg = self._inbox.pop(self.round)
                 if isinstance(msg, Rejected):
                     raise SessionRejected(msg)
+                self.link.ok()
                 return msg, self._arrival.pop(self.round)
+            if self._look_now:
+                self._look_now = False
+                await self._lookup_verdict()
+                continue
+            self._check_link(f"waiting for the verdict of round {self.round}")
+            left = deadline - time.monotonic()
+            if left > 0:
+                self._arrived.clear()
+                if self.round in self._inbox or self._look_now:
+                    continue
+                try:  # wake at least every second to check the give-up clock
+                    await asyncio.wait_for(self._arrived.wait(), min(left, 1.0))
+                except TimeoutError:
+                    pass
+                continue
+            if not self.link.connected():  # a re-publish waits for the link anyway
+                deadline = time.monotonic() + 1.0
+                continue
             await self._lookup_verdict()
             if self.round in self._inbox:
                 continue
+            if attempt > self.p.max_retries:
+                raise TimeoutError(f"session {self.sid}: no verdict for round {self.round} "
+                                   f"after {attempt} re-publishes")
+            attempt += 1
             self.log.warning("no verdict yet; re-publishing block", round=self.round,
-                             attempt=attempt + 1)
+                             attempt=attempt)
             # A fresh id: the first copy is stored (its publish was acknowledged) but was lost
             # downstream (e.g. delivery attempts ran out during an outage), so the same id
             # would be dropped as a duplicate. A second copy is harmless: the verifier
             # answers a round it has already answered with the same verdict.
-            await self._publish(subjects.draft(self.sid), block, f"draft.{attempt + 1}",
-                                self.round)
-        raise TimeoutError(f"session {self.sid}: no verdict for round {self.round} after "
-                           f"{self.p.max_retries + 2} waits of {self.p.verdict_timeout_s}s")
+            if await self._publish(subjects.draft(self.sid), block, f"draft.{attempt}",
+                                   self.round):
+                self._look_now = True
+            deadline = time.monotonic() + self.waits.wait_s(round_s, attempt)
 
     async def _run_model(self, fn, *args):
         self._inflight = self.ex.submit(fn, *args)
@@ -288,7 +380,9 @@ class EdgeSession:
 
     async def run(self) -> SessionResult:
         t_start = time.perf_counter()
+        self._check_link("opening the session")
         sub = await self.nc.subscribe(subjects.verdict(self.sid), cb=self._on_verdict)
+        unlisten = self.link.listen(self._wake)
         rounds: list[RoundRecord] = []
         t_first, t_last, itl = None, None, []
         try:
@@ -322,17 +416,20 @@ class EdgeSession:
                         guess="" if self.round == 0 else
                         ("off" if self.p.proactive is Mode.OFF else
                          {True: "hit", False: "miss", None: ""}[hit])))
-                t_pub = time.perf_counter()
-                await self._publish(subjects.draft(self.sid), block, "draft", self.round)
+                t_pub, t_sent = time.perf_counter(), time.monotonic()
+                if await self._publish(subjects.draft(self.sid), block, "draft", self.round):
+                    self._look_now = True  # stored before: its verdict may be out already
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
                 pro = self._pro = None
                 if self.p.proactive is not Mode.OFF and tree.size:
                     pro = self._pro = Proactive(self.committed, tree, self.drafter, self.shape,
                                                 self.p.proactive, self._run_model)
                     pro.start()
-                v, t_arrival = await self._await_verdict(block)
+                v, t_arrival = await self._await_verdict(block, t_sent)
                 self._to(State.APPLYING)
                 wait_s = t_arrival - t_pub
+                if self.round > 0:
+                    self.link.observe_round(wait_s)
                 toks = unpack_ids(v.tokens)
                 accepted = unpack_ids(v.accepted)
                 after = self.committed + toks
@@ -374,21 +471,22 @@ class EdgeSession:
                     self.on_tokens(toks)
                 finished = v.finished
                 self.round += 1
-            await self._publish(subjects.session(self.sid),
-                                SessionClosed(v=SCHEMA_VERSION, reason="done", t=time.time()),
-                                "close", self.round)
-        except BaseException:
+            # the answer is complete: a link lost now costs the verifier a reclaim, not the user
+            await self._close_on_broker("done")
+        except BaseException as exc:
+            reason = "unreachable" if isinstance(exc, BrokerUnreachable) else "error"
             try:
-                await asyncio.shield(self._publish(
-                    subjects.session(self.sid),
-                    SessionClosed(v=SCHEMA_VERSION, reason="error", t=time.time()),
-                    "close", self.round))
+                await asyncio.shield(self._close_on_broker(reason))
             except Exception:
                 pass
             raise
         finally:
+            unlisten()
             await asyncio.shield(self._release())
-            await sub.unsubscribe()
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # a closed connection: nothing to unsubscribe from
+                self.log.debug("unsubscribe failed", error_type=type(exc).__name__)
         self._to(State.CLOSED)
         wall = time.perf_counter() - t_start
         self.log.info("session finished", tokens=len(self.generated), rounds=len(rounds),

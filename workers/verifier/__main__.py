@@ -14,6 +14,7 @@ from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
 from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.config import AdaptiveBudget, Limits, add_limit_args
+from workers.verifier.state import Reclaim
 from workers.verifier.worker import Worker, WorkerConfig
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
@@ -71,6 +72,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-hold", type=float, default=WorkerConfig.batch_hold,
                    help="wait for blocks of active sessions that are due within this many "
                         "forwards, so out-of-phase sessions share a forward (0: never wait)")
+    rc = Reclaim()
+    p.add_argument("--reclaim-rounds", type=float, default=rc.rounds,
+                   help="forget a session (its state and KV) once its edge has sent no block "
+                        "for this many of the session's own round intervals (an edge killed, "
+                        "or whose link never came back); it is rebuilt from its log if it "
+                        "returns")
+    p.add_argument("--reclaim-min-s", type=float, default=rc.min_s,
+                   help="... but never sooner than this many seconds")
+    p.add_argument("--reclaim-max-s", type=float, default=rc.max_s,
+                   help="... and at the latest after this many seconds")
+    p.add_argument("--max-sessions", type=int, default=WorkerConfig.max_sessions,
+                   help="sessions remembered at most (least recently used forgotten first)")
     p.add_argument("--name", default=None, help="worker name in verdicts and logs")
     p.add_argument("--partitions", type=int, default=subjects.PARTITIONS,
                    help="partition count of the stream (fixed when the stream is created)")
@@ -110,6 +123,8 @@ async def amain(a: argparse.Namespace) -> int:
                            kv_budget_bytes=a.kv_budget[1], kv_budget_fraction=a.kv_budget[2],
                            attention=a.attention, cuda_graphs=a.cuda_graphs,
                            prefill_chunk=a.prefill_chunk, partitions=a.partitions,
+                           reclaim=Reclaim(a.reclaim_rounds, a.reclaim_min_s, a.reclaim_max_s),
+                           max_sessions=a.max_sessions,
                            lease_ttl_s=a.lease_ttl,
                            lease_renew_s=max(0.2, a.lease_ttl / 5),
                            stream=StreamSettings(replicas=a.replicas, partitions=a.partitions),

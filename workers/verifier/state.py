@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -22,6 +23,10 @@ class SessionState:
     finished: bool = False
     kv: KVSeq | None = None  # target KV for a prefix of C (length kv.length)
     last_verdicts: dict[int, bytes] = field(default_factory=dict)  # round -> encoded verdict
+    last_seen: float = field(default_factory=time.monotonic)  # its edge's last block (monotonic)
+    interval_s: float | None = None  # EMA of the time between its rounds' blocks
+    _seen_round: int = field(default=-1, repr=False)
+    _round_at: float = field(default=0.0, repr=False)  # when _seen_round's block first came
     _digest: bytes = field(default=b"", repr=False)
     _digest_len: int = field(default=-1, repr=False)
 
@@ -41,11 +46,39 @@ class SessionState:
     def generated(self) -> int:
         return len(self.committed) - self.prompt_len
 
+    def saw(self, round_no: int, now: float) -> None:
+        """A block of `round_no` arrived at `now`: the edge is alive, and a new round's block
+        measures the session's round interval (a redelivery or re-publish does not)."""
+        if round_no > self._seen_round:
+            if self._seen_round >= 0:
+                gap = (now - self._round_at) / (round_no - self._seen_round)
+                self.interval_s = gap if self.interval_s is None else (
+                    self.interval_s + 0.3 * (gap - self.interval_s))
+            self._seen_round, self._round_at = round_no, now
+        self.last_seen = now
+
     def remember(self, round_no: int, encoded: bytes) -> None:
         """Keep the last verdicts so a redelivered block is answered identically."""
         self.last_verdicts[round_no] = encoded
         for r in [r for r in self.last_verdicts if r < round_no - 4]:
             del self.last_verdicts[r]
+
+
+@dataclass(frozen=True)
+class Reclaim:
+    """When a verifier forgets a session whose edge went silent (killed, or its link never came
+    back): after `rounds` of the session's own round intervals without a block, but never
+    sooner than `min_s` (a slow link's pause is not an abandonment) and at the latest after
+    `max_s`. A session that comes back later is rebuilt from its log."""
+
+    rounds: float = 50.0
+    min_s: float = 30.0
+    max_s: float = 600.0
+
+    def after_s(self, st: SessionState) -> float:
+        if st.interval_s is None:
+            return self.min_s
+        return min(self.max_s, max(self.min_s, self.rounds * st.interval_s))
 
 
 class SessionTable:
@@ -94,6 +127,10 @@ class SessionTable:
         kv, st.kv = st.kv, None
         if kv is not None:
             kv.free()
+
+    def idle(self, now: float, policy: Reclaim) -> list[SessionState]:
+        """Sessions silent for longer than their reclaim bound."""
+        return [st for st in self._s.values() if now - st.last_seen > policy.after_s(st)]
 
     def kv_bytes(self) -> int:
         return sum(s.kv.nbytes for s in self._s.values() if s.kv is not None)

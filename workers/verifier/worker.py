@@ -39,7 +39,7 @@ from workers.verifier.board import Board
 from workers.verifier.engine import Engine
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
-from workers.verifier.state import SessionState, SessionTable, kv_budget
+from workers.verifier.state import Reclaim, SessionState, SessionTable, kv_budget
 from workers.verifier.validate import (
     BlockError,
     CheckedBlock,
@@ -70,6 +70,7 @@ class WorkerStats:
     budget: int = 0  # the last load hint sent
     hold_s: float = 0.0  # time spent waiting for due blocks to join a batch
     prefill_chunks: int = 0  # forwards in which a session only caught up (no verdict)
+    reclaimed: int = 0  # sessions forgotten because their edge went silent
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -93,6 +94,12 @@ class WorkerConfig:
     # committed tokens a session may prefill per forward while it catches up (0: measured at
     # start-up from the forward's cost, else DEFAULT_PREFILL_CHUNK)
     prefill_chunk: int = 0
+    # forget sessions whose edge went silent (state and KV), after a bound derived from each
+    # session's own round interval (state.Reclaim)
+    reclaim: Reclaim = field(default_factory=Reclaim)
+    # sessions remembered at most (least recently used forgotten first; their next block
+    # rebuilds them from the log)
+    max_sessions: int = 100_000
     partitions: int = subjects.PARTITIONS
     lease_ttl_s: float = 6.0
     lease_renew_s: float = 1.0
@@ -110,7 +117,7 @@ class Worker:
         self.url = url
         self.engine = Engine(model, kv_budget_tokens=kv_budget(model, self.cfg),
                              attention=self.cfg.attention, cuda_graphs=self.cfg.cuda_graphs)
-        self.sessions = SessionTable(self.engine.pool)
+        self.sessions = SessionTable(self.engine.pool, self.cfg.max_sessions)
         pool, lim = self.engine.pool, self.cfg.limits
         longest = lim.max_prompt_tokens + lim.max_new_tokens + lim.max_nodes
         if pool.fixed and pool.capacity_tokens < longest:
@@ -134,6 +141,7 @@ class Worker:
         self.load = LoadMeter(self.cfg.adaptive)
         self.admission = Admission(self.cfg.limits)
         self.ready = asyncio.Event()
+        self._swept = 0.0  # monotonic time of the last reclaim sweep
 
     def stop(self) -> None:
         """Drain: stop pulling, finish and publish the batch in hand, release leases, return."""
@@ -183,6 +191,7 @@ class Worker:
         self.stats.ready_at = time.monotonic()
         try:
             while not self._stop.is_set():
+                self._reclaim()
                 if self.leases.changed.is_set():
                     self.leases.changed.clear()
                     await sync_pullers()
@@ -357,6 +366,31 @@ class Worker:
                 self._release_on_forward_thread(st)
             self.load.forget(sid)
             log.debug("session closed", sid=sid)
+
+    def _reclaim(self) -> None:
+        """Forget sessions whose edge has gone silent (kill -9, a link that never came back:
+        no SessionClosed will come). Their KV is freed on the forward thread and a growable
+        pool gives the memory back; a session that returns is rebuilt from its log."""
+        now = time.monotonic()
+        if now - self._swept < min(1.0, self.cfg.reclaim.min_s / 4):
+            return
+        self._swept = now
+        idle = self.sessions.idle(now, self.cfg.reclaim)
+        for st in idle:
+            self.sessions.pop(st.sid)
+            self._release_on_forward_thread(st)
+            self.load.forget(st.sid)
+            self.stats.reclaimed += 1
+            self.metrics.sessions_reclaimed.inc()
+            log.info("session reclaimed", sid=st.sid, round=st.round,
+                     idle_s=round(now - st.last_seen, 1),
+                     interval_s=round(st.interval_s, 3) if st.interval_s else None,
+                     after_s=round(self.cfg.reclaim.after_s(st), 1))
+        if idle and not self.engine.pool.fixed:
+            try:
+                self._executor.submit(self.engine.pool.shrink)
+            except RuntimeError:  # shut down: nothing runs any more
+                pass
 
     def _release_on_forward_thread(self, st: SessionState) -> None:
         """A close may arrive while the session's block is in the forward: freeing its KV here
@@ -564,6 +598,8 @@ class Worker:
     async def _admit(self, m, sid: str, block: DraftBlock):
         """Session state for the block (rebuilt from the log if needed) and its checks."""
         st = self.sessions.get(sid)
+        if st is not None:
+            st.saw(block.round, time.monotonic())
         if st is not None and block.round == st.round and block.digest and (
                 block.digest != st.digest()):
             st = None  # our cached state diverged from the log (e.g. another worker's verdict)
@@ -574,6 +610,7 @@ class Worker:
                 code = exc.code if isinstance(exc, BlockError) else "unknown_session"
                 await self._reject(m, sid, block.round, code, str(exc))
                 return None
+            st.saw(block.round, time.monotonic())
         if block.round < st.round and block.round in st.last_verdicts:
             # A redelivery of a block we answered: answer again (same bytes and id; the
             # broker deduplicates, the edge ignores a round it has).
