@@ -10,6 +10,10 @@ ancestors in the window). Shared by every layer of the forward.
 On CUDA flex_attention is compiled; the per-forward sizes (rows, segments, tree width, blocks
 per query block) are padded to powers of two so that a handful of compiled variants cover
 every batch. On the CPU it runs eagerly (it materialises scores over the pool: for tests).
+
+Per layer: a sliding window or chunk is a BlockMask of its own (same blocks, a mask_mod that
+also compares path positions, see plan.py); soft-capping is a score_mod; sinks rescale the
+output by sigmoid(lse - sink), which is the softmax with the sink's logit in its denominator.
 """
 
 from __future__ import annotations
@@ -19,9 +23,22 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from specedge.execution.plan import ForwardPlan
+from specedge.execution.plan import (
+    PLAIN,
+    PLAIN_LAYER,
+    ForwardPlan,
+    LayerAttention,
+    MaskKind,
+    tree_positions,
+)
 
 Q_BLOCK = 16
+try:  # torch >= 2.9 asks for the log-sum-exp this way; return_lse is deprecated
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    _LSE: dict = {"return_aux": AuxRequest(lse=True)}
+except ImportError:
+    _LSE = {"return_lse": True}
 _compiled = None
 # eager flex on the CPU is the test path; its "unfused implementation" warning is expected there
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -100,24 +117,53 @@ def fill_p2l(p2l: torch.Tensor, tables: torch.Tensor, kv_len: torch.Tensor,
 
 
 def make_mask_mod(p2l: torch.Tensor, seg_of: torch.Tensor, upto: torch.Tensor,
-                  window: torch.Tensor, bits: torch.Tensor, block_size: int):
+                  window: torch.Tensor, bits: torch.Tensor, block_size: int,
+                  kind: MaskKind = PLAIN, pos: torch.Tensor | None = None,
+                  tree_pos: torch.Tensor | None = None):
     """(row, slot) -> visible: the slot's logical position in the row's segment is below the
-    row's `upto`, or one of its tree ancestors in the window. Captures the tensors, so a
+    row's `upto`, or one of its tree ancestors in the window; for a windowed or chunked
+    layer also inside the row's window or chunk (pos: the rows' positions, tree_pos: the
+    window columns' path positions, see plan.tree_positions). Captures the tensors, so a
     static plan can refill them in place."""
     b, w = block_size, bits.shape[1]
+    win, chunk = kind
 
     def mask_mod(b_, h, q, kv):
         lb = p2l[seg_of[q], kv // b]
         j = lb * b + kv % b
         rel = j - window[q]
-        tree = (rel >= 0) & (rel < w) & bits[q, rel.clamp(0, w - 1)]
-        return (lb >= 0) & ((j < upto[q]) | tree)
+        relc = rel.clamp(0, w - 1)
+        tree = (rel >= 0) & (rel < w) & bits[q, relc]
+        vis = (lb >= 0) & ((j < upto[q]) | tree)
+        if kind == PLAIN:
+            return vis
+        kp = torch.where(tree, tree_pos[q, relc], j)
+        if win is not None:
+            vis = vis & (kp > pos[q] - win)
+        if chunk is not None:
+            vis = vis & (kp // chunk == pos[q] // chunk)
+        return vis
 
     return mask_mod
 
 
-def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
-    """The forward's BlockMask over (padded rows, pool slots), and the padded row count."""
+_softcaps: dict[float, object] = {}
+
+
+def softcap_mod(cap: float):
+    """The score_mod of attention-logit soft-capping (one function per value, so compiled
+    variants are reused)."""
+    if cap not in _softcaps:
+        def score_mod(score, b, h, q, kv):
+            return torch.tanh(score / cap) * cap
+
+        _softcaps[cap] = score_mod
+    return _softcaps[cap]
+
+
+def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> tuple[BlockMask, int]:
+    """The forward's BlockMask over (padded rows, pool slots) for layers of mask `kind`, and
+    the padded row count."""
     pool = plan.pool
     dev = plan.ids.device
     b = pool.block_size
@@ -138,8 +184,10 @@ def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
     bits = plan.bits if plan.bits is not None else torch.zeros(n, 1, dtype=torch.bool, device=dev)
     w = _bucket(bits.shape[1], 16)
     bits = _pad(torch.nn.functional.pad(bits, (0, w - bits.shape[1])), rows, False)
-    mask_mod = make_mask_mod(p2l, _pad(plan.seg_of, rows), _pad(plan.upto, rows),
-                             _pad(plan.window, rows), bits, b)
+    window = _pad(plan.window, rows)
+    tree_pos = None if kind == PLAIN else tree_positions(window, bits)
+    mask_mod = make_mask_mod(p2l, _pad(plan.seg_of, rows), _pad(plan.upto, rows), window,
+                             bits, b, kind, _pad(plan.pos, rows), tree_pos)
     bm = BlockMask.from_kv_blocks(num[None, None], idx[None, None], BLOCK_SIZE=(Q_BLOCK, b),
                                   mask_mod=mask_mod, seq_lengths=(rows, pool.capacity_tokens),
                                   compute_q_blocks=False)
@@ -147,20 +195,29 @@ def block_mask(plan: ForwardPlan) -> tuple[BlockMask, int]:
 
 
 def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
-                        value: torch.Tensor, scale: float | None,
-                        plan: ForwardPlan) -> torch.Tensor:
+                        value: torch.Tensor, scale: float | None, plan: ForwardPlan,
+                        attn: LayerAttention = PLAIN_LAYER) -> torch.Tensor:
     pool = plan.pool
     pool.write(layer, key[0], value[0], plan.slots)
-    if "flex" not in plan.cache:
-        plan.cache["flex"] = block_mask(plan)
-    bm, rows = plan.cache["flex"]
+    ck = ("flex", attn.mask)
+    if ck not in plan.cache:
+        plan.cache[ck] = block_mask(plan, attn.mask)
+    bm, rows = plan.cache[ck]
     n = query.shape[2]
     q = query if rows == n else torch.nn.functional.pad(query, (0, 0, 0, rows - n))
     kv = pool.kv[layer]
     opts = None
     if query.device.type == "cuda":
         opts = {"BLOCK_M": Q_BLOCK, "BLOCK_N": pool.block_size, "FORCE_USE_FLEX_ATTENTION": True}
-    out = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0), block_mask=bm,
-                              scale=scale, enable_gqa=query.shape[1] != key.shape[1],
-                              kernel_options=opts)
-    return out[:, :, :n].transpose(1, 2)
+    score_mod = None if attn.softcap is None else softcap_mod(float(attn.softcap))
+    lse = {} if attn.sinks is None else _LSE
+    res = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0), score_mod=score_mod,
+                              block_mask=bm, scale=scale,
+                              enable_gqa=query.shape[1] != key.shape[1], kernel_options=opts,
+                              **lse)
+    if attn.sinks is None:
+        return res[:, :, :n].transpose(1, 2)
+    out, aux = res  # softmax over the keys and the sink logit: rescale by sigmoid(lse - sink)
+    lse = aux if isinstance(aux, torch.Tensor) else aux.lse
+    keep = torch.sigmoid(lse[:, :, :n] - attn.sinks.float().view(1, -1, 1))
+    return (out[:, :, :n] * keep[..., None].to(out.dtype)).transpose(1, 2)

@@ -32,7 +32,7 @@ from specedge.execution.flex import (
     make_mask_mod,
     qblock_kv_blocks,
 )
-from specedge.execution.plan import Segment
+from specedge.execution.plan import Segment, tree_positions
 from specedge.execution.pool import KVPool
 
 log = structlog.get_logger(__name__)
@@ -62,24 +62,26 @@ class Bucket:
         self.ints = torch.zeros(6 * rows, dtype=torch.long, device=dev)
         self.ids, self.pos, self.slots, self.upto, self.window, self.seg_of = self.ints.split(rows)
         self.bits = torch.zeros(rows, BITS, dtype=torch.bool, device=dev)
+        self.tree_pos = torch.zeros(rows, BITS, dtype=torch.long, device=dev)
         qb = rows // Q_BLOCK
         self.kv_num = torch.zeros(qb, dtype=torch.int32, device=dev)
         self.kv_idx = torch.zeros(qb, pool.blocks, dtype=torch.int32, device=dev)
-        mask_mod = make_mask_mod(p2l, self.seg_of, self.upto, self.window, self.bits,
-                                 pool.block_size)
-        bm = BlockMask.from_kv_blocks(self.kv_num[None, None], self.kv_idx[None, None],
-                                      BLOCK_SIZE=(Q_BLOCK, pool.block_size), mask_mod=mask_mod,
-                                      seq_lengths=(rows, pool.capacity_tokens),
-                                      compute_q_blocks=False)
-        self.plan = StaticPlan(pool, self.slots, {"flex": (bm, rows),
-                                                  "backend": flex_pool_attention})
+        cache: dict = {"backend": flex_pool_attention, "layers": runner.layers}
+        for kind in runner.mask_kinds:  # one BlockMask per layer kind, all on these buffers
+            mask_mod = make_mask_mod(p2l, self.seg_of, self.upto, self.window, self.bits,
+                                     pool.block_size, kind, self.pos, self.tree_pos)
+            cache["flex", kind] = (BlockMask.from_kv_blocks(
+                self.kv_num[None, None], self.kv_idx[None, None],
+                BLOCK_SIZE=(Q_BLOCK, pool.block_size), mask_mod=mask_mod,
+                seq_lengths=(rows, pool.capacity_tokens), compute_q_blocks=False), rows)
+        self.plan = StaticPlan(pool, self.slots, cache)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def _model(self) -> torch.Tensor:
         r = self.runner
         return r.model(input_ids=self.ids[None], position_ids=self.pos[None],
-                       attention_mask={t: None for t in r.layer_types}, use_cache=False,
+                       attention_mask=r.mask_argument(self.rows), use_cache=False,
                        specedge_plan=self.plan).logits[0]
 
     def fill(self, segments: Sequence[Segment]) -> None:
@@ -111,6 +113,8 @@ class Bucket:
                             + seg_of + [MAX_SEGMENTS] * pad, dtype=torch.long)
         self.ints.copy_(_staged(host), non_blocking=True)
         self.bits.copy_(_staged(bits), non_blocking=True)
+        win = torch.tensor(window + [0] * pad, dtype=torch.long)
+        self.tree_pos.copy_(_staged(tree_positions(win, bits)), non_blocking=True)
         per_q = qblock_kv_blocks(rows_of + ([pad] if pad else []),
                                  tables + ([[self.scratch]] if pad else []),
                                  kv_len + ([1] if pad else []), b, rows // Q_BLOCK)

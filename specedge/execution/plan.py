@@ -7,6 +7,13 @@ seq.length .. seq.length + m - 1 (slot order in the sequence), carry their own R
 window + j for which bits[r, j] is set (its tree ancestors and itself). That covers a causal
 chain (prefill, catch-up), a verifier's chain-then-tree, and an edge's partly forwarded tree,
 without a dense mask per segment.
+
+A layer may further restrict what a row sees (`MaskKind`): a sliding window of W keeps the
+keys whose position on the row's path is above the row's position minus W, a chunk of C the
+keys in the row's chunk of C positions. A key's position on the path is its logical position
+below the tree window, and for a tree ancestor the window's start plus its depth minus one
+(its ancestors are exactly the row's ancestors before it in node order, so its depth is a
+prefix count of the row's ancestor bits).
 """
 
 from __future__ import annotations
@@ -18,6 +25,52 @@ import torch
 
 from specedge.execution.pool import KVPool, KVSeq
 from specedge.execution.tree import ancestor_mask
+
+# (sliding window, chunk) of a layer; (None, None) for plain causal attention
+MaskKind = tuple[int | None, int | None]
+PLAIN: MaskKind = (None, None)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerAttention:
+    """What one layer's attention call asks for beyond the packed visibility: its mask kind,
+    attention-logit soft-capping, and per-head sink logits (gpt-oss's `s_aux`)."""
+
+    window: int | None = None
+    chunk: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> MaskKind:
+        return (self.window, self.chunk)
+
+    @property
+    def plain_scores(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+
+PLAIN_LAYER = LayerAttention()
+
+
+def restrict(vis: torch.Tensor, key_pos: torch.Tensor, q_pos: torch.Tensor,
+             kind: MaskKind) -> torch.Tensor:
+    """`vis` narrowed to a layer's window and chunk (key_pos [R, L] and q_pos [R, 1] are
+    positions on the rows' paths), with transformers' rules: a key is in a window of W when
+    its position is above the query's minus W; in a chunk when both fall in the same one."""
+    window, chunk = kind
+    if window is not None:
+        vis = vis & (key_pos > q_pos - window)
+    if chunk is not None:
+        vis = vis & (torch.div(key_pos, chunk, rounding_mode="floor")
+                     == torch.div(q_pos, chunk, rounding_mode="floor"))
+    return vis
+
+
+def tree_positions(window: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """[N, W]: the path position of each tree-window column for each row (meaningful where
+    the row's bit is set)."""
+    return window[:, None] - 1 + bits.long().cumsum(1)
 
 
 @dataclass
@@ -127,15 +180,26 @@ class ForwardPlan:
         cols = torch.arange(n_keys, device=self.tables.device)
         return self.tables.index_select(0, segs)[:, cols // b] * b + cols % b
 
-    def visible(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """[len(rows), n_keys] bool: which logical positions of its segment each row sees."""
+    def visible(self, rows: torch.Tensor, n_keys: int, kind: MaskKind = PLAIN) -> torch.Tensor:
+        """[len(rows), n_keys] bool: which logical positions of its segment each row sees
+        (in a layer of mask `kind`)."""
         cols = torch.arange(n_keys, device=self.upto.device)
         vis = cols[None, :] < self.upto.index_select(0, rows)[:, None]
+        key_pos = cols[None, :].expand(len(rows), n_keys)
         if self.bits is not None:
             w = self.bits.shape[1]
             rel = cols[None, :] - self.window.index_select(0, rows)[:, None]
             inside = (rel >= 0) & (rel < w)
-            vis |= inside & self.bits.index_select(0, rows).gather(1, rel.clamp(0, w - 1))
+            relc = rel.clamp(0, w - 1)
+            tree = inside & self.bits.index_select(0, rows).gather(1, relc)
+            vis |= tree
+            if kind != PLAIN:
+                if "tree_pos" not in self.cache:
+                    self.cache["tree_pos"] = tree_positions(self.window, self.bits)
+                tp = self.cache["tree_pos"].index_select(0, rows).gather(1, relc)
+                key_pos = torch.where(tree, tp, key_pos)
+        if kind != PLAIN:
+            vis = restrict(vis, key_pos, self.pos.index_select(0, rows)[:, None], kind)
         return vis
 
 

@@ -20,8 +20,16 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from specedge.execution.attention import Backend, backend_for
 from specedge.execution.graphs import GraphRunner
-from specedge.execution.plan import ForwardPlan, Segment, build_plan
+from specedge.execution.plan import (
+    PLAIN,
+    ForwardPlan,
+    LayerAttention,
+    MaskKind,
+    Segment,
+    build_plan,
+)
 from specedge.execution.pool import KVPool, KVSeq
+from specedge.execution.support import check_config, probe_model
 
 ATTN_NAME = "specedge_packed"
 log = structlog.get_logger(__name__)
@@ -48,7 +56,16 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, d
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kw
         )
     plan.attention_calls += 1
-    return plan.cache["backend"](module.layer_idx, query, key, value, scaling, plan), None
+    layer = module.layer_idx
+    # the keywords the model's attention passes win; the config's layer types fill in what a
+    # model applies through its masks only (a chunked layer, a window without the keyword)
+    window, chunk = plan.cache["layers"].get(layer, PLAIN)
+    attn = LayerAttention(kw.get("sliding_window") or window, chunk, kw.get("softcap") or None,
+                          kw.get("s_aux"))
+    seen = plan.cache.get("seen")
+    if seen is not None:
+        seen.append((layer, attn, tuple(key.shape[1:]), tuple(value.shape[1:])))
+    return plan.cache["backend"](layer, query, key, value, scaling, plan, attn), None
 
 
 AttentionInterface.register(ATTN_NAME, _packed_attention)
@@ -65,11 +82,13 @@ class PackedRunner:
         """cuda_graphs: replay captured graphs for forwards that fit a bucket (None: on CUDA
         when the flex backend is in use and the pool has a fixed size)."""
         self.model = model
+        # refused here, before anything is allocated, when the config says it cannot be exact
+        self.layers: dict[int, MaskKind] = check_config(model.config)
         model.set_attn_implementation(ATTN_NAME)
-        self.layer_types = sorted(set(getattr(model.config, "layer_types", None)
-                                      or ["full_attention"]))
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.device = next(model.parameters()).device
+        self._no_mask = torch.zeros(1, 1, 1, 1, dtype=next(model.parameters()).dtype,
+                                    device=self.device)
         if pool is None and kv_budget_tokens is None and self.device.type == "cuda":
             kv_budget_tokens = gpu_share_tokens(model, GPU_DEFAULT_SHARE)
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
@@ -77,12 +96,17 @@ class PackedRunner:
         self.forward_calls = 0  # one per forward(); tests assert batching with it
         self.graphs: GraphRunner | None = None  # set after the backend is chosen (below)
         self.attention_calls = 0  # attention-function calls (layers x forwards)
+        self._seen: list | None = None  # set while probing: every attention call's layer
         tried = AUTO.get(self.device.type) if attention == "auto" else None
         if tried:
             self.attention, self.backend = self._probe(tried)
         else:
             self.attention, self.backend = backend_for(
                 "sdpa" if attention == "auto" else attention, self.device)
+        # what each layer's attention asks for, checked against the model's own attention
+        # (refused with UnsupportedModel when the packed path is not exact)
+        self.layer_attention: dict[int, LayerAttention] = probe_model(self)
+        self.mask_kinds: set[MaskKind] = {a.mask for a in self.layer_attention.values()}
         if cuda_graphs is None:
             cuda_graphs = (self.device.type == "cuda" and self.attention == "flex"
                            and self.pool.fixed)
@@ -127,6 +151,12 @@ class PackedRunner:
     def new_seq(self) -> KVSeq:
         return self.pool.new_seq()
 
+    def mask_argument(self, n: int) -> torch.Tensor:
+        """The attention mask handed to the model: a 4-D tensor, which every model class
+        takes as already prepared, so none builds a mask (the packed attention ignores it). A
+        view of one element: no memory, no host sync (CUDA-graph safe)."""
+        return self._no_mask.expand(1, 1, n, n)
+
     def set_backend(self, name: str, fn: Backend) -> None:
         self.attention, self.backend = name, fn
 
@@ -162,14 +192,19 @@ class PackedRunner:
             else:
                 plan = build_plan(segments, pool, self.device)
                 plan.cache["backend"] = self.backend
+                plan.cache["layers"] = self.layers
+                if self._seen is not None:
+                    plan.cache["seen"] = self._seen
                 logits = self.model(
                     input_ids=plan.ids.unsqueeze(0),
                     position_ids=plan.pos.unsqueeze(0),
-                    attention_mask={t: None for t in self.layer_types},
+                    attention_mask=self.mask_argument(plan.ids.numel()),
                     use_cache=False,
                     logits_to_keep=plan.want,
                     specedge_plan=plan,
                 ).logits[0]
+                if logits.shape[0] != plan.want.numel():  # a model without logits_to_keep
+                    logits = logits.index_select(0, plan.want)
                 self.attention_calls += plan.attention_calls
             self.forward_calls += 1
             for seg in segments:

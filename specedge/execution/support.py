@@ -1,0 +1,145 @@
+"""Which models the packed execution runs exactly, decided when a model is loaded.
+
+The packed forward replaces each attention layer through transformers' attention interface
+and keeps one KV cache per layer in the pool. That is exact for any causal LM whose layers are
+all attention layers reaching that interface, whatever their windows, chunks, soft-caps or
+sinks (plan.py, attention.py, flex.py). It cannot be exact for a layer with state of another
+kind (linear attention, convolutions, state-space layers: nothing keeps their state across
+forwards), for attention that never calls the interface (its own mask, ALiBi, ...), or for
+attention that depends on a row's place in the packed batch rather than its position. Those
+are refused here, in one line naming the model and the reason, never run:
+
+1. by the config, before anything is allocated (`check_config`);
+2. by a start-up probe (`probe_model`): one prompt and a draft tree on it through the packed
+   path, against the model's own eager forward of the same paths, counting the attention
+   calls against the model's layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specedge.execution.plan import PLAIN, LayerAttention, MaskKind, Segment
+
+ATTENTION_LAYERS = {"full_attention": PLAIN, "sliding_attention": None, "chunked_attention": None}
+PROBE_PROMPT = 12
+PROBE_CHAIN = 6  # tree nodes on the prompt's own continuation (plus one decoy branch)
+# |packed - eager| allowed, relative to the largest logit: eager attention takes its softmax
+# in float32 whatever the dtype, and bf16 kernels of different batch shapes differ in the last
+# bits; a wrong mask or position differs by much more
+TOLERANCE = {torch.float64: 2e-6, torch.float32: 1e-3, torch.bfloat16: 6e-2,
+             torch.float16: 2e-2}
+
+
+class UnsupportedModel(ValueError):
+    """A model the packed execution cannot run exactly; the message is one line."""
+
+    exit_code = 2
+
+
+def model_name(config) -> str:
+    path = getattr(config, "_name_or_path", "") or ""
+    kind = getattr(config, "model_type", "?")
+    return f"{path} ({kind})" if path else kind
+
+
+def refuse(config, why: str) -> UnsupportedModel:
+    text = " ".join(why.split())  # one line, whatever the cause's text holds
+    return UnsupportedModel(f"model {model_name(config)} is not supported: {text}")
+
+
+def check_config(config) -> dict[int, MaskKind]:
+    """Each layer's mask kind as the config declares it (layer types); raises
+    UnsupportedModel for what the config shows cannot be run exactly."""
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_causal", True) is False:
+        raise refuse(config, "not a causal decoder (bidirectional or encoder-decoder attention)")
+    types = list(getattr(config, "layer_types", None) or [])
+    other = sorted(set(types) - set(ATTENTION_LAYERS))
+    if other:
+        raise refuse(config, f"it has {', '.join(other)} layers, whose recurrent or "
+                             "convolution state the packed KV cache does not keep")
+    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+        raise refuse(config, "ALiBi position biases are applied outside the attention interface")
+    if getattr(config, "attn_temperature_tuning", False) and 0 in (
+            getattr(config, "no_rope_layers", None) or []):
+        raise refuse(config, "position-dependent attention scaling (attn_temperature_tuning on "
+                             "its NoPE layers) is computed from the row's place in the batch")
+    kinds: dict[int, MaskKind] = {}
+    for i, t in enumerate(types):
+        if t == "sliding_attention":
+            kinds[i] = (getattr(config, "sliding_window", None), None)
+        elif t == "chunked_attention":
+            kinds[i] = (None, getattr(config, "attention_chunk_size", None))
+    return kinds
+
+
+def _probe_ids(vocab: int) -> tuple[list[int], int]:
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (PROBE_PROMPT + PROBE_CHAIN + 1,), generator=g).tolist()
+    decoy = (ids[PROBE_PROMPT + 1] + 1) % vocab
+    return ids, decoy
+
+
+@torch.no_grad()
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    """The model's own forward of `ids` with its eager attention (every feature it has)."""
+    from specedge.execution.runner import ATTN_NAME
+
+    model.set_attn_implementation("eager")
+    try:
+        dev = next(model.parameters()).device
+        return model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0]
+    finally:
+        model.set_attn_implementation(ATTN_NAME)
+
+
+def probe_model(runner) -> dict[int, LayerAttention]:
+    """Run the probe through `runner` (see the module doc); each layer's attention as its
+    calls asked for it. Raises UnsupportedModel."""
+    cfg = runner.model.config
+    n_layers = cfg.num_hidden_layers
+    ids, decoy = _probe_ids(runner.vocab_size)
+    p = PROBE_PROMPT
+    runner._seen = seen = []
+    counters = runner.forward_calls, runner.attention_calls  # the probe is not the caller's
+    seq = runner.new_seq()
+    try:
+        before = runner.attention_calls
+        first = runner.forward([Segment.chain(seq, ids[:p], logits_at=list(range(p)))])[0]
+        calls = runner.attention_calls - before
+        # the rest as a verifier sees it: the root, then a tree of a decoy branch and the
+        # prompt's own continuation
+        nodes = [decoy] + ids[p + 1 :]
+        parents = [0, 0] + list(range(2, len(nodes)))
+        depths = [1] + list(range(1, len(nodes)))
+        tree = runner.forward([Segment.tree(seq, [ids[p]], nodes, parents, depths)])[0]
+        ref = reference_logits(runner.model, ids)
+    except UnsupportedModel:
+        raise
+    except Exception as exc:  # whatever breaks, it is this model on this path
+        raise refuse(cfg, f"the packed forward fails on it ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from exc
+    finally:
+        runner._seen = None
+        runner.forward_calls, runner.attention_calls = counters
+        seq.free()
+    if calls != n_layers:
+        raise refuse(cfg, f"{calls} of its {n_layers} layers call transformers' attention "
+                          "interface with the packed batch; the others bypass it")
+    layers = {layer: attn for layer, attn, _, _ in seen}
+    if sorted(layers) != list(range(n_layers)):
+        raise refuse(cfg, f"its attention layers report indices {sorted(layers)[:8]}..., not "
+                          f"0..{n_layers - 1}")
+    dims = runner.pool.dims
+    for layer, _, kshape, vshape in seen:
+        if kshape[0] != dims[2] or kshape[2] != dims[3] or vshape != kshape:
+            raise refuse(cfg, f"layer {layer}'s keys/values {kshape}/{vshape} do not fit the KV "
+                              f"pool's {dims[2]} heads x {dims[3]} (per-layer shapes differ)")
+    got = torch.cat([first, tree[:1], tree[2:]]).double()  # the decoy row has no reference
+    want = ref[: p + 1 + PROBE_CHAIN].double()
+    err = float((got - want).abs().max())
+    tol = TOLERANCE.get(ref.dtype, 1e-3) * (1.0 + float(want.abs().max()))
+    if not err <= tol:
+        raise refuse(cfg, f"its packed forward differs from its own attention by {err:.3g} "
+                          f"(tolerance {tol:.3g}): some attention feature is not supported")
+    return layers

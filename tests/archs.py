@@ -1,0 +1,164 @@
+"""Tiny random models of many architectures, from transformers' own config classes: the support
+matrix of tests/test_architectures.py and the README's table. Windows and chunks are small
+(8 tokens) so that short prompts run far past them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+WINDOW = 8
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+HEAD16 = dict(COMMON, head_dim=16)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    config: str  # transformers config class
+    kwargs: dict
+    features: str = ""  # what the README's table says it exercises
+    refused: str | None = None  # a fragment of the refusal's reason; None: supported, exact
+    model: str | None = None  # the class, where the auto class does not map the config
+    # float64 where the model's kernels take it (exact comparisons); the experts' grouped
+    # matmul takes at most float32
+    dtype: torch.dtype = torch.float64
+
+    def build(self, seed: int) -> torch.nn.Module:
+        cfg = getattr(tf, self.config)(**self.kwargs)
+        torch.manual_seed(seed)
+        m = (getattr(tf, self.model)(cfg) if self.model
+             else tf.AutoModelForCausalLM.from_config(cfg))
+        m = m.to(self.dtype).eval()
+        sharpen(m)
+        return m
+
+
+def sharpen(model) -> None:
+    """A sharper output distribution than the default init, so that greedy paths are rarely
+    near-ties and a noisy copy of the model agrees with it often."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+
+
+def noisy_copy(model, noise: float, seed: int) -> torch.nn.Module:
+    """A draft that agrees with `model` often: its weights plus noise."""
+    torch.manual_seed(seed)
+    d = type(model)(model.config.__class__.from_dict(model.config.to_dict()))
+    d = d.to(next(model.parameters()).dtype).eval()
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(d.named_parameters(), model.named_parameters(), strict=True):
+            p.copy_(q + noise * torch.randn_like(q) * q.std())
+    return d
+
+
+ARCHS = [
+    Arch("llama", "LlamaConfig", COMMON, "full attention, GQA"),
+    Arch("mistral-window", "MistralConfig", dict(COMMON, sliding_window=WINDOW),
+         "sliding window (every layer)"),
+    Arch("mixtral", "MixtralConfig", dict(COMMON, num_local_experts=4, num_experts_per_tok=2),
+         "mixture of experts", dtype=torch.float32),
+    Arch("qwen2-window", "Qwen2Config",
+         dict(COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+         "sliding-window and full layers"),
+    Arch("qwen3", "Qwen3Config", HEAD16, "q/k norm"),
+    Arch("qwen3-moe", "Qwen3MoeConfig",
+         dict(HEAD16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+         "mixture of experts, q/k norm", dtype=torch.float32),
+    Arch("gemma", "GemmaConfig", HEAD16, "full attention"),
+    Arch("gemma2", "Gemma2Config",
+         dict(HEAD16, sliding_window=WINDOW, attn_logit_softcapping=20.0,
+              final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+         "alternating sliding/full layers, attention soft-capping"),
+    Arch("gemma3", "Gemma3TextConfig",
+         dict(HEAD16, num_hidden_layers=3, sliding_window=WINDOW,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+         "sliding-window and full layers, own RoPE per layer type"),
+    Arch("cohere2", "Cohere2Config",
+         dict(COMMON, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+         "sliding-window and full (NoPE) layers"),
+    Arch("phi3", "Phi3Config", COMMON, "fused qkv"),
+    Arch("olmo2", "Olmo2Config", COMMON, "q/k norm"),
+    Arch("gpt2", "GPT2Config",
+         dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+              bos_token_id=None, eos_token_id=None), "absolute positions, MHA"),
+    Arch("gpt-neox", "GPTNeoXConfig",
+         dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=128, max_position_embeddings=512, bos_token_id=None,
+              eos_token_id=None), "partial rotary, parallel residual"),
+    Arch("granite", "GraniteConfig", COMMON, "scaled residuals and logits"),
+    Arch("starcoder2", "Starcoder2Config", dict(COMMON, sliding_window=WINDOW),
+         "sliding window (every layer)"),
+    Arch("gpt-oss", "GptOssConfig",
+         dict(HEAD16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+              layer_types=["sliding_attention", "full_attention"]),
+         "attention sinks, sliding-window and full layers, mixture of experts",
+         dtype=torch.float32),
+    Arch("phi", "PhiConfig", dict(COMMON, num_key_value_heads=4), "partial rotary"),
+    Arch("opt", "OPTConfig",
+         dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+              num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None),
+         "learned absolute positions"),
+    Arch("gptj", "GPTJConfig",
+         dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512,
+              bos_token_id=None, eos_token_id=None), "interleaved rotary"),
+    Arch("cohere", "CohereConfig", COMMON, "parallel block, logit scale"),
+    Arch("smollm3", "SmolLM3Config", COMMON, "NoPE layers"),
+    Arch("olmo3", "Olmo3Config",
+         dict(COMMON, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+         "sliding-window and full layers"),
+    Arch("llama4-chunked", "Llama4TextConfig",
+         dict(HEAD16, attention_chunk_size=WINDOW, attn_temperature_tuning=False,
+              num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128,
+              no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
+              interleave_moe_layer_step=1),
+         "chunked attention, NoPE layer, mixture of experts", model="Llama4ForCausalLM",
+         dtype=torch.float32),
+    # refused, each with the reason it must name
+    Arch("qwen3-next", "Qwen3NextConfig",
+         dict(HEAD16, layer_types=["linear_attention", "full_attention"], num_experts=2,
+              num_experts_per_tok=1, moe_intermediate_size=32,
+              shared_expert_intermediate_size=32, linear_num_value_heads=2,
+              linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+         "hybrid: linear attention", refused="linear_attention layers"),
+    Arch("lfm2", "Lfm2Config",
+         dict(COMMON, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
+         "hybrid: convolution layers", refused="conv layers"),
+    Arch("llama4-tuned", "Llama4TextConfig",
+         dict(HEAD16, attention_chunk_size=WINDOW, attn_temperature_tuning=True,
+              num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128,
+              no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
+              interleave_moe_layer_step=1),
+         "attention temperature tuning", refused="attention scaling",
+         model="Llama4ForCausalLM", dtype=torch.float32),
+    Arch("bloom", "BloomConfig",
+         dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, bos_token_id=None,
+              eos_token_id=None, pad_token_id=None), "ALiBi", refused="ALiBi"),
+    Arch("falcon", "FalconConfig",
+         dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              bos_token_id=None, eos_token_id=None), "its own attention path",
+         refused="bypass"),
+    Arch("stablelm", "StableLmConfig",
+         dict(COMMON, num_key_value_heads=4), "its own attention path", refused="bypass"),
+]
+BY_NAME = {a.name: a for a in ARCHS}
+SUPPORTED = [a for a in ARCHS if a.refused is None]
+REFUSED = [a for a in ARCHS if a.refused is not None]
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """The model alone, greedy, each step a full forward with its own eager attention (no
+    cache: nothing of ours on the path)."""
+    from specedge.execution.support import reference_logits
+
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(reference_logits(model, ids)[-1].argmax()))
+    return ids[len(prompt):]

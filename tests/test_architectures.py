@@ -1,0 +1,133 @@
+"""The support matrix (tests/archs.py, the README's table): every architecture whose attention
+goes through transformers' attention interface generates exactly the target's own greedy
+output through the edge's drafter and the verifier's engine, on both attention backends and
+through the graph buckets' static path, with prompts far past its sliding window or chunk;
+every other one is refused when it is loaded, in one line naming the model and the reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas import Sampling
+from specedge.config import TreeShape
+from specedge.edge.drafter import Drafter, TreeBuilder
+from specedge.execution import PackedRunner, Segment
+from specedge.execution.support import UnsupportedModel, reference_logits
+from specedge.execution.tree import depths_of, path_to
+from specedge.execution.walk import commit
+from tests.archs import ARCHS, REFUSED, SUPPORTED, WINDOW, greedy_reference, noisy_copy
+from workers.verifier.engine import Engine
+from workers.verifier.state import SessionState
+from workers.verifier.validate import CheckedBlock
+
+PROMPT = 40  # five windows
+NEW = 40
+SHAPE = TreeShape(budget=6, depth=4, width=2, topk=2)
+# the static (CUDA-graph bucket) path needs flex and a pool of fixed size
+BACKENDS = {"sdpa": dict(attention="sdpa"), "flex": dict(attention="flex"),
+            "graphs": dict(attention="flex", kv_budget_tokens=2048, cuda_graphs=True)}
+FEATURED = [a for a in SUPPORTED if a.kwargs.get("sliding_window") or "soft" in a.features
+            or "chunk" in a.features or "sinks" in a.features]
+
+
+def prompt_ids(seed: int, n: int = PROMPT) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (n,), generator=g).tolist()
+
+
+def speculative_greedy(target, draft, prompt: list[int], n: int, **backend):
+    """The edge's drafter and the verifier's engine in one process (no broker: the math);
+    returns the tokens and the draft tokens accepted."""
+    eng = Engine(target, **backend)
+    runner = PackedRunner(draft, **backend)
+    st = SessionState("s", Sampling(), 0, n, frozenset(), len(prompt), list(prompt))
+    dr = Drafter(runner)
+    dr.catch_up(st.committed[:-1])
+    accepted = 0
+    while not st.finished:
+        tree = TreeBuilder(dr, st.committed, SHAPE).run()
+        (out,) = eng.verify([(st, CheckedBlock(st.round, tree.tokens, tree.parents,
+                                               tree.depths))])
+        new = [tree.tokens[i - 1] for i in out.walk.accepted] + [out.walk.next_token]
+        toks, st.finished = commit(new, st.generated, n, frozenset())
+        accepted += len(out.walk.accepted)
+        dr.rollback(tree, out.walk.accepted)
+        st.committed += toks
+        st.round += 1
+    st.kv.free()
+    dr.close()
+    return st.committed[len(prompt):], accepted
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict[str, tuple] = {}
+
+    def get(arch):
+        if arch.name not in cache:
+            target = arch.build(1)
+            cache[arch.name] = (target, noisy_copy(target, 0.2, seed=2))
+        return cache[arch.name]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", SUPPORTED, ids=lambda a: a.name)
+def test_greedy_is_the_targets_own(arch, models):
+    target, draft = models(arch)
+    prompt = prompt_ids(3)
+    got, accepted = speculative_greedy(target, draft, prompt, NEW, attention="sdpa")
+    assert got == greedy_reference(target, prompt, NEW), f"{arch.name}: not the target's output"
+    assert accepted >= 5, f"{arch.name}: the draft was hardly ever accepted ({accepted})"
+
+
+@pytest.mark.parametrize("backend", ["flex", "graphs"])
+@pytest.mark.parametrize("arch", FEATURED, ids=lambda a: a.name)
+def test_windows_softcaps_sinks_and_chunks_on_every_backend(arch, backend, models):
+    target, draft = models(arch)
+    prompt = prompt_ids(4)
+    got, _ = speculative_greedy(target, draft, prompt, NEW, **BACKENDS[backend])
+    assert got == greedy_reference(target, prompt, NEW)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("arch", FEATURED, ids=lambda a: a.name)
+def test_tree_rows_far_past_the_window_match_the_models_own_logits(arch, backend, models):
+    """Rows of several sessions in one forward (a prefill of 5 windows, a cached prefix with
+    a chain and a tree on it): each row's logits are the model's own on that row's path."""
+    target, _ = models(arch)
+    runner = PackedRunner(target, **BACKENDS[backend])
+    long_p, short_p = prompt_ids(5, 5 * WINDOW), prompt_ids(6, 3 * WINDOW)
+    a, b = runner.new_seq(), runner.new_seq()
+    runner.forward([Segment.chain(b, short_p[:-3])])
+    nodes, parents = [7, 9, 11, 13, 15, 17, 19, 21, 23, 25], [0, 0, 1, 3, 4, 5, 6, 7, 8, 2]
+    out = runner.forward([Segment.chain(a, long_p, logits_at=list(range(len(long_p)))),
+                          Segment.tree(b, short_p[-3:], nodes, parents, depths_of(parents))])
+    ref = reference_logits(target, long_p)
+    tol = 1e-5 * (1 + float(ref.abs().max()))
+    assert float((out[0] - ref).abs().max()) <= tol
+    for i in range(len(nodes) + 1):
+        path = short_p + [nodes[j - 1] for j in path_to(i, parents)]
+        want = reference_logits(target, path)[-1]
+        assert float((out[1][i] - want).abs().max()) <= tol, f"row {i} of the tree"
+    a.free()
+    b.free()
+
+
+@pytest.mark.parametrize("arch", REFUSED, ids=lambda a: a.name)
+def test_what_cannot_be_exact_is_refused_in_one_line(arch):
+    model = arch.build(1)
+    with pytest.raises(UnsupportedModel, match=arch.refused) as exc:
+        PackedRunner(model)
+    text = str(exc.value)
+    assert "\n" not in text and model.config.model_type in text
+
+
+def test_matrix_covers_what_the_issue_names():
+    names = {a.name for a in ARCHS}
+    assert len(SUPPORTED) >= 20
+    for need in ("llama", "mistral-window", "mixtral", "qwen2-window", "qwen3", "qwen3-moe",
+                 "gemma", "gemma2", "gemma3", "cohere2", "phi3", "olmo2", "gpt2", "gpt-neox",
+                 "granite", "starcoder2", "gpt-oss", "qwen3-next"):
+        assert need in names
