@@ -36,7 +36,7 @@ class Impairment:
     rto_s: float = 0.2  # the extra wait of a "lost" (retransmitted) chunk
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a set
 class _Conn:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None

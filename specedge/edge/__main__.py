@@ -131,7 +131,7 @@ def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits |
 
 async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
     from specedge.edge.drafter import Drafter
-    from specedge.edge.link import connect_kwargs
+    from specedge.edge.link import connect
     from specedge.edge.session import EdgeSession, SessionParams
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
     from specedge.execution import PackedRunner
@@ -148,8 +148,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             sys.stdout.flush()
 
     edge = getattr(a, "edge_name", subjects.ANON)  # the demo has no --edge-name
-    nc = await broker.connect(url, f"edge-{edge}", **connect_kwargs(),
-                              **connect_opts(a, subjects.edge_inbox(edge)))
+    nc = await connect(url, f"edge-{edge}", getattr(a, "give_up_s", 60.0),
+                       **connect_opts(a, subjects.edge_inbox(edge)))
     ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
     try:
         # its config is enough to refuse; load the weights only if admitted
@@ -214,8 +214,7 @@ def main(argv=None) -> int:
     try:
         lifecycle.run(run_edge(a, a.nats))
     except BrokerUnreachable as exc:
-        print(f"specedge.edge: gave up: {exc}; the session is closed on the broker when the "
-              f"link allows (tune with --give-up-s)", file=sys.stderr)
+        print(f"specedge.edge: gave up: {exc} (tune with --give-up-s)", file=sys.stderr)
         return EXIT_UNREACHABLE
     except (nats.errors.Error, OSError) as exc:  # e.g. no broker at that address at start
         print(f"specedge.edge: cannot reach the broker at {settings.mask('nats', a.nats)}: "

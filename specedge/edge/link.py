@@ -36,6 +36,18 @@ def connect_kwargs() -> dict:
     return {"ping_interval": EDGE_PING_S, "max_outstanding_pings": EDGE_MAX_OUTSTANDING_PINGS}
 
 
+async def connect(url: str, name: str, give_up_s: float, **opts):
+    """An edge's connection: nats-py retries a first connect for ever (we ask it to reconnect
+    for ever), so the give-up bound applies to it too."""
+    from specedge import broker
+
+    try:
+        return await asyncio.wait_for(broker.connect(url, name, **connect_kwargs(), **opts),
+                                      give_up_s)
+    except TimeoutError:
+        raise BrokerUnreachable(give_up_s, give_up_s, "at start") from None
+
+
 class BrokerUnreachable(ConnectionError):
     """The broker has been out of reach for longer than the session's give-up bound."""
 

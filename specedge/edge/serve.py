@@ -81,7 +81,7 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
                 started: asyncio.Future | None = None) -> None:
     """Serve until `stop` is set. `started` (if given) receives the HttpServer once listening."""
     from specedge.edge.api import EdgeService, build_app
-    from specedge.edge.link import connect_kwargs
+    from specedge.edge.link import connect
     from specedge.fleet import FleetView
     from specedge.httpserver import HttpServer
     from specedge.models import load_model, load_tokenizer
@@ -91,8 +91,8 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
         tokenizer, draft = await loop.run_in_executor(None, lambda: (
             load_tokenizer(a.model), load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)))
     edge = getattr(a, "edge_name", subjects.ANON)
-    nc = await broker.connect(a.nats, f"edge-api-{edge}", **connect_kwargs(),
-                              **connect_opts(a, subjects.edge_inbox(edge)))
+    nc = await connect(a.nats, f"edge-api-{edge}", a.give_up_s,
+                       **connect_opts(a, subjects.edge_inbox(edge)))
     fleet = FleetView(nc)
     service = EdgeService(nc, draft, tokenizer, serve_config(a), fleet=fleet)
     server = HttpServer(build_app(service), a.host, a.port, "edge-api")

@@ -241,7 +241,8 @@ class EdgeSession:
                 self.log.warning("publish failed; retrying", kind=kind, round=round_no,
                                  error_type=type(exc).__name__, error=str(exc),
                                  down_s=round(self.link.down_for(), 1))
-                await asyncio.sleep(delay)
+                # back off, but not past a reconnect
+                await asyncio.wait({self.link.next_up()}, timeout=delay)
                 delay = min(2.0, delay * 2)
                 continue
             self.link.ok()
@@ -338,7 +339,7 @@ class EdgeSession:
             await self._lookup_verdict()
             if self.round in self._inbox:
                 continue
-            if attempt > self.p.max_retries:
+            if attempt >= self.p.max_retries:
                 raise TimeoutError(f"session {self.sid}: no verdict for round {self.round} "
                                    f"after {attempt} re-publishes")
             attempt += 1
