@@ -209,8 +209,10 @@ def edge_args(url: str, draft_dir: str, *extra: str) -> list[str]:
 
 
 def plain_lines(p: Proc) -> list[str]:
-    """stderr lines that are not structured log lines: what a user reads."""
-    return [t.rstrip("\n") for t in p.text if t.strip() and not t.startswith("{")]
+    """stderr lines that are not structured log lines (nor transformers' progress bars): what a
+    user reads."""
+    return [t.rstrip("\n") for t in p.text
+            if t.strip() and not t.startswith(("{", "\r")) and "%|" not in t]
 
 
 async def test_cli_gives_up_on_a_link_that_never_returns(nats_server, tiny_pair, model_dirs):

@@ -114,9 +114,10 @@ class Link:
 
     # -- events -----------------------------------------------------------------------------
 
-    def went_down(self) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
+    def went_down(self, at: float | None = None) -> None:
+        at = time.monotonic() if at is None else at
+        if self.down_since is None or at < self.down_since:
+            self.down_since = at
 
     def came_back(self) -> None:
         self.down_since = None
@@ -127,10 +128,10 @@ class Link:
         for fn in list(self._listeners):
             fn()
 
-    def failed(self) -> None:
-        """A publish got no acknowledgement: the link is suspect from now on (nats-py may not
-        have noticed a silent link yet)."""
-        self.went_down()
+    def failed(self, since: float) -> None:
+        """A publish sent at `since` got no acknowledgement: nothing got through since then
+        (nats-py may not have noticed a silent link yet)."""
+        self.went_down(since)
 
     def ok(self) -> None:
         """Something got through (an acknowledgement, a verdict)."""

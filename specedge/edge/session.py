@@ -208,6 +208,10 @@ class EdgeSession:
         if down > self.p.give_up_s:
             raise BrokerUnreachable(down, self.p.give_up_s, what)
 
+    def _left_s(self) -> float:
+        """Until the give-up bound if the link stays down (a little past it, to be sure)."""
+        return max(0.05, self.p.give_up_s - self.link.down_for() + 0.05)
+
     async def _publish(self, subject: str, msg, kind: str, round_no: int) -> bool:
         """Publish to the stream, retrying through broker outages until the link has been down
         for `give_up_s` (then BrokerUnreachable). The message id makes a retry of an
@@ -222,27 +226,29 @@ class EdgeSession:
         delay = 0.1
         while True:
             self._check_link(f"publishing {kind} of round {round_no}")
-            up = self.link.next_up()
+            up, sent = self.link.next_up(), time.monotonic()
             pub = asyncio.ensure_future(self.js.publish(subject, data, headers=headers,
                                                         timeout=self.p.publish_ack_s))
-            try:
-                await asyncio.wait({pub, up}, return_when=asyncio.FIRST_COMPLETED)
+            try:  # ... and not past the give-up bound
+                await asyncio.wait({pub, up}, timeout=self._left_s(),
+                                   return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
                 pub.cancel()
                 raise
-            if not pub.done():  # reconnected meanwhile: send it again on the new connection
+            if not pub.done():
                 pub.cancel()
-                self.log.info("reconnected; publishing again", kind=kind, round=round_no)
+                if up.done():  # reconnected meanwhile: send it again on the new connection
+                    self.log.info("reconnected; publishing again", kind=kind, round=round_no)
                 continue
             try:
                 ack = pub.result()
             except (TimeoutError, nats.errors.Error) as exc:
-                self.link.failed()
+                self.link.failed(sent)
                 self.log.warning("publish failed; retrying", kind=kind, round=round_no,
                                  error_type=type(exc).__name__, error=str(exc),
                                  down_s=round(self.link.down_for(), 1))
                 # back off, but not past a reconnect
-                await asyncio.wait({self.link.next_up()}, timeout=delay)
+                await asyncio.wait({self.link.next_up()}, timeout=min(delay, self._left_s()))
                 delay = min(2.0, delay * 2)
                 continue
             self.link.ok()
