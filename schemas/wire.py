@@ -50,8 +50,9 @@ class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fiel
     eos_ids: bytes  # packed int32; generation stops after emitting any of them
     target: str  # model references, for the record and the vocabulary check
     draft: str
-    vocab_size: int  # the draft's vocabulary size; the verifier refuses a mismatch
+    vocab_size: int  # ids the draft may emit; the verifier refuses a mismatch
     t: float = 0.0  # edge wall clock at send (unix seconds)
+    tokenizer: str = ""  # the draft's tokenizer fingerprint (specedge.vocab); "" unknown
 
 
 class SessionClosed(msgspec.Struct, tag="close", frozen=True, forbid_unknown_fields=True):

@@ -35,6 +35,7 @@ class FleetLimits(msgspec.Struct, frozen=True, kw_only=True):
     verifiers: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     vocab_sizes: tuple[int, ...] = ()
+    tokenizers: tuple[str, ...] = ()  # their targets' tokenizer fingerprints (specedge.vocab)
     max_positions: int = 0  # 0: unknown (no model positions): no position check
     max_nodes: int
     max_depth: int
@@ -47,10 +48,12 @@ class FleetLimits(msgspec.Struct, frozen=True, kw_only=True):
     t: float = 0.0  # when the entry was published (unix seconds)
 
     @classmethod
-    def of(cls, limits: Limits, name: str, model: str, vocab_size: int) -> FleetLimits:
+    def of(cls, limits: Limits, name: str, model: str, vocab_size: int,
+           tokenizer: str = "") -> FleetLimits:
         """A verifier's entry from its effective limits (max_positions already resolved)."""
         return cls(verifiers=(name,), models=(model,) if model else (),
-                   vocab_sizes=(vocab_size,), t=time.time(),
+                   vocab_sizes=(vocab_size,), tokenizers=(tokenizer,) if tokenizer else (),
+                   t=time.time(),
                    **{f: getattr(limits, f) for f in _MIN_FIELDS + _MAX_FIELDS})
 
     def same_limits(self, other: FleetLimits | None) -> bool:
@@ -81,6 +84,7 @@ def strictest(entries: list[FleetLimits]) -> FleetLimits | None:
         verifiers=tuple(sorted({n for e in entries for n in e.verifiers})),
         models=tuple(sorted({m for e in entries for m in e.models})),
         vocab_sizes=tuple(sorted({s for e in entries for s in e.vocab_sizes})),
+        tokenizers=tuple(sorted({s for e in entries for s in e.tokenizers})),
         t=max(e.t for e in entries), **merged)
 
 

@@ -109,7 +109,7 @@ ARCHS = [
          dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512,
               bos_token_id=None, eos_token_id=None), "interleaved rotary"),
     Arch("cohere", "CohereConfig", COMMON, "parallel block, logit scale"),
-    Arch("smollm3", "SmolLM3Config", COMMON, "NoPE layers"),
+    Arch("smollm3", "SmolLM3Config", dict(COMMON, no_rope_layers=[1, 0]), "a NoPE layer"),
     Arch("olmo3", "Olmo3Config",
          dict(COMMON, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
          "sliding-window and full layers"),

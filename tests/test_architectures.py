@@ -6,6 +6,8 @@ every other one is refused when it is loaded, in one line naming the model and t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,15 @@ from specedge.execution import PackedRunner, Segment
 from specedge.execution.support import UnsupportedModel, reference_logits
 from specedge.execution.tree import depths_of, path_to
 from specedge.execution.walk import commit
-from tests.archs import ARCHS, REFUSED, SUPPORTED, WINDOW, greedy_reference, noisy_copy
+from tests.archs import (
+    ARCHS,
+    BY_NAME,
+    REFUSED,
+    SUPPORTED,
+    WINDOW,
+    greedy_reference,
+    noisy_copy,
+)
 from workers.verifier.engine import Engine
 from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
@@ -131,3 +141,65 @@ def test_matrix_covers_what_the_issue_names():
                  "gemma", "gemma2", "gemma3", "cohere2", "phi3", "olmo2", "gpt2", "gpt-neox",
                  "granite", "starcoder2", "gpt-oss", "qwen3-next"):
         assert need in names
+
+
+async def test_a_windowed_soft_capped_model_end_to_end_through_the_broker(nats_server):
+    """Gemma 2's shape (sliding-window and full layers, soft-capped attention) through a real
+    nats-server: edge sessions and a verifier worker, prompts four windows long."""
+    from tests.stack import generate, running_worker
+
+    target = BY_NAME["gemma2"].build(1)
+    draft = noisy_copy(target, 0.2, seed=2)
+    prompts = [prompt_ids(10 + i, 4 * WINDOW + 3 * i) for i in range(3)]
+    async with running_worker(target, nats_server.url, max_batch=4):
+        results = await generate(nats_server.url, draft, prompts, max_new_tokens=24)
+    for p, r in zip(prompts, results, strict=True):
+        assert r.token_ids == greedy_reference(target, p, 24)
+    assert sum(len(r.token_ids) for r in results) > sum(len(r.rounds) for r in results)
+
+
+def sampled_pair(name: str, **changes):
+    """A tiny model of `name`'s architecture with 8 ids and a window of 2 (shorter than the
+    sampling test's prompt), softened so that several tokens carry real mass."""
+    from tests.test_sampled_lossless import V
+
+    arch = BY_NAME[name]
+    kw = dict(arch.kwargs, vocab_size=V, hidden_size=32, intermediate_size=64, **changes)
+    if "sliding_window" in kw:
+        kw["sliding_window"] = 2
+    target = dataclasses.replace(arch, kwargs=kw).build(21)
+    with torch.no_grad():
+        target.get_output_embeddings().weight.mul_(0.02)
+    return target, noisy_copy(target, 0.5, seed=3)
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+def test_sampled_output_follows_the_targets_distribution(name):
+    """At T=1 with top-p 0.9, the joint law of the first two tokens is the target's own (its
+    eager attention: window, sinks or soft-capping), by chi-square."""
+    from specedge.execution.sampling import probs
+    from tests.test_sampled_lossless import PROMPT, S, V, chi2_p, run_trials
+
+    target, draft = sampled_pair(name)
+    counts = run_trials(target, draft)
+    p1 = probs(reference_logits(target, PROMPT)[-1], S)
+    p2 = torch.stack([probs(reference_logits(target, PROMPT + [t])[-1], S) for t in range(V)])
+    joint = (p1[:, None] * p2).double()
+    joint = (joint / joint.sum()).numpy()
+    p = chi2_p(counts, joint)
+    assert p > 1e-3, f"{name}: chi-square p={p:.2e}: generated tokens do not follow the target"
+
+
+def test_the_readmes_table_is_the_matrix():
+    """The README lists exactly the architectures this file runs, with their outcome."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4:
+            rows[cells[0].strip("`")] = cells[3]
+    assert set(rows) == {a.name for a in ARCHS}
+    for a in ARCHS:
+        assert rows[a.name].startswith("exact" if a.refused is None else "refused"), a.name

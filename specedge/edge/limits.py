@@ -90,11 +90,25 @@ def fit_shape(shape: TreeShape, max_budget: int, fleet: FleetLimits | None, *,
     return shape, min(max_budget, fleet.max_nodes)
 
 
+def check_pair(fleet: FleetLimits | None, tokenizer: str, draft_name: str) -> None:
+    """The draft's tokenizer must be the verifiers' targets' (compared by fingerprint, where
+    both are known): a mismatch would be garbage, refused before any work."""
+    if fleet is None or not tokenizer or not fleet.tokenizers:
+        return
+    if set(fleet.tokenizers) != {tokenizer}:
+        targets = ", ".join(fleet.models) or "the verifiers' target"
+        raise LimitError("tokenizer_mismatch", f"{draft_name} has another tokenizer "
+                         f"({tokenizer}) than {targets} ({', '.join(fleet.tokenizers)}); "
+                         "draft and target must share one", param="model")
+
+
 def plan(prompt_tokens: int, max_new_tokens: int | None, *, default_new_tokens: int,
          shape: TreeShape, max_budget: int, own: EdgeLimits, fleet: FleetLimits | None,
          draft_positions: int | None, draft_vocab: int | None = None, clamp_shape: bool = True,
-         prompt_param: str = "prompt", new_param: str = "max_tokens") -> Plan:
+         prompt_param: str = "prompt", new_param: str = "max_tokens",
+         tokenizer: str = "", draft_name: str = "the draft") -> Plan:
     """Admit a session or raise LimitError (see the module's docstring for the rule)."""
+    check_pair(fleet, tokenizer, draft_name)
     if fleet is not None and draft_vocab is not None and fleet.vocab_sizes and \
             set(fleet.vocab_sizes) != {draft_vocab}:
         raise LimitError("vocab_mismatch", f"the draft's vocabulary ({draft_vocab}) differs "

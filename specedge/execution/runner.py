@@ -78,14 +78,16 @@ class PackedRunner:
 
     def __init__(self, model, *, pool: KVPool | None = None, attention: str = "auto",
                  kv_budget_tokens: int | None = None, block_size: int = 16,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, vocab_limit: int | None = None):
         """cuda_graphs: replay captured graphs for forwards that fit a bucket (None: on CUDA
-        when the flex backend is in use and the pool has a fixed size)."""
+        when the flex backend is in use and the pool has a fixed size). vocab_limit: the ids
+        the tokenizer has; logits past it (embedding padding) are never chosen."""
         self.model = model
         # refused here, before anything is allocated, when the config says it cannot be exact
         self.layers: dict[int, MaskKind] = check_config(model.config)
         model.set_attn_implementation(ATTN_NAME)
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        rows = model.get_input_embeddings().weight.shape[0]
+        self.vocab_size = min(rows, vocab_limit) if vocab_limit else rows
         self.device = next(model.parameters()).device
         self._no_mask = torch.zeros(1, 1, 1, 1, dtype=next(model.parameters()).dtype,
                                     device=self.device)
@@ -186,9 +188,10 @@ class PackedRunner:
                 for seg in segments:
                     want += [r + i for i in seg.logits_at]
                     r += len(seg.tokens)
-                # the graph's output buffer is overwritten by the next replay: copy out
-                logits = (logits[torch.tensor(want, device=self.device)] if len(want) != r
-                          else logits.clone())
+                # the graph's output buffer is overwritten by the next replay: copy out (a
+                # long index even when empty: a forward of prefill chunks wants no row)
+                idx = torch.tensor(want, dtype=torch.long, device=self.device)
+                logits = logits[idx] if len(want) != r else logits.clone()
             else:
                 plan = build_plan(segments, pool, self.device)
                 plan.cache["backend"] = self.backend
@@ -206,6 +209,8 @@ class PackedRunner:
                 if logits.shape[0] != plan.want.numel():  # a model without logits_to_keep
                     logits = logits.index_select(0, plan.want)
                 self.attention_calls += plan.attention_calls
+            if logits.shape[-1] > self.vocab_size:  # padding rows: no tokenizer id, no pick
+                logits[:, self.vocab_size :] = float("-inf")
             self.forward_calls += 1
             for seg in segments:
                 seg.seq.length += len(seg.tokens)

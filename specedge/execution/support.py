@@ -135,8 +135,9 @@ def probe_model(runner) -> dict[int, LayerAttention]:
         if kshape[0] != dims[2] or kshape[2] != dims[3] or vshape != kshape:
             raise refuse(cfg, f"layer {layer}'s keys/values {kshape}/{vshape} do not fit the KV "
                               f"pool's {dims[2]} heads x {dims[3]} (per-layer shapes differ)")
-    got = torch.cat([first, tree[:1], tree[2:]]).double()  # the decoy row has no reference
-    want = ref[: p + 1 + PROBE_CHAIN].double()
+    v = runner.vocab_size  # past it (embedding padding) the packed rows are -inf by design
+    got = torch.cat([first, tree[:1], tree[2:]])[:, :v].double()  # the decoy row: no reference
+    want = ref[: p + 1 + PROBE_CHAIN, :v].double()
     err = float((got - want).abs().max())
     tol = TOLERANCE.get(ref.dtype, 1e-3) * (1.0 + float(want.abs().max()))
     if not err <= tol:

@@ -56,7 +56,8 @@ class Board:
         cfg = worker.cfg
         cfg.limits = effective_limits(cfg.limits, worker.engine.model.config)
         model = getattr(worker.engine.model.config, "name_or_path", "") or ""
-        entry = FleetLimits.of(cfg.limits, cfg.name, model, worker.engine.vocab_size)
+        entry = FleetLimits.of(cfg.limits, cfg.name, model, worker.engine.vocab_size,
+                               cfg.tokenizer)
         board = cls(worker.nc, worker.js, entry, ttl_s=cfg.lease_ttl_s,
                     renew_s=max(0.5, cfg.lease_ttl_s / 3))
         await board.start()

@@ -22,9 +22,11 @@ class Outcome:
 
 class Engine:
     def __init__(self, model, *, kv_budget_tokens: int | None = None, attention: str = "auto",
-                 block_size: int = 16, cuda_graphs: bool | None = None):
+                 block_size: int = 16, cuda_graphs: bool | None = None,
+                 vocab_limit: int | None = None):
         self.runner = PackedRunner(model, kv_budget_tokens=kv_budget_tokens, attention=attention,
-                                   block_size=block_size, cuda_graphs=cuda_graphs)
+                                   block_size=block_size, cuda_graphs=cuda_graphs,
+                                   vocab_limit=vocab_limit)
         self.model = model
         self.pool = self.runner.pool
         self.vocab_size = self.runner.vocab_size

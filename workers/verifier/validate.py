@@ -39,8 +39,10 @@ def _ids(data: bytes, what: str) -> list[int]:
         raise BlockError("invalid_session", f"{what}: {exc}") from None
 
 
-def check_opened(o: SessionOpened, limits: Limits, vocab_size: int) -> None:
-    """Every field of a session opening, before any state is built from it."""
+def check_opened(o: SessionOpened, limits: Limits, vocab_size: int, tokenizer: str = "",
+                 model: str = "") -> None:
+    """Every field of a session opening, before any state is built from it (`tokenizer`: the
+    target's fingerprint, "" when unknown; `model`: its name, for the refusal)."""
     prompt = _ids(o.prompt, "prompt")
     if not 1 <= len(prompt) <= limits.max_prompt_tokens:
         raise BlockError("invalid_session", f"prompt has {len(prompt)} tokens; "
@@ -69,6 +71,10 @@ def check_opened(o: SessionOpened, limits: Limits, vocab_size: int) -> None:
     if max(len(o.target), len(o.draft)) > limits.max_model_name_chars:
         raise BlockError("invalid_session", f"model names longer than "
                          f"{limits.max_model_name_chars} characters")
+    if o.tokenizer and tokenizer and o.tokenizer != tokenizer:
+        raise BlockError("tokenizer_mismatch", f"the draft {o.draft} has another tokenizer "
+                         f"({o.tokenizer}) than the target {model or o.target} ({tokenizer}); "
+                         "draft and target must share one")
     if o.vocab_size != vocab_size:
         raise BlockError("vocab_mismatch", f"draft vocabulary {o.vocab_size} != target "
                          f"vocabulary {vocab_size}")

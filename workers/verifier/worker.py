@@ -109,6 +109,10 @@ class WorkerConfig:
     metrics_port: int | None = None  # /metrics /health /ready; None: off, 0: any free port
     metrics_host: str = "0.0.0.0"
     connect_opts: dict = field(default_factory=dict)  # credentials, TLS, inbox prefix
+    # the target's tokenizer (specedge.vocab): its fingerprint, published and checked against
+    # every session's draft, and its id count, past which no logit is picked ("", None: unknown)
+    tokenizer: str = ""
+    vocab_limit: int | None = None
 
 
 class Worker:
@@ -116,7 +120,8 @@ class Worker:
         self.cfg = cfg or WorkerConfig()
         self.url = url
         self.engine = Engine(model, kv_budget_tokens=kv_budget(model, self.cfg),
-                             attention=self.cfg.attention, cuda_graphs=self.cfg.cuda_graphs)
+                             attention=self.cfg.attention, cuda_graphs=self.cfg.cuda_graphs,
+                             vocab_limit=self.cfg.vocab_limit)
         self.sessions = SessionTable(self.engine.pool, self.cfg.max_sessions)
         pool, lim = self.engine.pool, self.cfg.limits
         longest = lim.max_prompt_tokens + lim.max_new_tokens + lim.max_nodes
@@ -628,7 +633,8 @@ class Worker:
         slog = await read_session(self.js, sid, drafts=False)
         if slog.opened is None:
             raise LogError(f"no SessionOpened for session {sid}")
-        check_opened(slog.opened, self.cfg.limits, self.engine.vocab_size)
+        check_opened(slog.opened, self.cfg.limits, self.engine.vocab_size, self.cfg.tokenizer,
+                     getattr(self.engine.model.config, "name_or_path", ""))
         seq, next_round, finished = committed_sequence(slog)
         st = SessionState.from_opened(sid, slog.opened)
         st.committed, st.round, st.finished = seq, next_round, finished
