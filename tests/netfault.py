@@ -13,7 +13,9 @@ There is no netem or iptables here, so the impairment happens in user space:
   shorter than the peers' timeouts;
 * reset: every connection is aborted with an RST at once;
 * `after(pattern, action)` resets or starts an outage right after forwarding (client to
-  server) the nth chunk that carries `pattern`: a fault with a draft block in flight.
+  server) the nth chunk that carries `pattern`: a fault with a draft block in flight;
+  `before(pattern)` starts an outage just before delivering (server to client) a chunk that
+  carries it, which is then held: a verdict on its way back.
 
 Draws come from one seeded generator, so a run's impairments repeat."""
 
@@ -54,6 +56,7 @@ class FaultProxy:
         self._up = asyncio.Event()
         self._up.set()
         self._trigger: tuple[bytes, int, str] | None = None  # (pattern, hits left, action)
+        self._hold: tuple[bytes, int] | None = None  # outage before delivering the nth such
         self.connections = 0  # accepted so far
         self.resets = 0
         self.down_at: float | None = None  # monotonic time of the last outage's start
@@ -192,6 +195,11 @@ class FaultProxy:
                 last = max(last, at)  # never overtake the chunk ahead
                 if (wait := last - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
+                if not to_server and self._hold and self._hold[0] in chunk:
+                    pattern, left = self._hold
+                    self._hold = (pattern, left - 1) if left > 1 else None
+                    if left <= 1:
+                        self.outage()
                 await self._up.wait()
                 dst.write(chunk)
                 await dst.drain()
@@ -216,6 +224,11 @@ class FaultProxy:
                 for w in (c.client, c.upstream):
                     if w is not None:
                         w.close()
+
+    def before(self, pattern: bytes, nth: int = 1) -> None:
+        """Begin an outage just before delivering (server -> client) the nth chunk that
+        carries `pattern`; the chunk is held with the rest."""
+        self._hold = (pattern, nth)
 
     def _after_forward(self, chunk: bytes) -> None:
         now = time.monotonic()

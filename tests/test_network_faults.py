@@ -70,16 +70,20 @@ class Timed:
 
 
 async def sessions_through(url: str, draft, ps: list[list[int]], new_tokens: int,
-                           timers: list[Timed] | None = None, **params) -> list[SessionResult]:
-    """One edge (one connection through `url`), a session per prompt, concurrently."""
+                           timers: list[Timed] | None = None, keep: list | None = None,
+                           **params) -> list[SessionResult]:
+    """One edge (one connection through `url`), a session per prompt, concurrently (`keep`
+    receives the EdgeSession objects)."""
     nc = await broker.connect(url, "faulty-edge", **connect_kwargs())
     runner, ex = PackedRunner(draft), ThreadPoolExecutor(1)
+    sessions = [EdgeSession(nc, nc.jetstream(), Drafter(runner), ex, SessionParams(
+                    prompt_ids=p, max_new_tokens=new_tokens, seed=i, shape=TreeShape(),
+                    adaptive=False, **params), on_tokens=timers[i] if timers else None)
+                for i, p in enumerate(ps)]
+    if keep is not None:
+        keep.extend(sessions)
     try:
-        return await asyncio.gather(*(
-            EdgeSession(nc, nc.jetstream(), Drafter(runner), ex, SessionParams(
-                prompt_ids=p, max_new_tokens=new_tokens, seed=i, shape=TreeShape(),
-                adaptive=False, **params), on_tokens=timers[i] if timers else None).run()
-            for i, p in enumerate(ps)))
+        return await asyncio.gather(*(s.run() for s in sessions))
     finally:
         ex.shutdown()
         await broker.close(nc)
@@ -169,6 +173,29 @@ async def test_jitter_loss_and_resets_with_a_block_in_flight(nats_server, tiny_p
     print(f"\nworst round wait through jitter, loss and 3 faults: {worst:.2f}s")
     assert worst < 5.0, worst  # < the 10 s floor: the reconnect found the verdict
     assert w.stats.blocks > 0
+
+
+async def test_lookup_on_a_silent_link_keeps_lookups_on(nats_server, tiny_pair):
+    """The link goes silent with a verdict on its way back (held, then delivered or lost):
+    the session's own timer fires, its stream lookup times out on the silent link, and that
+    does not turn lookups off for the rest of the session (it did: one timeout disabled them);
+    once the link is back the session goes on, exactly."""
+    target, draft = tiny_pair
+    ps = prompts(1, seed=8)
+    keep: list[EdgeSession] = []
+    async with running_worker(target, nats_server.url, **WORKER), \
+            FaultProxy(nats_server.port) as px:
+        px.before(b"MSG specedge.verdict.", nth=4)
+        run = asyncio.create_task(sessions_through(px.url, draft, ps, 60, keep=keep,
+                                                   verdict_wait_min_s=0.3))
+        await until(lambda: px.is_down, 60, "the outage")
+        await until(lambda: keep[0].lookups_failed > 0, 10, "a lookup on the silent link")
+        await asyncio.sleep(max(0.0, px.down_at + 7.0 - time.monotonic()))
+        px.reset()  # the held verdict is lost: only the stream has it
+        px.restore()
+        [result] = await asyncio.wait_for(run, 60)
+    assert result.token_ids == reference_greedy(target, ps[0], 60)
+    assert keep[0]._lookup_strikes == 0, "a lookup lost on a silent link turned lookups off"
 
 
 async def test_outage_resumes_exactly_after_reclaim(nats_server, tiny_pair):

@@ -174,6 +174,7 @@ class EdgeSession:
         # without $JS.API access: the broker refuses, the request times out); a lookup that
         # fails while the link is down says nothing about that and does not count.
         self._lookup_strikes = 0
+        self.lookups_failed = 0  # counted or not
         self._look_now = False  # a reconnect or a duplicate ack: look the verdict up at once
         self.waits = WaitPolicy(params.verdict_wait_factor, params.verdict_wait_min_s,
                                 params.verdict_timeout_s)
@@ -284,19 +285,26 @@ class EdgeSession:
         or rebuilds from the log."""
         if self._lookup_strikes >= 2:
             return
-        reconnects, was_up = self.link.reconnects, self.link.connected()
+        reconnects, was_up, t0 = self.link.reconnects, self.link.connected(), time.monotonic()
         try:
             raw = await asyncio.wait_for(
                 self.js.get_last_msg(subjects.STREAM, subjects.verdict(self.sid)), 2.0)
         except nats.js.errors.NotFoundError:
             return
         except Exception as exc:
-            stayed_up = was_up and self.link.connected() and self.link.reconnects == reconnects
-            if stayed_up:
-                self._lookup_strikes += 1
+            # It counts only if the link itself answers (a PING's PONG): a lookup lost on a
+            # silent link (nats-py has not noticed yet) says nothing about our permissions.
+            counted = False
+            if was_up and self.link.connected() and self.link.reconnects == reconnects:
+                try:
+                    await self.nc.flush(timeout=1)
+                    counted = True
+                except Exception:
+                    self.link.failed(t0)
+            self._lookup_strikes += counted
+            self.lookups_failed += 1
             self.log.info("stream lookup failed", round=self.round, error_type=type(exc).__name__,
-                          error=str(exc), counted=stayed_up,
-                          disabled=self._lookup_strikes >= 2)
+                          error=str(exc), counted=counted, disabled=self._lookup_strikes >= 2)
             return
         try:
             msg = decode(raw.data)

@@ -140,7 +140,8 @@ class Leases:
             try:
                 await self.tick()
             except Exception as exc:  # a broker outage: keep trying, leases may lapse meanwhile
-                log.warning("lease renewal failed", worker=self.name, error=str(exc))
+                log.warning("lease renewal failed", worker=self.name,
+                            error_type=type(exc).__name__, error=str(exc))
 
     async def release_all(self, timeout_s: float = 3.0) -> None:
         """Give every lease back at once, for at most timeout_s: with the broker gone, each

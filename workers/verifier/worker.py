@@ -235,7 +235,8 @@ class Worker:
                 await self.leases.release_all()
                 await csub.unsubscribe()
             except Exception as exc:
-                log.warning("could not release leases", error=str(exc))
+                log.warning("could not release leases", error_type=type(exc).__name__,
+                            error=str(exc))
             await broker.close(nc)
             self._executor.shutdown(wait=True)
             for t in observers:
@@ -329,7 +330,8 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("pull failed; retrying", partition=p, error=str(exc))
+                log.warning("pull failed; retrying", partition=p, error_type=type(exc).__name__,
+                            error=str(exc))
                 await asyncio.sleep(0.5)
 
     def log_stats(self, event: str = "verifier stats") -> None:
@@ -662,7 +664,8 @@ class Worker:
                     subjects.verdict(sid), encode(r),
                     headers={"Nats-Msg-Id": subjects.msg_id(sid, round_no, "rejected")})
         except Exception as exc:  # the rejection is advisory; never let it stop the worker
-            log.warning("could not publish rejection", sid=sid, error=str(exc))
+            log.warning("could not publish rejection", sid=sid, error_type=type(exc).__name__,
+                        error=str(exc))
         await _quietly(m.term())
 
     async def _publish_then_ack(self, m, sid: str, round_no: int, kind: str, data: bytes) -> None:
