@@ -358,6 +358,20 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve(ref))
 
 
+def tokenizer_identity(ref: str) -> tuple[str, int | None]:
+    """(fingerprint, id count) of the tokenizer that comes with model `ref` (specedge.vocab),
+    or ("", None) when it has none: then pairing falls back to the embedding size."""
+    from specedge.vocab import fingerprint, token_count
+
+    try:
+        tok = load_tokenizer(ref)
+    except Exception as exc:  # a directory of weights only: nothing to compare
+        log.warning("no tokenizer with the model; the pair is checked by embedding size only",
+                    model=ref, error=f"{type(exc).__name__}: {str(exc)[:120]}")
+        return "", None
+    return fingerprint(tok), token_count(tok)
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -35,14 +35,15 @@ async def generate(url: str, draft_model, prompts: list[list[int]], *, max_new_t
                    shape: TreeShape | None = None, sampling: Sampling | None = None,
                    seeds: list[int] | None = None, eos_ids: tuple[int, ...] = (),
                    coalesce: bool = False, connect_opts: dict | None = None,
-                   sids: list[str] | None = None, return_exceptions: bool = False, **params):
+                   sids: list[str] | None = None, return_exceptions: bool = False,
+                   vocab_limit: int | None = None, **params):
     """Run one edge session per prompt, all concurrently, sharing one draft model (over one
     connection: with `connect_opts` as one edge user, whose name `sids` must carry; with
     `coalesce`, each session in its own thread, their draft forwards packed together).
     Sessions keep the shape they are given unless adaptive=True (the verifiers' hints)."""
     nc = await broker.connect(url, "test-edge", **(connect_opts or {}))
     js = nc.jetstream()
-    runner = PackedRunner(draft_model)
+    runner = PackedRunner(draft_model, vocab_limit=vocab_limit)
     if coalesce:
         runner = CoalescingRunner(runner, window_s=0.005)
     ex = ThreadPoolExecutor(len(prompts) if coalesce else 1)
