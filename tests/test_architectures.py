@@ -203,3 +203,42 @@ def test_the_readmes_table_is_the_matrix():
     assert set(rows) == {a.name for a in ARCHS}
     for a in ARCHS:
         assert rows[a.name].startswith("exact" if a.refused is None else "refused"), a.name
+
+
+@pytest.mark.timeout(300)
+async def test_commands_refuse_an_unsupported_model_in_one_line(nats_server, tmp_path):
+    """A hybrid checkpoint on disk: the verifier, the edge and `edge serve` each exit 2 with one
+    line naming the model and the reason, no traceback, before serving anything."""
+    import asyncio
+    import os
+    import sys
+
+    from tests.procs import ROOT
+    from tests.tokens import char_tokenizer
+
+    arch = BY_NAME["qwen3-next"]
+    d = tmp_path / "hybrid"
+    arch.build(1).save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    common = ["--nats", nats_server.url, "--dtype", "float64", "--threads", "1"]
+    commands = {
+        "verifier": ["-m", "workers.verifier", "--model", str(d), *common],
+        "edge": ["-m", "specedge.edge", "--model", str(d), "--no-chat", "--prompt", "hi",
+                 *common],
+        "serve": ["-m", "specedge.edge", "serve", "--model", str(d), "--port", "0", *common],
+    }
+
+    async def run(args: list[str]) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, *args, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT), SPECEDGE_LOG="error"))
+        _, err = await asyncio.wait_for(p.communicate(), 240)
+        return p.returncode, err.decode()
+
+    for name, args in commands.items():
+        rc, err = await run(args)
+        lines = [ln for ln in err.splitlines() if "not supported" in ln]
+        assert rc == 2, (name, err)
+        assert len(lines) == 1 and str(d) in lines[0] and "linear_attention" in lines[0], err
+        assert "Traceback" not in err, (name, err)

@@ -132,3 +132,30 @@ async def test_differently_padded_embeddings_are_exact(nats_server, padded):
         assert r.token_ids == ref
     if padded == "draft":  # unpadded target: the reference is the target's own generate()
         assert refs[0] == reference_greedy(target, prompts[0], 20)
+
+
+async def test_edge_serve_answers_400_for_a_draft_with_another_tokenizer(nats_server, tiny_pair):
+    """`edge serve` refuses a request with OpenAI's 400 naming both models when the fleet's
+    target has another tokenizer; nothing reaches the broker."""
+    import openai
+
+    from tests.test_api import api_stack
+
+    tok = char_tokenizer()
+    other = char_tokenizer(rotate=2)
+    _, draft = tiny_pair
+    op = await broker.connect(nats_server.url, "probe")
+    try:
+        async with api_stack(nats_server.url, (named_target(), draft), tok,
+                             tokenizer=fingerprint(other), vocab_limit=256) as (base, _w):
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as exc:
+                await client.completions.create(model="tiny-target", prompt="hello",
+                                                max_tokens=4)
+            stored = (await op.jetstream().stream_info(subjects.STREAM)).state.messages
+    finally:
+        await op.close()
+    body = exc.value.body
+    assert body["code"] == "tokenizer_mismatch", body
+    assert "tiny-draft" in body["message"] and "tiny-target" in body["message"]
+    assert stored == 0

@@ -20,7 +20,7 @@ from specedge.edge.limits import EdgeLimits, LimitError, Plan, plan
 from specedge.edge.proactive import Mode
 
 # exit codes of the one-shot edge (a signal: 128 + its number, e.g. 143 for SIGTERM)
-EXIT_USAGE = 2  # bad flags or configuration, no broker given
+EXIT_USAGE = 2  # bad flags or configuration, no broker given, a model that cannot run exactly
 EXIT_REJECTED = 3  # a verifier rejected the session (e.g. too_many_sessions, rate_limited)
 EXIT_REFUSED = 4  # refused before any work: over the fleet's or the models' limits
 # the fleet out of reach: no contact with the broker for --give-up-s (or none at start), or no
@@ -118,15 +118,18 @@ def model_config(ref: str):
 
 
 def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits | None,
-          draft_config) -> Plan:
+          draft_config, tokenizer: str = "", token_count: int | None = None) -> Plan:
     """The session this edge may run, or LimitError: what the fleet would refuse is refused
-    here, before the draft model does any work (specedge/edge/limits.py)."""
+    here, before the draft model does any work (specedge/edge/limits.py). tokenizer,
+    token_count: the draft's tokenizer's fingerprint and id count (specedge.vocab)."""
+    rows = getattr(draft_config, "vocab_size", None)
     return plan(prompt_tokens, a.max_new_tokens, default_new_tokens=a.max_new_tokens,
                 shape=shape_from(a), max_budget=a.max_tree_budget,
                 own=EdgeLimits(max_prompt_tokens=a.max_prompt_tokens), fleet=limits,
                 draft_positions=getattr(draft_config, "max_position_embeddings", None),
-                draft_vocab=getattr(draft_config, "vocab_size", None), clamp_shape=False,
-                prompt_param="--prompt", new_param="--max-new-tokens")
+                draft_vocab=min(rows, token_count) if rows and token_count else rows,
+                clamp_shape=False, prompt_param="--prompt", new_param="--max-new-tokens",
+                tokenizer=tokenizer, draft_name=f"the draft {a.model}")
 
 
 async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
@@ -136,6 +139,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
     from specedge.execution import PackedRunner
     from specedge.models import load_model, load_tokenizer
+    from specedge.vocab import fingerprint, token_count
 
     log = structlog.get_logger("specedge.edge")
     tokenizer = tokenizer or load_tokenizer(a.model)
@@ -155,7 +159,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
         # its config is enough to refuse; load the weights only if admitted
         draft_config = model_config(a.model) if draft is None else draft.config
         limits = await fleet.fetch(nc)
-        p = admit(a, len(ids), limits, draft_config)
+        fp, count = fingerprint(tokenizer), token_count(tokenizer)
+        p = admit(a, len(ids), limits, draft_config, fp, count)
         if limits is None:
             log.warning("no verifier answered the limits query; checked against this edge's own "
                         "limits only", prompt_tokens=len(ids))
@@ -169,8 +174,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             adaptive=a.adaptive, max_budget=p.max_budget,
             prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK,
             give_up_s=getattr(a, "give_up_s", 60.0),
-            verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0))
-        drafter = Drafter(PackedRunner(draft, **runner_opts(a)))
+            verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0), tokenizer=fp)
+        drafter = Drafter(PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge))
         result = await session.run()
@@ -210,6 +215,7 @@ def main(argv=None) -> int:
 
     from specedge.edge.link import BrokerUnreachable
     from specedge.edge.session import SessionRejected
+    from specedge.execution.support import UnsupportedModel
 
     try:
         lifecycle.run(run_edge(a, a.nats))
@@ -234,6 +240,9 @@ def main(argv=None) -> int:
     except lifecycle.Interrupted as exc:  # the session was closed on the broker on the way out
         print(f"\nspecedge.edge: {exc}", file=sys.stderr)
         return exc.exit_code
+    except UnsupportedModel as exc:  # refused at load (specedge/execution/support.py)
+        print(f"specedge.edge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

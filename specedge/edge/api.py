@@ -39,6 +39,7 @@ from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
 from specedge.execution.costs import forward_costs, knee
 from specedge.fleet import FleetView
+from specedge.vocab import fingerprint, token_count
 
 log = structlog.get_logger(__name__)
 MIN_PREFILL_CHUNK = 16
@@ -128,10 +129,12 @@ class EdgeService:
         self.fleet = fleet  # the verifiers' limits (None: this edge's own limits only)
         self.draft_positions = getattr(draft_model.config, "max_position_embeddings", None)
         self.tok, self.cfg = tokenizer, cfg
+        self.tokenizer_id = fingerprint(tokenizer)  # checked against the fleet's targets
         # concurrent requests draft in their own threads; coinciding draft forwards are
         # packed into one (about the cost of one on this hardware)
         self.runner = CoalescingRunner(PackedRunner(draft_model, attention=cfg.attention,
-                                                    cuda_graphs=cfg.cuda_graphs))
+                                                    cuda_graphs=cfg.cuda_graphs,
+                                                    vocab_limit=token_count(tokenizer)))
         self.vocab_size = self.runner.vocab_size
         if not cfg.prefill_chunk:
             costs = forward_costs(self.runner.runner, stop_ratio=2.0)
@@ -163,7 +166,8 @@ class EdgeService:
                      max_budget=cfg.max_budget,
                      own=EdgeLimits(cfg.max_prompt_tokens, cfg.max_tokens_limit), fleet=fleet,
                      draft_positions=self.draft_positions, draft_vocab=self.vocab_size,
-                     prompt_param=prompt_param)
+                     prompt_param=prompt_param, tokenizer=self.tokenizer_id,
+                     draft_name=f"the draft {cfg.draft_name}")
         except LimitError as exc:
             log.info("request refused", code=exc.code, param=exc.param,
                      prompt_tokens=len(prompt_ids), reason=exc.message)
@@ -187,7 +191,7 @@ class EdgeService:
             proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
             verdict_timeout_s=self.cfg.verdict_timeout_s, give_up_s=self.cfg.give_up_s,
             adaptive=self.cfg.adaptive, max_budget=req.max_budget,
-            prefill_chunk=self.cfg.prefill_chunk)
+            prefill_chunk=self.cfg.prefill_chunk, tokenizer=self.tokenizer_id)
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:

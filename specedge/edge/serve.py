@@ -134,8 +134,13 @@ def main(argv=None) -> int:
 
     import nats.errors
 
+    from specedge.execution.support import UnsupportedModel
+
     try:
         asyncio.run(run())
+    except UnsupportedModel as exc:  # the draft, refused at load: nothing to serve
+        print(f"specedge.edge serve: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (nats.errors.Error, OSError) as exc:  # no broker at that address at start
         print(f"specedge.edge serve: cannot reach the broker at {settings.mask('nats', a.nats)}"
               f": {type(exc).__name__}: {exc}", file=sys.stderr)

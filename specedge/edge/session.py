@@ -134,6 +134,7 @@ class SessionParams:
     # prompt tokens per draft forward while prefilling: other sessions sharing the draft model
     # (edge serve) wait at most one such forward, and a cancelled session stops between them
     prefill_chunk: int = 128
+    tokenizer: str = ""  # the draft's tokenizer fingerprint (specedge.vocab); "" unknown
 
 
 class State(enum.StrEnum):
@@ -405,7 +406,8 @@ class EdgeSession:
                 v=SCHEMA_VERSION, prompt=pack_ids(self.p.prompt_ids), sampling=self.p.sampling,
                 seed=self.p.seed, max_new_tokens=self.p.max_new_tokens,
                 eos_ids=pack_ids(self.p.eos_ids), target=self.p.target_name,
-                draft=self.p.draft_name, vocab_size=self.drafter.vocab_size, t=time.time())
+                draft=self.p.draft_name, vocab_size=self.drafter.vocab_size, t=time.time(),
+                tokenizer=self.p.tokenizer)
             await self._publish(subjects.session(self.sid), opened, "open", 0)
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
             # Prefill everything but the last prompt token; the first round recomputes it.

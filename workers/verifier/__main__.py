@@ -14,6 +14,7 @@ from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
 from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.config import AdaptiveBudget, Limits, add_limit_args
+from specedge.execution.support import UnsupportedModel
 from workers.verifier.state import Reclaim
 from workers.verifier.worker import Worker, WorkerConfig
 
@@ -111,10 +112,11 @@ async def amain(a: argparse.Namespace) -> int:
             url = embedded.start().url
             log.info("no --nats given: started an embedded broker", url=url,
                      pid=embedded.proc.pid if embedded.proc else None)
-        from specedge.models import load_model
+        from specedge.models import load_model, tokenizer_identity
 
         # a signal while loading raises lifecycle.Interrupted here: the finally stops the broker
         model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+        tokenizer, vocab_limit = tokenizer_identity(a.model)
         limits = Limits.from_args(a)
         adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,
                                   a.adaptive_max_budget, a.adaptive)
@@ -131,7 +133,8 @@ async def amain(a: argparse.Namespace) -> int:
                            consumer=ConsumerSettings(ack_wait_s=a.ack_wait,
                                                      max_deliver=a.max_deliver),
                            metrics_port=a.metrics_port, metrics_host=a.metrics_host,
-                           connect_opts=connect_opts(a))
+                           connect_opts=connect_opts(a), tokenizer=tokenizer,
+                           vocab_limit=vocab_limit)
         if a.name:
             cfg.name = a.name
         w = Worker(model, url, cfg)
@@ -158,6 +161,9 @@ def main(argv=None) -> int:
         return asyncio.run(amain(a))
     except lifecycle.Interrupted as exc:  # before serving: nothing to drain
         log.info("stopped before serving", signal=str(exc))
+        return exc.exit_code
+    except UnsupportedModel as exc:  # refused at load: one line, no traceback
+        print(f"workers.verifier: {exc}", file=sys.stderr)
         return exc.exit_code
 
 
