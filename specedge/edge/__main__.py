@@ -74,8 +74,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "about 6 s): the CLI exits 5, `edge serve` fails the request with a 503")
     p.add_argument("--verdict-timeout-s", type=float, default=30.0,
                    help="the longest wait for a verdict before the edge looks for it in the "
-                        "stream and re-publishes its block (the wait is 4 measured round "
-                        "times, at least 2 s; this long for the first round)")
+                        "stream and re-publishes its block (the wait is 5 measured round "
+                        "times, at least 3 s; this long for the first round)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per draft forward while prefilling: other sessions "
                         "sharing the draft model wait at most one such forward, and a "

@@ -64,8 +64,8 @@ class WaitPolicy:
     round was measured (the first round includes the verifier's prefill of the prompt). Each
     further wait for the same round doubles, up to `max_s`."""
 
-    factor: float = 4.0
-    min_s: float = 2.0
+    factor: float = 5.0
+    min_s: float = 3.0
     max_s: float = 30.0
 
     def wait_s(self, round_s: float | None, attempt: int = 0) -> float:

@@ -120,8 +120,8 @@ class SessionParams:
     # the longest wait for a verdict before looking for it (and re-publishing the block); the
     # wait itself is `verdict_wait_factor` measured round times, at least `verdict_wait_min_s`
     verdict_timeout_s: float = 30.0
-    verdict_wait_factor: float = 4.0
-    verdict_wait_min_s: float = 2.0
+    verdict_wait_factor: float = 5.0
+    verdict_wait_min_s: float = 3.0
     max_retries: int = 5  # re-publishes of one block (each wait doubles) before TimeoutError
     # the broker out of reach this long (publishes unacknowledged, the connection down): the
     # session fails with BrokerUnreachable instead of retrying for ever
