@@ -54,8 +54,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     once("attention computed explicitly for soft-capped or sink layers (SDPA has neither)",
          softcap=layer.softcap, sinks=layer.sinks is not None)
-    s = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5
-                                                        if scale is None else scale)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5
+                                                                if scale is None else scale)
     if layer.softcap is not None:
         s = torch.tanh(s / layer.softcap) * layer.softcap
     if mask is not None:
@@ -65,7 +65,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float
                               keepdim=True)
     else:
         lse = torch.logsumexp(s, -1, keepdim=True)
-    return torch.matmul(torch.exp(s - lse).to(v.dtype), v)
+    return torch.matmul(torch.exp(s - lse), v.float()).to(v.dtype)
 
 
 def _short_mask(plan: ForwardPlan, n_keys: int, group: int, dtype: torch.dtype,
