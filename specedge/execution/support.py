@@ -67,6 +67,15 @@ def check_config(config) -> dict[int, MaskKind]:
             getattr(config, "no_rope_layers", None) or []):
         raise refuse(config, "position-dependent attention scaling (attn_temperature_tuning on "
                              "its NoPE layers) is computed from the row's place in the batch")
+    for params in _rope_parameters(config):
+        kind = params.get("rope_type") or params.get("type")
+        switch = params.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None)
+        if kind in ("dynamic", "longrope") and switch and \
+                switch < getattr(config, "max_position_embeddings", 0):
+            raise refuse(config, f"its RoPE scaling '{kind}' takes its frequencies from the "
+                                 f"longest sequence in a forward (past {switch} positions), so "
+                                 "sessions packed together would change each other's")
     kinds: dict[int, MaskKind] = {}
     for i, t in enumerate(types):
         if t == "sliding_attention":
@@ -74,6 +83,16 @@ def check_config(config) -> dict[int, MaskKind]:
         elif t == "chunked_attention":
             kinds[i] = (None, getattr(config, "attention_chunk_size", None))
     return kinds
+
+
+def _rope_parameters(config) -> list[dict]:
+    """The config's RoPE parameter sets (one, or one per layer type)."""
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(rp, dict):
+        return []
+    if "rope_type" in rp or "type" in rp:
+        return [rp]
+    return [v for v in rp.values() if isinstance(v, dict)]
 
 
 def _probe_ids(vocab: int) -> tuple[list[int], int]:
@@ -147,6 +166,8 @@ def probe_model(runner) -> dict[int, LayerAttention]:
         if kshape[0] != dims[2] or kshape[2] != dims[3] or vshape != kshape:
             raise refuse(cfg, f"layer {layer}'s keys/values {kshape}/{vshape} do not fit the KV "
                               f"pool's {dims[2]} heads x {dims[3]} (per-layer shapes differ)")
+    if not bool(torch.isfinite(ref).all()):
+        raise refuse(cfg, "its own forward gives non-finite logits on the start-up probe")
     v = runner.vocab_size  # past it (embedding padding) the packed rows are -inf by design
     got = torch.cat([first, tree[:1], tree[2:]])[:, :v].double()  # the decoy row: no reference
     want = ref[:, :v].double()
