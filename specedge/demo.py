@@ -26,6 +26,7 @@ from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
 from specedge.edge.__main__ import EXIT_REFUSED, add_generation_args
 from specedge.edge.limits import LimitError
+from specedge.execution.support import UnsupportedModel
 from specedge.orphan import tied_to_parent
 
 log = structlog.get_logger("specedge.demo")
@@ -60,13 +61,21 @@ async def wait_verifier(url: str, proc: subprocess.Popen, timeout: float = 300.0
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if proc.poll() is not None:
-                raise RuntimeError(f"the verifier exited with {proc.returncode}")
+                raise VerifierExited(proc.returncode)
             if await broker.partitions_served(js) == subjects.PARTITIONS:
                 return
             await asyncio.sleep(0.2)
         raise TimeoutError("the verifier did not become ready")
     finally:
         await nc.close()
+
+
+class VerifierExited(RuntimeError):
+    """The demo's verifier stopped before serving (e.g. it refused its model: exit 2)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"the verifier exited with {code}")
+        self.code = code
 
 
 async def amain(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> dict:
@@ -244,6 +253,15 @@ def main(argv=None) -> int:
         print(f"specedge.demo: refused before any work ({exc.code}): {exc.message}",
               file=sys.stderr)
         rc = EXIT_REFUSED
+    except UnsupportedModel as exc:  # the draft, refused at load
+        print(f"specedge.demo: {exc}", file=sys.stderr)
+        rc = exc.exit_code
+    except VerifierExited as exc:  # its last line says why (a refused target: one line)
+        vlog.flush()
+        lines = (state / "verifier.log").read_text(errors="replace").strip().splitlines()
+        print(f"specedge.demo: {exc}: {lines[-1] if lines else '(no output)'}",
+              file=sys.stderr)
+        rc = exc.code or 1
     except Exception as exc:
         log.error("demo failed", error=str(exc), verifier_log=str(state / "verifier.log"))
         rc = 1

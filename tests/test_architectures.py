@@ -207,8 +207,8 @@ def test_the_readmes_table_is_the_matrix():
 
 @pytest.mark.timeout(300)
 async def test_commands_refuse_an_unsupported_model_in_one_line(nats_server, tmp_path):
-    """A hybrid checkpoint on disk: the verifier, the edge and `edge serve` each exit 2 with one
-    line naming the model and the reason, no traceback, before serving anything."""
+    """A hybrid checkpoint on disk: the verifier, the edge, `edge serve` and the demo each exit 2
+    with one line naming the model and the reason, no traceback, before serving anything."""
     import asyncio
     import os
     import sys
@@ -226,6 +226,8 @@ async def test_commands_refuse_an_unsupported_model_in_one_line(nats_server, tmp
         "edge": ["-m", "specedge.edge", "--model", str(d), "--no-chat", "--prompt", "hi",
                  *common],
         "serve": ["-m", "specedge.edge", "serve", "--model", str(d), "--port", "0", *common],
+        "demo": ["-m", "specedge.demo", "--target", str(d), "--draft", str(d), "--dtype",
+                 "float64", "--prompt", "hi"],
     }
 
     async def run(args: list[str]) -> tuple[int, str]:
