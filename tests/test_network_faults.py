@@ -26,6 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from schemas import SessionClosed
 from specedge import broker
@@ -375,17 +376,32 @@ async def test_kill9_edge_is_reclaimed(nats_server, tiny_pair, model_dirs):
     assert reclaim_s >= RECLAIM.min_s - 1.0  # not before its bound (the kill took a moment)
 
 
-async def test_cli_edge_reads_a_synthetic_config(nats_server):
-    """The CLI edge with a `synthetic:` draft: its config comes from the shipped assets (no
-    weights built for a session refused before any work): exit 4, no traceback."""
-    p = await Proc.start("-m", "specedge.edge", "--nats", nats_server.url, "--model",
-                         "synthetic:tiny:draft=0.05", "--target", "synthetic:tiny",
-                         "--max-prompt-tokens", "2", "--prompt", "Hello there, synthetic")
+async def test_cli_edge_runs_a_synthetic_pair(nats_server):
+    """The CLI edge with a `synthetic:` draft (it read the reference's config with
+    AutoConfig.from_pretrained: a traceback): refused before any work from the shipped config
+    alone (exit 4), and a whole answer against a verifier of the synthetic target (exit 0)."""
+    from specedge.models import load_model
+
+    edge = ["-m", "specedge.edge", "--nats", nats_server.url, "--model",
+            "synthetic:tiny:draft=0.05623", "--target", "synthetic:tiny", "--dtype", "float32",
+            "--threads", "1", "--prompt", "Hello there, synthetic"]
+    refused = await Proc.start(*edge, "--max-prompt-tokens", "2")
     try:
-        rc = await asyncio.wait_for(p.proc.wait(), 120)
-        await asyncio.gather(*p._tasks)
+        rc = await asyncio.wait_for(refused.proc.wait(), 120)
+        await asyncio.gather(*refused._tasks)
     finally:
-        await p.kill()
-    text = "".join(p.text)
+        await refused.kill()
+    text = "".join(refused.text)
     assert rc == 4, text[-3000:]
     assert "Traceback" not in text and "refused before any work" in text, text[-3000:]
+    target = await asyncio.to_thread(load_model, "synthetic:tiny", dtype=torch.float32)
+    async with running_worker(target, nats_server.url, **WORKER) as w:
+        p = await Proc.start(*edge, "--max-new-tokens", "8", "--json")
+        try:
+            rc = await asyncio.wait_for(p.proc.wait(), 150)
+            await asyncio.gather(*p._tasks)
+        finally:
+            await p.kill()
+    text = "".join(p.text)
+    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert len(json.loads(p.out)["token_ids"]) == 8 and w.stats.blocks >= 1
