@@ -358,18 +358,32 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve(ref))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                   "spiece.model", "vocab.txt")
+
+
 def tokenizer_identity(ref: str) -> tuple[str, int | None]:
     """(fingerprint, id count) of the tokenizer that comes with model `ref` (specedge.vocab),
     or ("", None) when it has none: then pairing falls back to the embedding size."""
+    from specedge import synthetic
     from specedge.vocab import fingerprint, token_count
 
-    try:
-        tok = load_tokenizer(ref)
-    except Exception as exc:  # a directory of weights only: nothing to compare
-        log.warning("no tokenizer with the model; the pair is checked by embedding size only",
-                    model=ref, error=f"{type(exc).__name__}: {str(exc)[:120]}")
-        return "", None
-    return fingerprint(tok), token_count(tok)
+    why = ""
+    path = None if synthetic.is_synthetic(ref) else Path(resolve(ref))
+    if path is not None and path.is_dir() and not any((path / f).exists()
+                                                      for f in TOKENIZER_FILES):
+        why = "no tokenizer file"  # transformers would build an empty one of the config's class
+    else:
+        try:
+            tok = load_tokenizer(ref)
+            if token_count(tok) >= 2:
+                return fingerprint(tok), token_count(tok)
+            why = "an empty tokenizer"
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc)[:120]}"
+    log.warning("no tokenizer with the model; the pair is checked by embedding size only",
+                model=ref, reason=why)
+    return "", None
 
 
 # ---------------------------------------------------------------- CLI
