@@ -130,17 +130,34 @@ class Bucket:
                  t[len(tables) * width :], b)
         self.p2l[MAX_SEGMENTS, self.scratch] = 0  # the padding rows' segment: the scratch block
 
-    def capture(self, pool_handle) -> None:
-        """Warm up (compiles flex for this size), then capture the forward into a graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Two forwards (on CUDA, on a side stream of the runner's device): compiles flex for
+        this size. Without autograd: weights loaded with from_pretrained require grad, and a
+        flex forward that could be differentiated wants q_indices the BlockMask does not have
+        (and would leave the pool with a grad_fn)."""
+        dev = self.runner.device
+        if dev.type != "cuda":
             for _ in range(2):
                 self._model()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool_handle):
-            self.logits = self._model()
+            return
+        with torch.cuda.device(dev):
+            stream = torch.cuda.Stream(device=dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._model()
+            torch.cuda.current_stream(dev).wait_stream(stream)
+
+    @torch.no_grad()
+    def capture(self, pool_handle) -> None:
+        """Warm up, then capture the forward into a graph, on the runner's device (a graph
+        captured on another device than its tensors' records nothing)."""
+        self.warm_up()
+        with torch.cuda.device(self.runner.device):
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool_handle):
+                self.logits = self._model()
 
     def run(self) -> torch.Tensor:
         """Logits of every row [rows, V] (the graph's output buffer when captured)."""
@@ -174,7 +191,8 @@ class GraphRunner:
         self.replays = 0
         if capture:
             t0 = time.perf_counter()
-            handle = torch.cuda.graph_pool_handle()
+            with torch.cuda.device(runner.device):
+                handle = torch.cuda.graph_pool_handle()
             for bk in reversed(self.buckets):  # the largest first: the pool is shared
                 self._dummy(bk)
                 bk.capture(handle)

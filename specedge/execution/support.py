@@ -27,6 +27,7 @@ ATTENTION_LAYERS = {"full_attention": PLAIN, "sliding_attention": None, "chunked
 PROBE_PROMPT = 10
 PROBE_CHAIN = 5  # tree nodes on the prompt's own continuation (plus one decoy branch)
 PROBE_ROWS = 3  # the prompt's last rows compared (logits cost a vocabulary-wide matmul each)
+PROBE_FORWARDS = 3  # model forwards the probe runs: two packed, one reference
 # |packed - eager| allowed, relative to the largest logit: eager attention takes its softmax
 # in float32 whatever the dtype, and bf16 kernels of different batch shapes differ in the last
 # bits; a wrong mask or position differs by much more
