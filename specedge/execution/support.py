@@ -20,10 +20,10 @@ from __future__ import annotations
 import structlog
 import torch
 
-from specedge.execution.plan import PLAIN, LayerAttention, MaskKind, Segment
+from specedge.execution.plan import LayerAttention, MaskKind, Segment
 
 log = structlog.get_logger(__name__)
-ATTENTION_LAYERS = {"full_attention": PLAIN, "sliding_attention": None, "chunked_attention": None}
+ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 PROBE_PROMPT = 10
 PROBE_CHAIN = 5  # tree nodes on the prompt's own continuation (plus one decoy branch)
 PROBE_ROWS = 3  # the prompt's last rows compared (logits cost a vocabulary-wide matmul each)
@@ -58,7 +58,7 @@ def check_config(config) -> dict[int, MaskKind]:
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_causal", True) is False:
         raise refuse(config, "not a causal decoder (bidirectional or encoder-decoder attention)")
     types = list(getattr(config, "layer_types", None) or [])
-    other = sorted(set(types) - set(ATTENTION_LAYERS))
+    other = sorted(set(types) - ATTENTION_LAYERS)
     if other:
         raise refuse(config, f"it has {', '.join(other)} layers, whose recurrent or "
                              "convolution state the packed KV cache does not keep")
