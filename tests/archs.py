@@ -15,6 +15,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 HEAD16 = dict(COMMON, head_dim=16)
+LLAMA4 = dict(HEAD16, attention_chunk_size=WINDOW, num_local_experts=2, num_experts_per_tok=1,
+              intermediate_size_mlp=128, no_rope_layers=[1, 0], interleave_moe_layer_step=1,
+              layer_types=["chunked_attention", "full_attention"])
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,7 @@ ARCHS = [
          dict(COMMON, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
          "sliding-window and full layers"),
     Arch("llama4-chunked", "Llama4TextConfig",
-         dict(HEAD16, attention_chunk_size=WINDOW, attn_temperature_tuning=False,
-              num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128,
-              no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
-              interleave_moe_layer_step=1),
+         dict(LLAMA4, attn_temperature_tuning=False),
          "chunked attention, NoPE layer, mixture of experts", model="Llama4ForCausalLM",
          dtype=torch.float32),
     # refused, each with the reason it must name
@@ -131,11 +131,7 @@ ARCHS = [
          dict(COMMON, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
          "hybrid: convolution layers", refused="conv layers"),
     Arch("llama4-tuned", "Llama4TextConfig",
-         dict(HEAD16, attention_chunk_size=WINDOW, attn_temperature_tuning=True,
-              num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128,
-              no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
-              interleave_moe_layer_step=1),
-         "attention temperature tuning", refused="attention scaling",
+         dict(LLAMA4, attn_temperature_tuning=True), "attention temperature tuning", refused="attention scaling",
          model="Llama4ForCausalLM", dtype=torch.float32),
     Arch("phi3-longrope", "Phi3Config",
          dict(COMMON, original_max_position_embeddings=64,

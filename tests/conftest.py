@@ -38,13 +38,9 @@ def tiny_model(seed: int, vocab: int = TINY_VOCAB, dtype=torch.float64, **kw) ->
 
 def related_draft(target: Qwen2ForCausalLM, noise: float, seed: int) -> Qwen2ForCausalLM:
     """A draft that agrees with the target often: its weights plus noise."""
-    torch.manual_seed(seed)
-    d = Qwen2ForCausalLM(target.config.__class__.from_dict(target.config.to_dict()))
-    d = d.to(next(target.parameters()).dtype).eval()
-    with torch.no_grad():
-        for (_, p), (_, q) in zip(d.named_parameters(), target.named_parameters(), strict=True):
-            p.copy_(q + noise * torch.randn_like(q) * q.std())
-    return d
+    from tests.archs import noisy_copy
+
+    return noisy_copy(target, noise, seed)
 
 
 FAST_CONSUMER = broker.ConsumerSettings(ack_wait_s=2.0, max_deliver=10)

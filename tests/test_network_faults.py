@@ -385,23 +385,22 @@ async def test_cli_edge_runs_a_synthetic_pair(nats_server):
     edge = ["-m", "specedge.edge", "--nats", nats_server.url, "--model",
             "synthetic:tiny:draft=0.05623", "--target", "synthetic:tiny", "--dtype", "float32",
             "--threads", "1", "--prompt", "Hello there, synthetic"]
-    refused = await Proc.start(*edge, "--max-prompt-tokens", "2")
-    try:
-        rc = await asyncio.wait_for(refused.proc.wait(), 120)
-        await asyncio.gather(*refused._tasks)
-    finally:
-        await refused.kill()
+    async def run(*extra: str, timeout: float) -> tuple[int, Proc]:
+        p = await Proc.start(*edge, *extra)
+        try:
+            rc = await asyncio.wait_for(p.proc.wait(), timeout)
+            await asyncio.gather(*p._tasks)
+        finally:
+            await p.kill()
+        return rc, p
+
+    rc, refused = await run("--max-prompt-tokens", "2", timeout=120)
     text = "".join(refused.text)
     assert rc == 4, text[-3000:]
     assert "Traceback" not in text and "refused before any work" in text, text[-3000:]
     target = await asyncio.to_thread(load_model, "synthetic:tiny", dtype=torch.float32)
     async with running_worker(target, nats_server.url, **WORKER) as w:
-        p = await Proc.start(*edge, "--max-new-tokens", "8", "--json")
-        try:
-            rc = await asyncio.wait_for(p.proc.wait(), 150)
-            await asyncio.gather(*p._tasks)
-        finally:
-            await p.kill()
+        rc, p = await run("--max-new-tokens", "8", "--json", timeout=150)
     text = "".join(p.text)
     assert rc == 0 and "Traceback" not in text, text[-3000:]
     assert len(json.loads(p.out)["token_ids"]) == 8 and w.stats.blocks >= 1

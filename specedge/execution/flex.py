@@ -161,9 +161,11 @@ def softcap_mod(cap: float):
     return _softcaps[cap]
 
 
-def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> tuple[BlockMask, int]:
-    """The forward's BlockMask over (padded rows, pool slots) for layers of mask `kind`, and
-    the padded row count."""
+def _mask_inputs(plan: ForwardPlan) -> dict:
+    """What every layer kind's BlockMask of this forward shares, built once per forward: the
+    query blocks' pool blocks, the inverse block tables, the rows' metadata padded."""
+    if "flex_inputs" in plan.cache:
+        return plan.cache["flex_inputs"]
     pool = plan.pool
     dev = plan.ids.device
     b = pool.block_size
@@ -176,7 +178,6 @@ def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> tuple[BlockMask, in
         width = max(width, pool.blocks)  # inductor's CPU kernel wants the whole KV axis
     idx = torch.tensor([x + [0] * (width - len(x)) for x in per_q], dtype=torch.int32)
     num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
-    idx, num = idx.to(dev, non_blocking=True), num.to(dev, non_blocking=True)
     p2l = torch.empty((_bucket(plan.segments, 8), pool.blocks + 1), dtype=torch.int32,
                       device=dev)
     fill_p2l(p2l, plan.tables, plan.kv_len, b)
@@ -184,12 +185,24 @@ def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> tuple[BlockMask, in
     bits = plan.bits if plan.bits is not None else torch.zeros(n, 1, dtype=torch.bool, device=dev)
     w = _bucket(bits.shape[1], 16)
     bits = _pad(torch.nn.functional.pad(bits, (0, w - bits.shape[1])), rows, False)
-    window = _pad(plan.window, rows)
-    tree_pos = None if kind == PLAIN else tree_positions(window, bits)
-    mask_mod = make_mask_mod(p2l, _pad(plan.seg_of, rows), _pad(plan.upto, rows), window,
-                             bits, b, kind, _pad(plan.pos, rows), tree_pos)
-    bm = BlockMask.from_kv_blocks(num[None, None], idx[None, None], BLOCK_SIZE=(Q_BLOCK, b),
-                                  mask_mod=mask_mod, seq_lengths=(rows, pool.capacity_tokens),
+    plan.cache["flex_inputs"] = inputs = dict(
+        rows=rows, idx=idx.to(dev, non_blocking=True), num=num.to(dev, non_blocking=True),
+        p2l=p2l, bits=bits, window=_pad(plan.window, rows), seg_of=_pad(plan.seg_of, rows),
+        upto=_pad(plan.upto, rows), pos=_pad(plan.pos, rows))
+    return inputs
+
+
+def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> tuple[BlockMask, int]:
+    """The forward's BlockMask over (padded rows, pool slots) for layers of mask `kind`, and
+    the padded row count."""
+    x = _mask_inputs(plan)
+    rows, b = x["rows"], plan.pool.block_size
+    tree_pos = None if kind == PLAIN else tree_positions(x["window"], x["bits"])
+    mask_mod = make_mask_mod(x["p2l"], x["seg_of"], x["upto"], x["window"], x["bits"], b, kind,
+                             x["pos"], tree_pos)
+    bm = BlockMask.from_kv_blocks(x["num"][None, None], x["idx"][None, None],
+                                  BLOCK_SIZE=(Q_BLOCK, b), mask_mod=mask_mod,
+                                  seq_lengths=(rows, plan.pool.capacity_tokens),
                                   compute_q_blocks=False)
     return bm, rows
 
