@@ -302,7 +302,8 @@ def test_backend_probe_keeps_a_good_backend_and_refuses_a_wrong_one(monkeypatch)
 def test_static_bucketed_forward_matches_the_eager_one():
     """The CUDA-graph path's static buffers (padding to a bucket, scratch block, persistent
     BlockMask refilled in place), run without capture: same logits as the eager forward, over
-    forwards of different sizes that reuse the same buckets, and eager above the largest."""
+    forwards of different sizes that reuse the same buckets; a prefill longer than the top
+    rung runs as two forwards, both through buckets."""
     model = tiny_model(21)
     graphed = PackedRunner(model, attention="flex", kv_budget_tokens=4096, cuda_graphs=True)
     eager = PackedRunner(model, attention="sdpa")
@@ -322,8 +323,8 @@ def test_static_bucketed_forward_matches_the_eager_one():
         for a, b in zip(*outs, strict=True):
             assert torch.allclose(a, b, atol=1e-10)
     assert graphed.graphs.replays >= 8  # the prefills and the trees went through the buckets
-    long = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0)).tolist()
-    replays = graphed.graphs.replays
-    (a,) = graphed.forward([Segment.chain(graphed.new_seq(), long)])  # above the buckets
-    assert graphed.graphs.replays == replays
+    long = torch.randint(0, 256, (1500,), generator=torch.Generator().manual_seed(0)).tolist()
+    replays, calls = graphed.graphs.replays, graphed.forward_calls
+    (a,) = graphed.forward([Segment.chain(graphed.new_seq(), long)])  # above the top rung
+    assert graphed.graphs.replays == replays + 2 and graphed.forward_calls == calls + 2
     assert torch.allclose(a[0], plain_logits(model, long), atol=1e-10)

@@ -1,15 +1,17 @@
 """FlexAttention straight over the KV pool: no gather, no padding of segments to the longest.
 
-The keys are the whole pool viewed as one sequence of slots. One BlockMask per forward, built
-from the block tables (not by evaluating a mask over every block pair): query block i (16
-packed rows) visits the pool blocks of the segments its rows belong to, and the mask_mod maps
-a (row, slot) pair to the row's segment and the slot's logical position there through an
-inverse block table, then applies the row's visibility (all positions < upto, plus its tree
-ancestors in the window). Shared by every layer of the forward.
+The keys are the whole pool viewed as one sequence of slots. One BlockMask per forward and
+layer kind, built from the block tables (not by evaluating a mask over every block pair):
+each segment's rows start their own query blocks (qblocks.py), which list only that
+segment's pool blocks, split into full blocks (no mask evaluated) and partial ones, trimmed
+causally. The mask_mod maps a (row, slot) pair to the slot's logical position in the row's
+segment through an inverse block table, then applies the row's visibility (all positions <
+upto, plus its tree ancestors in the window).
 
-On CUDA flex_attention is compiled; the per-forward sizes (rows, segments, tree width, blocks
-per query block) are padded to powers of two so that a handful of compiled variants cover
-every batch. On the CPU it runs eagerly (it materialises scores over the pool: for tests).
+On CUDA flex_attention is compiled, for a fixed ladder of padded row counts (qblocks.LADDER)
+with every other shape fixed (the whole pool, MAX_SEGMENTS + 1 inverse tables, BITS tree
+columns), all compiled at start-up (runner.warm_compile). On the CPU it runs eagerly (it
+materialises scores over the pool: for tests), or compiled where tests ask for it.
 
 Per layer: a sliding window or chunk is a BlockMask of its own (same blocks, a mask_mod that
 also compares path positions, see plan.py); soft-capping is a score_mod; sinks rescale the
@@ -23,6 +25,7 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from specedge.execution.compiling import configure, limit_error
 from specedge.execution.plan import (
     PLAIN,
     PLAIN_LAYER,
@@ -31,8 +34,9 @@ from specedge.execution.plan import (
     MaskKind,
     tree_positions,
 )
+from specedge.execution.qblocks import MAX_SEGMENTS, Q_BLOCK, layout
 
-Q_BLOCK = 16
+BITS = 64  # tree-window columns of the mask inputs (the verifier's --max-nodes)
 try:  # torch >= 2.9 asks for the log-sum-exp this way; return_lse is deprecated
     from torch.nn.attention.flex_attention import AuxRequest
 
@@ -44,19 +48,12 @@ _compiled = None
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
 
-def _bucket(n: int, least: int) -> int:
-    return max(least, 1 << max(0, n - 1).bit_length())
-
-
 def compiled() -> object:
-    """flex_attention compiled for static shapes: every size it sees is a power-of-two bucket,
-    so the variants stay few; allow enough of them before dynamo would fall back to eager."""
+    """flex_attention compiled for static shapes: every size it sees is a rung of the ladder
+    (qblocks.LADDER), compiled at start-up; see compiling.py for the cache and the limit."""
     global _compiled
     if _compiled is None:
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 256))
+        configure()
         _compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
     return _compiled
 
@@ -67,39 +64,6 @@ COMPILE_ON = {"cuda"}
 
 def _flex(device: torch.device):
     return compiled() if device.type in COMPILE_ON else flex_attention
-
-
-def _pad(x: torch.Tensor, n: int, value: int = 0) -> torch.Tensor:
-    if x.shape[0] == n:
-        return x
-    pad = torch.full((n - x.shape[0], *x.shape[1:]), value, dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad])
-
-
-def qblock_kv_blocks(rows_per_seg: list[int], tables: list[list[int]], kv_len: list[int],
-                     block_size: int, q_blocks: int) -> list[list[int]]:
-    """For each query block (Q_BLOCK packed rows), the pool blocks of the segments among its
-    rows, deduplicated (on the host: segments are contiguous runs of rows and their tables are
-    small)."""
-    n = sum(rows_per_seg)
-    starts, r = [], 0
-    for ln in rows_per_seg:
-        starts.append(r)
-        r += ln
-    out: list[list[int]] = []
-    s = 0
-    for qb in range(q_blocks):
-        lo, hi = qb * Q_BLOCK, min(n, (qb + 1) * Q_BLOCK)
-        blocks: dict[int, None] = {}
-        if lo < n:
-            while s + 1 < len(starts) and starts[s + 1] <= lo:
-                s += 1
-            t = s
-            while t < len(starts) and starts[t] < hi:
-                blocks.update(dict.fromkeys(tables[t][: -(-kv_len[t] // block_size)]))
-                t += 1
-        out.append(list(blocks))
-    return out
 
 
 def fill_p2l(p2l: torch.Tensor, tables: torch.Tensor, kv_len: torch.Tensor,
@@ -161,50 +125,66 @@ def softcap_mod(cap: float):
     return _softcaps[cap]
 
 
+def _device_idx(lists: list[list[int]], width: int, dev: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query block's block lists as (count [qb], indices [qb, width]); only each row's
+    prefix is written on the host and copied (entries past a count are never read)."""
+    num = torch.tensor([len(x) for x in lists], dtype=torch.int32)
+    w = max(1, max(len(x) for x in lists))
+    small = torch.tensor([x + [0] * (w - len(x)) for x in lists], dtype=torch.int32)
+    idx = torch.zeros(len(lists), width, dtype=torch.int32, device=dev)
+    idx[:, :w] = small.to(dev, non_blocking=True)
+    return num.to(dev, non_blocking=True), idx
+
+
+def bits_width(w: int) -> int:
+    """Tree-window columns of the mask inputs: BITS (a verifier's largest tree) or, for a
+    wider edge tree, the next power of two (one more compiled shape)."""
+    return max(BITS, 1 << max(0, w - 1).bit_length())
+
+
 def _mask_inputs(plan: ForwardPlan) -> dict:
     """What every layer kind's BlockMask of this forward shares, built once per forward: the
-    query blocks' pool blocks, the inverse block tables, the rows' metadata padded."""
+    query layout (one segment per query block, see qblocks), the inverse block tables, the
+    padded rows' metadata."""
     if "flex_inputs" in plan.cache:
         return plan.cache["flex_inputs"]
     pool = plan.pool
     dev = plan.ids.device
-    b = pool.block_size
+    kinds = sorted(plan.cache.get("kinds") or {PLAIN}, key=str)
+    lay = layout(plan.cache["segments"], kinds, pool.block_size)
+    src = torch.tensor(lay.src, dtype=torch.long).to(dev, non_blocking=True)
+    qpos = torch.tensor(lay.qpos, dtype=torch.long).to(dev, non_blocking=True)
+    p2l = torch.empty((MAX_SEGMENTS + 1, pool.blocks + 1), dtype=torch.int32, device=dev)
+    fill_p2l(p2l, plan.tables, plan.kv_len, pool.block_size)
     n = plan.ids.numel()
-    rows = _bucket(n, Q_BLOCK)
-    per_q = qblock_kv_blocks(plan.host_rows, plan.host_tables, plan.host_kv_len, b,
-                             rows // Q_BLOCK)
-    width = _bucket(max(len(x) for x in per_q), 16)
-    if dev.type == "cpu":
-        width = max(width, pool.blocks)  # inductor's CPU kernel wants the whole KV axis
-    idx = torch.tensor([x + [0] * (width - len(x)) for x in per_q], dtype=torch.int32)
-    num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
-    p2l = torch.empty((_bucket(plan.segments, 8), pool.blocks + 1), dtype=torch.int32,
-                      device=dev)
-    fill_p2l(p2l, plan.tables, plan.kv_len, b)
-    # always a tree window (empty for chains), so chains and trees share compiled variants
+    # always a tree window (empty for chains), so chains and trees share compiled shapes
     bits = plan.bits if plan.bits is not None else torch.zeros(n, 1, dtype=torch.bool, device=dev)
-    w = _bucket(bits.shape[1], 16)
-    bits = _pad(torch.nn.functional.pad(bits, (0, w - bits.shape[1])), rows, False)
+    bits = torch.nn.functional.pad(bits, (0, bits_width(bits.shape[1]) - bits.shape[1]))
     plan.cache["flex_inputs"] = inputs = dict(
-        rows=rows, idx=idx.to(dev, non_blocking=True), num=num.to(dev, non_blocking=True),
-        p2l=p2l, bits=bits, window=_pad(plan.window, rows), seg_of=_pad(plan.seg_of, rows),
-        upto=_pad(plan.upto, rows), pos=_pad(plan.pos, rows))
+        layout=lay, src=src, qpos=qpos, p2l=p2l, bits=bits.index_select(0, src),
+        window=plan.window.index_select(0, src), seg_of=plan.seg_of.index_select(0, src),
+        upto=plan.upto.index_select(0, src), pos=plan.pos.index_select(0, src))
     return inputs
 
 
-def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> tuple[BlockMask, int]:
-    """The forward's BlockMask over (padded rows, pool slots) for layers of mask `kind`, and
-    the padded row count."""
+def block_mask(plan: ForwardPlan, kind: MaskKind = PLAIN) -> BlockMask:
+    """The forward's BlockMask over (padded query rows, pool slots) for layers of `kind`."""
     x = _mask_inputs(plan)
-    rows, b = x["rows"], plan.pool.block_size
+    lay, pool, dev = x["layout"], plan.pool, plan.ids.device
+    if kind not in lay.partial:  # a kind the runner did not announce: lay it out too
+        extra = layout(plan.cache["segments"], [kind], pool.block_size)
+        lay.partial[kind], lay.full[kind] = extra.partial[kind], extra.full[kind]
     tree_pos = None if kind == PLAIN else tree_positions(x["window"], x["bits"])
-    mask_mod = make_mask_mod(x["p2l"], x["seg_of"], x["upto"], x["window"], x["bits"], b, kind,
-                             x["pos"], tree_pos)
-    bm = BlockMask.from_kv_blocks(x["num"][None, None], x["idx"][None, None],
-                                  BLOCK_SIZE=(Q_BLOCK, b), mask_mod=mask_mod,
-                                  seq_lengths=(rows, plan.pool.capacity_tokens),
-                                  compute_q_blocks=False)
-    return bm, rows
+    mask_mod = make_mask_mod(x["p2l"], x["seg_of"], x["upto"], x["window"], x["bits"],
+                             pool.block_size, kind, x["pos"], tree_pos)
+    num, idx = _device_idx(lay.partial[kind], pool.blocks, dev)
+    fnum, fidx = _device_idx(lay.full[kind], pool.blocks, dev)
+    return BlockMask.from_kv_blocks(num[None, None], idx[None, None], fnum[None, None],
+                                    fidx[None, None], BLOCK_SIZE=(Q_BLOCK, pool.block_size),
+                                    mask_mod=mask_mod,
+                                    seq_lengths=(lay.rows, pool.capacity_tokens),
+                                    compute_q_blocks=False)
 
 
 def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
@@ -215,22 +195,31 @@ def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
     ck = ("flex", attn.mask)
     if ck not in plan.cache:
         plan.cache[ck] = block_mask(plan, attn.mask)
-    bm, rows = plan.cache[ck]
-    n = query.shape[2]
-    q = query if rows == n else torch.nn.functional.pad(query, (0, 0, 0, rows - n))
+    bm = plan.cache[ck]
+    if "src" not in plan.cache:  # a static plan brings its own
+        x = _mask_inputs(plan)
+        plan.cache["src"], plan.cache["qpos"] = x["src"], x["qpos"]
+    src, qpos = plan.cache["src"], plan.cache["qpos"]
+    q = query.index_select(2, src)  # one segment per query block (see qblocks)
     kv = pool.kv[layer]
     opts = None
     if query.device.type == "cuda":
         opts = {"BLOCK_M": Q_BLOCK, "BLOCK_N": pool.block_size, "FORCE_USE_FLEX_ATTENTION": True}
     score_mod = None if attn.softcap is None else softcap_mod(float(attn.softcap))
     lse = {} if attn.sinks is None else _LSE
-    res = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0), score_mod=score_mod,
-                              block_mask=bm, scale=scale,
-                              enable_gqa=query.shape[1] != key.shape[1], kernel_options=opts,
-                              **lse)
+    try:
+        res = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0),
+                                  score_mod=score_mod, block_mask=bm, scale=scale,
+                                  enable_gqa=query.shape[1] != key.shape[1],
+                                  kernel_options=opts, **lse)
+    except Exception as exc:
+        err = limit_error(exc)
+        if err is not None:
+            raise err from exc
+        raise
     if attn.sinks is None:
-        return res[:, :, :n].transpose(1, 2)
+        return res.index_select(2, qpos).transpose(1, 2)
     out, aux = res  # softmax over the keys and the sink logit: rescale by sigmoid(lse - sink)
     lse = aux if isinstance(aux, torch.Tensor) else aux.lse
-    keep = torch.sigmoid(lse[:, :, :n] - attn.sinks.float().view(1, -1, 1))
-    return (out[:, :, :n] * keep[..., None].to(out.dtype)).transpose(1, 2)
+    keep = torch.sigmoid(lse.index_select(2, qpos) - attn.sinks.float().view(1, -1, 1))
+    return (out.index_select(2, qpos) * keep[..., None].to(out.dtype)).transpose(1, 2)

@@ -4,11 +4,13 @@ Eager transformers on a GPU is launch-bound: a 1.5B forward costs about the same
 1024 tokens (DESIGN section 6a). A captured graph replays the whole forward's kernels at
 once. For that every input and piece of metadata lives in persistent buffers of the bucket's
 size, updated in place before each replay: token ids, positions, slot mapping, and the
-FlexAttention BlockMask's tensors (query blocks' pool blocks, the inverse block tables, each
-row's segment, `upto`, tree window and ancestor bits). A forward is padded to the smallest
-bucket that holds it: padding rows write to a scratch block and attend to it alone. Larger
-forwards (long prefills), more segments than the buckets were sized for, or trees wider than
-their bit window run eagerly.
+FlexAttention BlockMask's tensors (the query layout, each query block's full and partial pool
+blocks, the inverse block tables, the padded rows' segment, `upto`, tree window and ancestor
+bits). A bucket is a pair of ladder rungs (qblocks.LADDER): the packed rows the model runs,
+and the padded query rows attention runs (each segment starts its own query block), so the
+compiled flex shapes are the ladder's and nothing else. Padding rows write to a scratch
+block that no query block visits. More segments than MAX_SEGMENTS, or trees wider than BITS,
+run eagerly; forwards larger than the top rung are split by the runner.
 
 Graphs need the flex backend (static shapes: the keys are the whole pool) and a pool of fixed
 size (its tensor must not move). The static path runs on any device; only the capture is
@@ -26,20 +28,17 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from specedge.execution.flex import (
-    Q_BLOCK,
+    BITS,
     fill_p2l,
     flex_pool_attention,
     make_mask_mod,
-    qblock_kv_blocks,
 )
 from specedge.execution.plan import Segment, tree_positions
 from specedge.execution.pool import KVPool
+from specedge.execution.qblocks import LADDER, MAX_SEGMENTS, Q_BLOCK, layout, padded, rung
 
 log = structlog.get_logger(__name__)
-
-BUCKETS = (16, 32, 64, 128, 256, 512)  # packed tokens per graph
-MAX_SEGMENTS = 64  # sequences per graphed forward (the verifier's --max-batch, an edge's sessions)
-BITS = 64  # tree window per row (the verifier's --max-nodes)
+BUCKETS = LADDER  # the rungs graphs are captured for
 
 
 @dataclass
@@ -52,29 +51,48 @@ class StaticPlan:
     attention_calls: int = 0
 
 
-class Bucket:
-    """Persistent buffers, BlockMask and (on CUDA) the captured graph for `rows` tokens."""
+class QueryBuffers:
+    """The attention side of a rung of `rows` padded query rows: the padded rows' metadata,
+    each layer kind's block lists and the BlockMasks over them (shared by every bucket whose
+    forwards pad to this rung; flex's compiled shape depends on this alone)."""
 
-    def __init__(self, runner, rows: int, p2l: torch.Tensor, scratch: int):
+    def __init__(self, runner, rows: int, p2l: torch.Tensor):
         pool, dev = runner.pool, runner.device
-        self.runner, self.rows, self.p2l, self.scratch = runner, rows, p2l, scratch
-        # all integer inputs in one buffer: one host-to-device copy per forward
-        self.ints = torch.zeros(6 * rows, dtype=torch.long, device=dev)
-        self.ids, self.pos, self.slots, self.upto, self.window, self.seg_of = self.ints.split(rows)
+        self.rows, self.kinds = rows, sorted(runner.mask_kinds, key=str)
+        self.ints = torch.zeros(5 * rows, dtype=torch.long, device=dev)
+        self.src, self.upto, self.window, self.seg_of, self.pos = self.ints.split(rows)
         self.bits = torch.zeros(rows, BITS, dtype=torch.bool, device=dev)
         self.tree_pos = torch.zeros(rows, BITS, dtype=torch.long, device=dev)
         qb = rows // Q_BLOCK
-        self.kv_num = torch.zeros(qb, dtype=torch.int32, device=dev)
-        self.kv_idx = torch.zeros(qb, pool.blocks, dtype=torch.int32, device=dev)
-        cache: dict = {"backend": flex_pool_attention, "layers": runner.layers}
-        for kind in runner.mask_kinds:  # one BlockMask per layer kind, all on these buffers
+        self.blocks: dict = {}
+        self.masks: dict = {}
+        for kind in self.kinds:  # one BlockMask per layer kind, all on these buffers
+            num = torch.zeros(2, qb, dtype=torch.int32, device=dev)  # partial, full
+            idx = torch.zeros(2, qb, pool.blocks, dtype=torch.int32, device=dev)
+            self.blocks[kind] = (num, idx)
             mask_mod = make_mask_mod(p2l, self.seg_of, self.upto, self.window, self.bits,
                                      pool.block_size, kind, self.pos, self.tree_pos)
-            cache["flex", kind] = (BlockMask.from_kv_blocks(
-                self.kv_num[None, None], self.kv_idx[None, None],
+            self.masks["flex", kind] = BlockMask.from_kv_blocks(
+                num[0][None, None], idx[0][None, None], num[1][None, None], idx[1][None, None],
                 BLOCK_SIZE=(Q_BLOCK, pool.block_size), mask_mod=mask_mod,
-                seq_lengths=(rows, pool.capacity_tokens), compute_q_blocks=False), rows)
-        self.plan = StaticPlan(pool, self.slots, cache)
+                seq_lengths=(rows, pool.capacity_tokens), compute_q_blocks=False)
+
+
+class Bucket:
+    """Persistent buffers and (on CUDA) the captured graph for forwards of at most `rows`
+    packed tokens whose query layout pads to `q.rows`."""
+
+    def __init__(self, runner, rows: int, q: QueryBuffers, p2l: torch.Tensor, scratch: int):
+        dev = runner.device
+        self.runner, self.rows, self.q, self.p2l, self.scratch = runner, rows, q, p2l, scratch
+        # the model side's integer inputs in one buffer: one host-to-device copy per forward
+        self.ints = torch.zeros(7 * rows, dtype=torch.long, device=dev)
+        (self.ids, self.pos, self.slots, self.qpos, self.upto, self.window,
+         self.seg_of) = self.ints.split(rows)
+        self.bits = torch.zeros(rows, BITS, dtype=torch.bool, device=dev)
+        cache: dict = {"backend": flex_pool_attention, "layers": runner.layers,
+                       "src": q.src, "qpos": self.qpos, **q.masks}
+        self.plan = StaticPlan(runner.pool, self.slots, cache)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -85,12 +103,16 @@ class Bucket:
                        specedge_plan=self.plan).logits[0]
 
     def fill(self, segments: Sequence[Segment]) -> None:
-        """Copy this forward's metadata into the buffers (segments' slots already writable);
-        rows past the forward's tokens are padding on the scratch block."""
-        b, rows = self.runner.pool.block_size, self.rows
+        """Copy this forward's metadata into the buffers (segments' slots writable, lengths
+        not yet advanced); rows past the forward's tokens are padding, written to the
+        scratch block, which no query block visits."""
+        q, b, rows = self.q, self.runner.pool.block_size, self.rows
+        lay = layout(segments, q.kinds, b)
+        if lay.rows != q.rows:
+            raise ValueError(f"a forward laid out to {lay.rows} query rows in a {q.rows} rung")
         ids, pos, slots, upto, window, seg_of = ([] for _ in range(6))
         bits = torch.zeros(rows, BITS, dtype=torch.bool)
-        tables, kv_len, rows_of = [], [], []
+        tables, kv_len = [], []
         r = 0
         for s, seg in enumerate(segments):
             m, n = len(seg.tokens), seg.seq.length
@@ -104,31 +126,33 @@ class Bucket:
                 bits[r : r + m, : seg.bits.shape[1]] = seg.bits
             tables.append(seg.seq.blocks)
             kv_len.append(n + m)
-            rows_of.append(m)
             r += m
         pad = rows - r
-        scratch_slot = self.scratch * b
-        host = torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [scratch_slot] * pad
-                            + upto + [1] * pad + window + [0] * pad
-                            + seg_of + [MAX_SEGMENTS] * pad, dtype=torch.long)
-        self.ints.copy_(_staged(host), non_blocking=True)
+        host = torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [self.scratch * b] * pad
+                            + lay.qpos + [0] * pad + upto + [1] * pad + window + [0] * pad
+                            + seg_of + [0] * pad + lay.src, dtype=torch.long)
+        dev_ints = _staged(host).to(self.ints.device, non_blocking=True)
+        self.ints.copy_(dev_ints[: 7 * rows])
+        q.src.copy_(dev_ints[7 * rows :])
         self.bits.copy_(_staged(bits), non_blocking=True)
-        win = torch.tensor(window + [0] * pad, dtype=torch.long)
-        self.tree_pos.copy_(_staged(tree_positions(win, bits)), non_blocking=True)
-        per_q = qblock_kv_blocks(rows_of + ([pad] if pad else []),
-                                 tables + ([[self.scratch]] if pad else []),
-                                 kv_len + ([1] if pad else []), b, rows // Q_BLOCK)
-        num = torch.tensor([len(x) for x in per_q], dtype=torch.int32)
-        w = max(len(x) for x in per_q)  # entries past a query block's count are never read
-        idx = torch.tensor([x + [0] * (w - len(x)) for x in per_q], dtype=torch.int32)
-        self.kv_num.copy_(_staged(num), non_blocking=True)
-        self.kv_idx[:, :w].copy_(_staged(idx), non_blocking=True)
+        # the padded query rows' metadata: that of the packed row each one carries
+        for name in ("upto", "window", "seg_of", "pos"):
+            torch.index_select(getattr(self, name), 0, q.src, out=getattr(q, name))
+        torch.index_select(self.bits, 0, q.src, out=q.bits)
+        q.tree_pos.copy_(tree_positions(q.window, q.bits))
+        for kind in q.kinds:
+            num, idx = q.blocks[kind]
+            lists = lay.partial[kind] + lay.full[kind]
+            w = max(1, max(len(x) for x in lists))
+            host_idx = torch.tensor([x + [0] * (w - len(x)) for x in lists], dtype=torch.int32)
+            num.copy_(_staged(torch.tensor([len(x) for x in lists], dtype=torch.int32)
+                              ).view(2, -1), non_blocking=True)
+            idx[:, :, :w].copy_(_staged(host_idx).view(2, -1, w), non_blocking=True)
         width = max(len(t) for t in tables)
         flat = [x for t in tables for x in t + [0] * (width - len(t))] + kv_len
         t = _staged(torch.tensor(flat, dtype=torch.long)).to(self.p2l.device, non_blocking=True)
         fill_p2l(self.p2l, t[: len(tables) * width].view(len(tables), width),
                  t[len(tables) * width :], b)
-        self.p2l[MAX_SEGMENTS, self.scratch] = 0  # the padding rows' segment: the scratch block
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -173,45 +197,62 @@ def _staged(host: torch.Tensor) -> torch.Tensor:
 
 
 class GraphRunner:
-    """The static (and on CUDA, graphed) forward path of a PackedRunner."""
+    """The static (and on CUDA, graphed) forward path of a PackedRunner: one bucket per pair
+    of ladder rungs (packed rows <= padded query rows)."""
 
-    def __init__(self, runner, buckets: Sequence[int] = BUCKETS, capture: bool = True):
+    def __init__(self, runner, ladder: Sequence[int] = LADDER, capture: bool = True,
+                 buckets: Sequence[int] | None = None):
         pool = runner.pool
         if not pool.fixed:
             raise ValueError("CUDA graphs need a KV pool of fixed size (give a KV budget)")
         if runner.attention != "flex":
             raise ValueError("CUDA graphs need the flex attention backend")
-        if any(b % Q_BLOCK for b in buckets):
-            raise ValueError(f"buckets must be multiples of {Q_BLOCK}")
-        self.runner = runner
-        self.scratch = pool.alloc()  # padding rows write here, and only see this block
+        ladder = buckets or ladder  # `buckets`: the name callers knew this by
+        if any(r % Q_BLOCK for r in ladder):
+            raise ValueError(f"rungs must be multiples of {Q_BLOCK}")
+        self.runner, self.ladder = runner, sorted(ladder)
+        self.scratch = pool.alloc()  # padding rows write here; no query block visits it
         p2l = torch.empty((MAX_SEGMENTS + 1, pool.blocks + 1), dtype=torch.int32,
                           device=runner.device)
-        self.buckets = [Bucket(runner, n, p2l, self.scratch) for n in sorted(buckets)]
+        self.queries = {r: QueryBuffers(runner, r, p2l) for r in self.ladder}
+        # (rows, rung) pairs a forward can reach: its padded rows are at most 16 per token
+        # and above the rung below
+        below = dict(zip(self.ladder, [0, *self.ladder], strict=False))
+        self.buckets = [Bucket(runner, n, self.queries[r], p2l, self.scratch)
+                        for r in self.ladder for n in self.ladder
+                        if n <= r and Q_BLOCK * n > below[r]]
+        self._by_rung = {r: [bk for bk in self.buckets if bk.q.rows == r] for r in self.ladder}
         self.replays = 0
         if capture:
             t0 = time.perf_counter()
             with torch.cuda.device(runner.device):
                 handle = torch.cuda.graph_pool_handle()
-            for bk in reversed(self.buckets):  # the largest first: the pool is shared
+            for bk in reversed(self.buckets):  # the largest first: the memory pool is shared
                 self._dummy(bk)
                 bk.capture(handle)
-            log.info("CUDA graphs captured", buckets=[bk.rows for bk in self.buckets],
+            log.info("CUDA graphs captured", buckets=len(self.buckets),
                      s=round(time.perf_counter() - t0, 2))
 
     def _dummy(self, bk: Bucket) -> None:
-        """Plausible contents for warm-up and capture: every row padding."""
-        seq = self.runner.pool.new_seq()
-        seq.prepare_write(0, 1)
-        bk.fill([Segment.chain(seq, [0])])
-        seq.free()
+        """Plausible contents for warm-up and capture: one-token sessions reaching the rung."""
+        seqs = [self.runner.pool.new_seq() for _ in range(min(bk.rows, bk.q.rows // Q_BLOCK))]
+        for seq in seqs:
+            seq.prepare_write(0, 1)
+        bk.fill([Segment.chain(seq, [0]) for seq in seqs])
+        for seq in seqs:
+            seq.free()
 
     def bucket_for(self, segments: Sequence[Segment]) -> Bucket | None:
-        n = sum(len(s.tokens) for s in segments)
+        """The bucket of a forward, None for one that runs eagerly (more segments than the
+        inverse tables hold, a tree wider than BITS, more rows than the ladder)."""
         if len(segments) > MAX_SEGMENTS or any(
                 s.bits is not None and s.bits.shape[1] > BITS for s in segments):
             return None
-        return next((bk for bk in self.buckets if bk.rows >= n), None)
+        n = sum(len(s.tokens) for s in segments)
+        q = sum(padded(len(s.tokens)) for s in segments)
+        if q > self.ladder[-1]:
+            return None
+        return next((bk for bk in self._by_rung.get(rung(q), ()) if bk.rows >= n), None)
 
     def forward(self, bk: Bucket, segments: Sequence[Segment]) -> torch.Tensor:
         """All rows' logits [n, V] of a forward that fits `bk` (slots already writable)."""

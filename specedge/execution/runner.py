@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from specedge.execution import compiling, flex
 from specedge.execution.attention import Backend, backend_for
 from specedge.execution.graphs import GraphRunner
 from specedge.execution.plan import (
@@ -29,6 +30,7 @@ from specedge.execution.plan import (
     build_plan,
 )
 from specedge.execution.pool import KVPool, KVSeq
+from specedge.execution.qblocks import LADDER, Q_BLOCK, split
 from specedge.execution.support import check_config, probe_model
 
 ATTN_NAME = "specedge_packed"
@@ -42,11 +44,23 @@ AUTO = {"cuda": "flex"}
 
 
 def gpu_share_tokens(model, share: float) -> int:
-    """Tokens of KV that `share` of the device's free memory holds for this model."""
+    """Tokens of KV that `share` of the device's free memory holds for this model, rounded
+    down to a coarse grid: the pool's size is part of every compiled kernel's shape, and free
+    memory differs a little from one start to the next, so an unrounded pool would never
+    reuse the kernels compiled by the last run."""
     p = next(model.parameters())
     free, _ = torch.cuda.mem_get_info(p.device)
     probe = KVPool.for_model(model, capacity_tokens=1)  # one block: just the sizes
-    return max(probe.block_size, int(free * share) // probe.bytes_per_token)
+    tokens = max(probe.block_size, int(free * share) // probe.bytes_per_token)
+    return round_capacity(tokens, probe.block_size)
+
+
+def round_capacity(tokens: int, block_size: int) -> int:
+    """`tokens` rounded down to whole blocks with at most 4 significant bits (at most 1/8
+    lost): 1000 blocks -> 960, 1100 -> 1024."""
+    blocks = max(1, tokens // block_size)
+    step = 1 << max(0, blocks.bit_length() - 4)
+    return blocks // step * step * block_size
 
 
 def _packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
@@ -78,10 +92,12 @@ class PackedRunner:
 
     def __init__(self, model, *, pool: KVPool | None = None, attention: str = "auto",
                  kv_budget_tokens: int | None = None, block_size: int = 16,
-                 cuda_graphs: bool | None = None, vocab_limit: int | None = None):
+                 cuda_graphs: bool | None = None, vocab_limit: int | None = None,
+                 warm: bool | None = None):
         """cuda_graphs: replay captured graphs for forwards that fit a bucket (None: on CUDA
         when the flex backend is in use and the pool has a fixed size). vocab_limit: the ids
-        the tokenizer has; logits past it (embedding padding) are never chosen."""
+        the tokenizer has; logits past it (embedding padding) are never chosen. warm: compile
+        compiled flex for every rung of the ladder now (None: wherever flex is compiled)."""
         self.model = model
         # refused here, before anything is allocated, when the config says it cannot be exact
         self.layers: dict[int, MaskKind] = check_config(model.config)
@@ -99,6 +115,7 @@ class PackedRunner:
         self.graphs: GraphRunner | None = None  # set after the backend is chosen (below)
         self.attention_calls = 0  # attention-function calls (layers x forwards)
         self._seen: list | None = None  # set while probing: every attention call's layer
+        self.compiled, self._compiles, self.late_compiles = False, 0, 0  # set after start-up
         tried = AUTO.get(self.device.type) if attention == "auto" else None
         if tried:
             self.attention, self.backend = self._probe(tried)
@@ -112,8 +129,33 @@ class PackedRunner:
         if cuda_graphs is None:
             cuda_graphs = (self.device.type == "cuda" and self.attention == "flex"
                            and self.pool.fixed)
-        if cuda_graphs:
+        t0, before = time.perf_counter(), compiling.compiles()
+        if cuda_graphs:  # capturing every bucket compiles every rung too
             self.graphs = GraphRunner(self, capture=self.device.type == "cuda")
+        compiled = self.attention == "flex" and self.device.type in flex.COMPILE_ON
+        if warm or (warm is None and compiled and not self.graphs):
+            self.warm_compile()
+        self.compiled = compiled  # from here on, a compile is a shape outside the ladder
+        if compiled:
+            log.info("flex compiled at start-up", rungs=len(LADDER),
+                     compiles=compiling.compiles() - before, s=round(time.perf_counter() - t0, 1),
+                     pool_tokens=self.pool.capacity_tokens)
+            if not self.pool.fixed:
+                log.warning("compiled flex over a growing KV pool: each growth recompiles "
+                            "every rung; give the pool a fixed budget")
+        self._compiles = compiling.compiles()  # later ones: a shape outside the ladder
+
+    def warm_compile(self) -> None:
+        """One forward per rung of the ladder, so that compiled flex has seen every shape a
+        steady-state forward can take before the first request (rung/16 one-token sessions:
+        each starts its own query block)."""
+        for rows in LADDER:
+            seqs = [self.new_seq() for _ in range(rows // Q_BLOCK)]
+            try:
+                self.forward_flat([Segment.chain(s, [0]) for s in seqs])
+            finally:
+                for s in seqs:
+                    s.free()
 
     def _probe(self, name: str) -> tuple[str, Backend]:
         """Use backend `name` if it runs here and agrees with the sdpa reference on a small
@@ -167,57 +209,81 @@ class PackedRunner:
         """Run one forward over all segments: the wanted rows' logits [R, V] in the model's
         dtype (an upcast of every row would cost more than the attention: the picks and the
         drafter's top-k promote only what they read), and each segment's first row in them
-        (plus the end). New tokens' KV is appended to each sequence."""
+        (plus the end). New tokens' KV is appended to each sequence. With the flex backend a
+        forward bigger than the ladder's top rung runs as several (qblocks.split)."""
         if not segments:
             return torch.empty(0, self.vocab_size, device=self.device), [0]
         if len({id(s.seq) for s in segments}) != len(segments):
             raise ValueError("a sequence may appear only once per packed forward")
         for seg in segments:
             seg.check()
-        pool = self.pool
-        with pool.lock:
-            pool.shrink()  # after a peak, before any slot of this forward is computed
-            for seg in segments:
-                n = seg.seq.length
-                seg.seq.prepare_write(n, n + len(seg.tokens))
-            pool.flush()
-            bucket = self.graphs.bucket_for(segments) if self.graphs else None
-            if bucket is not None:
-                logits = self.graphs.forward(bucket, segments)
-                want, r = [], 0
-                for seg in segments:
-                    want += [r + i for i in seg.logits_at]
-                    r += len(seg.tokens)
-                # the graph's output buffer is overwritten by the next replay: copy out (a
-                # long index even when empty: a forward of prefill chunks wants no row)
-                idx = torch.tensor(want, dtype=torch.long, device=self.device)
-                logits = logits[idx] if len(want) != r else logits.clone()
-            else:
-                plan = build_plan(segments, pool, self.device)
-                plan.cache["backend"] = self.backend
-                plan.cache["layers"] = self.layers
-                if self._seen is not None:
-                    plan.cache["seen"] = self._seen
-                logits = self.model(
-                    input_ids=plan.ids.unsqueeze(0),
-                    position_ids=plan.pos.unsqueeze(0),
-                    attention_mask=self.mask_argument(plan.ids.numel()),
-                    use_cache=False,
-                    logits_to_keep=plan.want,
-                    specedge_plan=plan,
-                ).logits[0]
-                if logits.shape[0] != plan.want.numel():  # a model without logits_to_keep
-                    logits = logits.index_select(0, plan.want)
-                self.attention_calls += plan.attention_calls
-            if logits.shape[-1] > self.vocab_size:  # padding rows: no tokenizer id, no pick
-                logits[:, self.vocab_size :] = float("-inf")
-            self.forward_calls += 1
-            for seg in segments:
-                seg.seq.length += len(seg.tokens)
+        with self.pool.lock:
+            groups = split(segments) if self.attention == "flex" else [list(segments)]
+            if len(groups) == 1:
+                logits = self._forward_once(groups[0])
+            else:  # each segment's wanted rows, from its pieces in order
+                per: dict[int, list[torch.Tensor]] = {}
+                for group in groups:
+                    out = self._forward_once(group)
+                    r = 0
+                    for piece in group:
+                        k = len(piece.logits_at)
+                        per.setdefault(id(piece.seq), []).append(out[r : r + k])
+                        r += k
+                logits = torch.cat([t for seg in segments for t in per[id(seg.seq)]])
+        if self.compiled and compiling.compiles() != self._compiles:
+            self.late_compiles += compiling.compiles() - self._compiles
+            self._compiles = compiling.compiles()
+            log.warning("flex compiled after start-up: a forward outside the ladder",
+                        segments=len(segments), rows=sum(len(s.tokens) for s in segments),
+                        late_compiles=self.late_compiles)
         offsets = [0]
         for seg in segments:
             offsets.append(offsets[-1] + len(seg.logits_at))
         return logits, offsets
+
+    def _forward_once(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """One model forward (the pool's lock held); the wanted rows' logits."""
+        pool = self.pool
+        pool.shrink()  # after a peak, before any slot of this forward is computed
+        for seg in segments:
+            n = seg.seq.length
+            seg.seq.prepare_write(n, n + len(seg.tokens))
+        pool.flush()
+        bucket = self.graphs.bucket_for(segments) if self.graphs else None
+        if bucket is not None:
+            logits = self.graphs.forward(bucket, segments)
+            want, r = [], 0
+            for seg in segments:
+                want += [r + i for i in seg.logits_at]
+                r += len(seg.tokens)
+            # the graph's output buffer is overwritten by the next replay: copy out (a long
+            # index even when empty: a forward of prefill chunks wants no row)
+            idx = torch.tensor(want, dtype=torch.long, device=self.device)
+            logits = logits[idx] if len(want) != r else logits.clone()
+        else:
+            plan = build_plan(segments, pool, self.device)
+            plan.cache.update(backend=self.backend, layers=self.layers, segments=segments,
+                              kinds=getattr(self, "mask_kinds", None))
+            if self._seen is not None:
+                plan.cache["seen"] = self._seen
+            logits = self.model(
+                input_ids=plan.ids.unsqueeze(0),
+                position_ids=plan.pos.unsqueeze(0),
+                attention_mask=self.mask_argument(plan.ids.numel()),
+                use_cache=False,
+                logits_to_keep=plan.want,
+                specedge_plan=plan,
+            ).logits[0]
+            if logits.shape[0] != plan.want.numel():  # a model without logits_to_keep
+                logits = logits.index_select(0, plan.want)
+            self.attention_calls += plan.attention_calls
+        if logits.shape[-1] > self.vocab_size:  # padding rows: no tokenizer id, no pick
+            logits[:, self.vocab_size :] = float("-inf")
+        self.forward_calls += 1
+        for seg in segments:
+            seg.seq.length += len(seg.tokens)
+        return logits
 
     def forward(self, segments: Sequence[Segment]) -> list[torch.Tensor]:
         """Per-segment logits [len(logits_at), V]."""
