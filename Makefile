@@ -40,24 +40,29 @@ test: models
 bench: models
 	$(PY) -m bench $(ARGS)
 
-# Every check that needs a GPU, in one run (bench/gpu_check.py; under 8 minutes on one H100):
-# `make gpu-check`, or `make gpu-check ARGS='--device cpu'` where there is none. No venv: the
-# machine's own python and torch, plus the packages it lacks from .whl/ (`make gpu-wheels`),
+# Every check that needs a GPU, in one run that fits its budget (bench/gpu_check.py; 480 s on
+# one H100, docs/gpu-check.md): `make gpu-check OUT=DIR`, or `make gpu-check ARGS='--device cpu'`
+# where there is none. Results: DIR/results.jsonl (a line per result, as measured) and
+# DIR/summary.md; OUT defaults to bench/results/gpu-check-<cuda|cpu>. No venv: the machine's own
+# python and torch (GPU_PY), plus the packages it lacks from .whl/ (`make gpu-wheels`),
 # installed into .whl/site. Here (no CUDA) it runs with the venv's python, if there is one.
-WHEELS := .whl
-GPU_SITE := $(WHEELS)/site
+WHEELS ?= .whl
+GPU_SITE := $(abspath $(WHEELS))/site
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+OUT ?=
 
 gpu-check:
-	# the wheels are for CPython 3.12 (the GPU machine's); another python uses what it has
+	# the wheels are for CPython 3.12 (the GPU machine's); another python uses what it has and
+	# never sees .whl/site (its compiled modules would not load)
+	site=""; \
 	if ls $(WHEELS)/*.whl >/dev/null 2>&1 && \
 	   $(GPU_PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then \
 	  $(GPU_PY) -m pip install -q --no-deps --no-index --upgrade --target $(GPU_SITE) \
-	    $(WHEELS)/*.whl; \
-	fi
-	PATH="$(CURDIR)/$(GPU_SITE)/bin:$$PATH" \
-	PYTHONPATH="$(CURDIR):$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}" \
-	  $(GPU_PY) -m bench.gpu_check $(ARGS)
+	    $(WHEELS)/*.whl && site="$(GPU_SITE)"; \
+	fi; \
+	PATH="$${site:+$$site/bin:}$$PATH" \
+	PYTHONPATH="$(CURDIR)$${site:+:$$site}$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  $(GPU_PY) -m bench.gpu_check $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # The packages of deploy/gpu-wheels.txt as CPython 3.12 manylinux wheels in .whl/, to carry to a
 # GPU machine that cannot reach the index. A package published only as an sdist (pure Python)

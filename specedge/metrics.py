@@ -88,6 +88,17 @@ class VerifierMetrics:
                                       "in the last verdicts: the load hint", registry=r)
         self.hold_seconds = Counter(p + "hold_seconds", "Time batches waited for blocks of "
                                     "active sessions due within a forward", registry=r)
+        # the forward's cost model (specedge/execution/costmodel.py), kept current from the
+        # forwards run: a verifier started on a busy machine recovers its budget here
+        self.knee_tokens = Gauge(p + "knee_tokens", "Batch tokens the budget hints aim at (the "
+                                 "forward's knee, as currently estimated, or as set)", registry=r)
+        self.prefill_chunk_tokens = Gauge(p + "prefill_chunk_tokens", "Tokens a session "
+                                          "catching up may add to one forward", registry=r)
+        self.forward_cost = Gauge(p + "forward_cost_seconds", "Estimated seconds of one forward "
+                                  "by its new tokens (the cost model's buckets)", ["tokens"],
+                                  registry=r)
+        self.cost_probes = Counter(p + "cost_probes", "Idle-time forwards timed for the cost "
+                                   "model alone (sizes no recent forward had)", registry=r)
         for result in ("hit", "miss"):
             self.kv_lookups.labels(result)
         self._lookups = {True: 0, False: 0}
@@ -99,6 +110,12 @@ class VerifierMetrics:
         self.batch_tokens.observe(tokens)
         self.verify_seconds.observe(seconds)
         self.busy_seconds.inc(seconds)
+
+    def costs(self, knee: int, chunk: int, seconds: dict[int, float]) -> None:
+        self.knee_tokens.set(knee)
+        self.prefill_chunk_tokens.set(chunk)
+        for n, c in seconds.items():
+            self.forward_cost.labels(str(n)).set(c)
 
     def verdict(self, committed: int, accepted: int, tree_depth: int, kv_hit: bool) -> None:
         self.rounds.inc()

@@ -37,8 +37,9 @@ async def test_long_prompt_joins_running_sessions_in_chunks(nats_server, tiny_pa
     shape = TreeShape(budget=6, depth=4, width=2, topk=2)
     short = [prompt(8, i) for i in range(4)]
     long = prompt(400, 99)
+    # probe_every=0: the cost model's idle probes are scratch forwards of any size
     async with running_worker(target, nats_server.url, prefill_chunk=CHUNK,
-                              max_batch=8) as w:
+                              max_batch=8, probe_every=0) as w:
         forwards = record_forwards(w)
         running = asyncio.create_task(generate(nats_server.url, draft, short, max_new_tokens=40,
                                                shape=shape))
@@ -59,7 +60,7 @@ async def test_long_prompt_joins_running_sessions_in_chunks(nats_server, tiny_pa
 
 async def test_session_closed_mid_prefill_stops_its_chunks(nats_server, tiny_pair):
     target, draft = tiny_pair
-    async with running_worker(target, nats_server.url, prefill_chunk=16) as w:
+    async with running_worker(target, nats_server.url, prefill_chunk=16, probe_every=0) as w:
         forwards = record_forwards(w)
         task = asyncio.create_task(generate(nats_server.url, draft, [prompt(900, 7)],
                                             max_new_tokens=8, prefill_chunk=4096))

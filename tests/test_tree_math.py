@@ -3,10 +3,12 @@ import torch
 
 from specedge.execution.tree import (
     TreeError,
+    ancestor_bits,
     ancestor_mask,
     children_map,
     depths_of,
     path_to,
+    unpack_rows,
     validate_parents,
 )
 
@@ -33,6 +35,30 @@ def test_ancestor_mask():
     ], dtype=torch.bool)
     assert torch.equal(m, expect)
     assert torch.equal(ancestor_mask([0, 0, 1], include_root=False), expect[1:, 1:])
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65, 200])
+def test_ancestor_mask_is_the_paths_to_the_root(n):
+    """Against the definition (a node sees exactly the nodes on its path from the root), for
+    trees whose bitmasks span one byte, a byte boundary, and many bytes."""
+    import random
+
+    rng = random.Random(n)
+    parents = [rng.randrange(i) for i in range(1, n + 1)]
+    full = ancestor_mask(parents)
+    assert full.dtype == torch.bool and full.shape == (n + 1, n + 1)
+    for i in range(n + 1):
+        assert set(torch.nonzero(full[i]).flatten().tolist()) == {0, *path_to(i, parents)}
+    assert torch.equal(ancestor_mask(parents, include_root=False), full[1:, 1:])
+    assert ancestor_bits(parents) == [sum(1 << (j - 1) for j in path_to(i, parents))
+                                      for i in range(1, n + 1)]
+
+
+def test_unpack_rows():
+    rows = unpack_rows([0b101, 0b1], 3, lead=2)
+    assert rows.tolist() == [[False] * 3, [False] * 3, [True, False, True], [True, False, False]]
+    assert unpack_rows([0, 0], 0).shape == (2, 0)
+    assert ancestor_mask([]).tolist() == [[True]] and ancestor_mask([], include_root=False).shape == (0, 0)
 
 
 def chain_then_tree_mask(chain_len: int, parents: list[int]) -> torch.Tensor:

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from specedge.config import TreeShape
+from specedge.edge.coalesce import CoalescingRunner
 from specedge.execution import PackedRunner, Segment
-from specedge.execution.tree import ancestor_mask
+from specedge.execution.tree import ancestor_bits, unpack_rows
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TreeBuilder:
         if self.done:
             return
         self.steps += 1
+        self.d.drafting(True)
         t = self.tree
         if self.steps == 1:
             self._push_children([0], self.d.catch_up(self.committed)[None])
@@ -86,6 +88,7 @@ class TreeBuilder:
         expandable = any(t.depths[i - 1] < self.shape.depth for i in self._pending)
         if not self._pending or room <= 0 or not expandable:
             self.done = True
+            self.d.drafting(False)
 
     def run(self) -> DraftTree:
         while not self.done:
@@ -96,10 +99,17 @@ class TreeBuilder:
 class Drafter:
     """One session's draft model state. The draft KV covers committed[:kv_len]."""
 
-    def __init__(self, runner: PackedRunner):
+    def __init__(self, runner: PackedRunner | CoalescingRunner):
         self.runner = runner
         self.kv = runner.new_seq()
         self.vocab_size = runner.vocab_size
+
+    def drafting(self, on: bool) -> None:
+        """Tell a shared runner whether this drafter is mid-tree (its next forward follows
+        this one's host work), so a packed forward waits for it rather than leaving it to
+        the next one."""
+        if isinstance(self.runner, CoalescingRunner):
+            (self.runner.hold if on else self.runner.release)(self.kv)
 
     @property
     def kv_len(self) -> int:
@@ -127,9 +137,10 @@ class Drafter:
             raise ValueError(f"nodes {nodes} are not the next unforwarded ones ({first}, ...)")
         if self.kv.length != tree.committed_len + tree.forwarded:
             raise ValueError("the draft KV is not at this tree's forwarded nodes")
-        base = tree.committed_len
-        anc = ancestor_mask(tree.parents, include_root=False)
-        rows = anc[first - 1 : first - 1 + len(nodes), : first - 1 + len(nodes)]
+        base, last = tree.committed_len, first - 1 + len(nodes)
+        # the new nodes' ancestor rows over the nodes so far (Python-int bitmasks, one unpack)
+        rows = torch.from_numpy(unpack_rows(ancestor_bits(tree.parents[:last])[first - 1 :],
+                                            last))
         return Segment.tree_nodes(self.kv, base, rows, [tree.tokens[i - 1] for i in nodes],
                                   [base - 1 + tree.depths[i - 1] for i in nodes])
 
@@ -149,4 +160,5 @@ class Drafter:
 
     def close(self) -> None:
         """Give the KV blocks back to the runner's pool."""
+        self.drafting(False)
         self.kv.free()

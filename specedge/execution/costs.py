@@ -9,39 +9,65 @@ from specedge.devices import synchronize
 from specedge.execution.plan import Segment
 from specedge.execution.runner import PackedRunner
 
+# forward sizes measured at start-up (and the buckets of costmodel.CostModel)
+SIZES = (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
-def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = (1, 8, 16, 24, 32, 48, 64, 96,
-                                                                  128, 192, 256, 384, 512),
-                  context: int = 128, stop_ratio: float = 3.0) -> dict[int, float]:
-    """Seconds of one forward of n new tokens over `context` cached ones, for growing n
-    (device-synchronised: on a GPU an unsynchronised clock measures launch queueing); stops
-    once a forward costs stop_ratio times the single-token one (past the knee)."""
-    pool = runner.pool
-    if pool.fixed:  # measure inside what the pool can hold (it is empty at start-up)
-        room = pool.free_blocks * pool.block_size
-        context = min(context, room // 2)
-        sizes = tuple(n for n in sizes if context + n <= room) or (1,)
-    seq = runner.new_seq()
-    ctx = [i % runner.vocab_size for i in range(max(1, context))]
-    context = len(ctx)
+
+class Probe:
+    """Times forwards of n new tokens over a fixed scratch context (device-synchronised: on a
+    GPU an unsynchronised clock measures launch queueing). Holds the context's KV until
+    close(); runs on the thread that runs the runner's forwards."""
+
+    def __init__(self, runner: PackedRunner, context: int = 128):
+        self.runner = runner
+        pool = runner.pool
+        if pool.fixed:  # measure inside what the pool can hold
+            context = min(context, pool.free_blocks * pool.block_size // 2)
+        self.seq = runner.new_seq()
+        ctx = [i % runner.vocab_size for i in range(max(1, context))]
+        self.context = len(ctx)
+        runner.forward([Segment.chain(self.seq, ctx)])
+
+    def fits(self, n: int) -> bool:
+        pool = self.runner.pool
+        if not pool.fixed:
+            return True
+        return self.seq.blocks_needed(self.context + n) <= pool.free_blocks
+
+    def time(self, n: int) -> float:
+        """Seconds of one forward of n new tokens."""
+        self.seq.truncate(self.context)
+        seg = Segment.chain(self.seq, [1] * n)
+        synchronize(self.runner.device)
+        t0 = time.perf_counter()
+        self.runner.forward([seg])
+        synchronize(self.runner.device)
+        took = time.perf_counter() - t0
+        self.seq.truncate(self.context)  # the pool room goes back to the sessions
+        return took
+
+    def close(self) -> None:
+        self.seq.free()
+
+
+def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = SIZES,
+                  context: int = 128, stop_ratio: float = 3.0,
+                  probe: Probe | None = None) -> dict[int, float]:
+    """Seconds of one forward of n new tokens over `context` cached ones (the best of two),
+    for growing n; stops once a forward costs stop_ratio times the single-token one (past
+    the knee). With `probe`, measured through it (and it stays open for later probes)."""
+    own = probe is None
+    probe = probe or Probe(runner, context)
     try:
-        runner.forward([Segment.chain(seq, ctx)])
+        sizes = tuple(n for n in sizes if probe.fits(n)) or (1,)
         costs: dict[int, float] = {}
         for n in sizes:
-            best = float("inf")
-            for _ in range(2):
-                seq.truncate(context)
-                seg = Segment.chain(seq, [1] * n)
-                synchronize(runner.device)
-                t0 = time.perf_counter()
-                runner.forward([seg])
-                synchronize(runner.device)
-                best = min(best, time.perf_counter() - t0)
-            costs[n] = best
-            if best > stop_ratio * costs[sizes[0]]:
+            costs[n] = min(probe.time(n), probe.time(n))
+            if costs[n] > stop_ratio * costs[sizes[0]]:
                 break
     finally:
-        seq.free()
+        if own:
+            probe.close()
     return costs
 
 
@@ -52,10 +78,8 @@ def knee(costs: dict[int, float], ratio: float = 1.5) -> int:
     return max(n for n, c in costs.items() if c <= ratio * base)
 
 
-
 def prefill_chunk(costs: dict[int, float], ratio: float = 2.5, least: int = 32) -> int:
     """Tokens a session catching up may add to one forward: the most the forward takes for at
     most `ratio` times the cost of one token, so that a long prompt's prefill costs the
     sessions sharing its forwards about one such forward per round (at least `least`)."""
-    base = costs[min(costs)]
-    return max(least, max(n for n, c in costs.items() if c <= ratio * base))
+    return max(least, knee(costs, ratio))

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
+import numpy as np
 import torch
 
 from specedge.execution.pool import KVPool, KVSeq
-from specedge.execution.tree import ancestor_mask
+from specedge.execution.tree import ancestor_bits, unpack_rows
 
 # (sliding window, chunk) of a layer; (None, None) for plain causal attention
 MaskKind = tuple[int | None, int | None]
@@ -100,10 +102,8 @@ class Segment:
         node sees the whole chain and its own ancestors."""
         n, k, t = seq.length, len(chain), len(nodes)
         c = n + k  # committed length; nodes live at logical positions c .. c + t - 1
-        bits = None
-        if t:
-            bits = torch.zeros(k + t, t, dtype=torch.bool)
-            bits[k:] = ancestor_mask(parents, include_root=False)
+        # chain rows see no tree column; node rows their ancestors (one unpack, no torch op)
+        bits = torch.from_numpy(unpack_rows(ancestor_bits(parents), t, lead=k)) if t else None
         return cls(seq, [int(x) for x in chain] + [int(x) for x in nodes],
                    list(range(n, c)) + [c - 1 + d for d in depths],
                    list(range(n + 1, c + 1)) + [c] * t, [k - 1] + [k + i for i in range(t)],
@@ -203,55 +203,82 @@ class ForwardPlan:
         return vis
 
 
+def fill_bits(out: np.ndarray, segments: Sequence[Segment]) -> None:
+    """Write the segments' tree bits into `out` [rows, width] (bool, host), the segments' rows
+    one after another from row 0; everything else False (chains, padding rows and columns)."""
+    out[:] = False
+    r = 0
+    for seg in segments:
+        m = len(seg.tokens)
+        if seg.bits is not None:
+            out[r : r + m, : seg.bits.shape[1]] = seg.bits.numpy()
+        r += m
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One copy of a host buffer to `device`; staged through page-locked memory on CUDA (an
+    asynchronous copy: the caching host allocator hands that block out again only once the
+    copy has finished, so the next forward's buffer never overwrites this one in flight)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host if device.type == "cpu" else host.to(device)
+
+
 def build_plan(segments: Sequence[Segment], pool: KVPool, device: torch.device) -> ForwardPlan:
-    """Host-side bookkeeping for a forward whose segments' slots are already writable; one
-    transfer of all the integer metadata to the device."""
+    """Host-side bookkeeping for a forward whose segments' slots are already writable. All
+    the integer metadata (one Python list, converted once) and the tree bits are written into
+    one host buffer and reach the device in one copy; the fields are views of it there."""
     s_count = len(segments)
     rows_of = [len(seg.tokens) for seg in segments]
+    host_tables = [seg.seq.blocks for seg in segments]
+    host_kv_len = [seg.seq.length + m for seg, m in zip(segments, rows_of, strict=True)]
+    firsts = list(accumulate(rows_of, initial=0))
+    n = firsts[-1]
     short = [s for s in range(s_count) if rows_of[s] <= SHORT_ROWS]
     m_max = max((rows_of[s] for s in short), default=0)
-    ids, pos, slots, upto, window, want, seg_of = ([] for _ in range(7))
-    kv_len, tables, firsts, long = [], [], [], []
-    start = 0
+    width = max(len(t) for t in host_tables)
+    ids, pos, slots, upto, window, want, seg_of, tables = ([] for _ in range(8))
     for s, seg in enumerate(segments):
-        m, n = rows_of[s], seg.seq.length
+        m, first = rows_of[s], firsts[s]
         ids += seg.tokens
         pos += seg.positions
-        slots += seg.seq.slots(n, n + m)
+        slots += seg.seq.slots(host_kv_len[s] - m, host_kv_len[s])
         upto += seg.upto
         window += [seg.window] * m
-        want += [start + i for i in seg.logits_at]
+        want += [first + i for i in seg.logits_at]
         seg_of += [s] * m
-        kv_len.append(n + m)
-        tables.append(seg.seq.blocks)
-        firsts.append(start)
-        if m > SHORT_ROWS:
-            long.append((s, start, m))
-        start += m
+        tables += host_tables[s]
+        tables += [0] * (width - len(host_tables[s]))  # padding: block 0
+    # the short segments padded to m_max rows each: padded position <-> row
     q_index = [firsts[short[0]] if short else 0] * (len(short) * m_max)
-    short_rows, out_index = [], []
+    short_rows: list[int] = []
+    out_index: list[int] = []
     for k, s in enumerate(short):
         rows = range(firsts[s], firsts[s] + rows_of[s])
         q_index[k * m_max : k * m_max + rows_of[s]] = rows
         short_rows += rows
         out_index += range(k * m_max, k * m_max + rows_of[s])
-    width = max(len(t) for t in tables)
-    flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
-    parts = [ids, pos, slots, upto, window, want, seg_of, kv_len, flat_tables, short,
+    parts = [ids, pos, slots, upto, window, want, seg_of, host_kv_len, tables, short,
              short_rows, q_index, out_index]
-    host = torch.tensor([x for p in parts for x in p], dtype=torch.long)
-    d = host.to(device, non_blocking=True).split([len(p) for p in parts])
-    bits = None
+    sizes = [len(p) for p in parts]
+    n_ints = sum(sizes)
     w = max((seg.bits.shape[1] for seg in segments if seg.bits is not None), default=0)
+    # int64 words: the integers, then the bits (one byte each) padded to a whole word
+    buf = np.empty(n_ints + -(-n * w // 8), dtype=np.int64)
+    flat: list[int] = []
+    for p in parts:
+        flat += p
+    buf[:n_ints] = flat
     if w:
-        hb = torch.zeros(start, w, dtype=torch.bool)
-        for seg, r in zip(segments, firsts, strict=True):
-            if seg.bits is not None:
-                hb[r : r + len(seg.tokens), : seg.bits.shape[1]] = seg.bits
-        bits = hb.to(device, non_blocking=True)
+        fill_bits(buf[n_ints:].view(np.bool_)[: n * w].reshape(n, w), segments)
+    dev = to_device(torch.from_numpy(buf), device)
+    d = dev[:n_ints].split_with_sizes(sizes)
     return ForwardPlan(pool, ids=d[0], pos=d[1], slots=d[2], upto=d[3], window=d[4], want=d[5],
                        seg_of=d[6], kv_len=d[7], tables=d[8].view(s_count, width),
                        short_segs=d[9], short_rows=d[10], q_index=d[11], out_index=d[12],
-                       bits=bits, host_kv_len=kv_len, host_rows=rows_of, host_tables=tables,
-                       short_max_rows=m_max, long=long,
+                       bits=dev[n_ints:].view(torch.bool)[: n * w].view(n, w) if w else None,
+                       host_kv_len=host_kv_len, host_rows=rows_of, host_tables=host_tables,
+                       short_max_rows=m_max,
+                       long=[(s, firsts[s], rows_of[s]) for s in range(s_count)
+                             if rows_of[s] > SHORT_ROWS],
                        chain_only=[seg.bits is None for seg in segments])

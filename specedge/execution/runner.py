@@ -149,13 +149,17 @@ class PackedRunner:
         """One forward per rung of the ladder, so that compiled flex has seen every shape a
         steady-state forward can take before the first request (rung/16 one-token sessions:
         each starts its own query block)."""
-        for rows in LADDER:
-            seqs = [self.new_seq() for _ in range(rows // Q_BLOCK)]
-            try:
-                self.forward_flat([Segment.chain(s, [0]) for s in seqs])
-            finally:
-                for s in seqs:
-                    s.free()
+        compiled, self.compiled = self.compiled, False  # these compiles are start-up's
+        try:
+            for rows in LADDER:
+                seqs = [self.new_seq() for _ in range(rows // Q_BLOCK)]
+                try:
+                    self.forward_flat([Segment.chain(s, [0]) for s in seqs])
+                finally:
+                    for s in seqs:
+                        s.free()
+        finally:
+            self.compiled, self._compiles = compiled, compiling.compiles()
 
     def _probe(self, name: str) -> tuple[str, Backend]:
         """Use backend `name` if it runs here and agrees with the sdpa reference on a small

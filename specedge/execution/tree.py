@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -34,18 +35,35 @@ def depths_of(parents: Sequence[int]) -> list[int]:
     return validate_parents(parents)
 
 
+def ancestor_bits(parents: Sequence[int]) -> list[int]:
+    """Per node (root excluded), the set of its ancestors and itself as a Python int: bit j-1
+    stands for node j. One int operation per node, whatever the tree's size."""
+    bits = [0]  # the root: no node of its own
+    for i, p in enumerate(parents, start=1):
+        bits.append(bits[p] | 1 << (i - 1))
+    return bits[1:]
+
+
+def unpack_rows(masks: Sequence[int], width: int, lead: int = 0) -> np.ndarray:
+    """Bool [lead + len(masks), width]: row lead + i has column j set where bit j of masks[i]
+    is (each mask below 2**width); the first `lead` rows are all False. One unpack for all."""
+    nb = (width + 7) // 8
+    if nb == 0:
+        return np.zeros((lead + len(masks), 0), dtype=np.bool_)
+    raw = bytes(lead * nb) + b"".join(m.to_bytes(nb, "little") for m in masks)
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, nb)
+    return np.unpackbits(rows, axis=1, count=width, bitorder="little").view(np.bool_)
+
+
 def ancestor_mask(parents: Sequence[int], *, include_root: bool = True) -> torch.Tensor:
     """Boolean [m, m] matrix, True where column j is row i itself or one of its ancestors.
 
     With include_root the root is row/column 0 (m = n + 1); otherwise only the n nodes, and
     every node implicitly sees the root through the context."""
-    n = len(parents)
-    m = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    m[0, 0] = True
-    for i, p in enumerate(parents, start=1):
-        m[i] = m[p]
-        m[i, i] = True
-    return m if include_root else m[1:, 1:]
+    masks = ancestor_bits(parents)
+    if include_root:  # the root is bit 0 and every node's ancestor
+        masks = [1] + [m << 1 | 1 for m in masks]
+    return torch.from_numpy(unpack_rows(masks, len(masks)))
 
 
 def children_map(tokens: Sequence[int], parents: Sequence[int]) -> list[dict[int, int]]:

@@ -30,7 +30,9 @@ from schemas import (
 )
 from specedge import broker, metrics, subjects
 from specedge.config import AdaptiveBudget, Limits
-from specedge.execution.costs import forward_costs, knee, prefill_chunk
+from specedge.devices import synchronize
+from specedge.execution.costmodel import CostModel
+from specedge.execution.costs import Probe, forward_costs
 from specedge.execution.walk import commit
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
@@ -52,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 256  # when the forward's cost is not measured (a GPU's knee is larger)
 CLOSED_MEMORY = 10_000  # closed session ids remembered, to drop their leftover blocks
+SETTLE_TURNS = 16  # loop turns at most for blocks already on their way to join a batch
 
 
 @dataclass
@@ -70,6 +73,10 @@ class WorkerStats:
     budget: int = 0  # the last load hint sent
     hold_s: float = 0.0  # time spent waiting for due blocks to join a batch
     prefill_chunks: int = 0  # forwards in which a session only caught up (no verdict)
+    probes: int = 0  # forwards timed for the cost model alone (no session in them)
+    # (batches so far, probes so far, batch_tokens, prefill_chunk) each time the cost model
+    # moved them
+    cost_changes: list[tuple[int, int, int, int]] = field(default_factory=list)
     reclaimed: int = 0  # sessions forgotten because their edge went silent
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -78,7 +85,6 @@ class WorkerStats:
 class WorkerConfig:
     max_batch: int = 8
     fetch_timeout_s: float = 1.0
-    gather_s: float = 0.003  # after the first block of a batch, how long others may join
     # wait for blocks of active sessions due within this many forwards (0: never wait;
     # see load.py for why)
     batch_hold: float = 1.0
@@ -92,8 +98,11 @@ class WorkerConfig:
     attention: str = "auto"  # attention backend: auto, sdpa or flex (specedge/execution)
     cuda_graphs: bool | None = None  # None: on CUDA with flex and a fixed pool
     # committed tokens a session may prefill per forward while it catches up (0: measured at
-    # start-up from the forward's cost, else DEFAULT_PREFILL_CHUNK)
+    # start-up from the forward's cost and kept up to date, else DEFAULT_PREFILL_CHUNK)
     prefill_chunk: int = 0
+    # with the cost measured: time one forward of a size no recent forward supports (the
+    # cost model's probe) at most once per this many forwards, and only when idle (0: never)
+    probe_every: int = 4
     # forget sessions whose edge went silent (state and KV), after a bound derived from each
     # session's own round interval (state.Reclaim)
     reclaim: Reclaim = field(default_factory=Reclaim)
@@ -142,6 +151,16 @@ class Worker:
         self._chunked_last = False  # the last forward carried a prefill chunk beside others
         self._inbox: asyncio.Queue = asyncio.Queue()
         self.prefill_chunk = self.cfg.prefill_chunk or DEFAULT_PREFILL_CHUNK
+        # measured (and followed) unless the user set them
+        self._follow_knee = self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0
+        self._follow_chunk = not self.cfg.prefill_chunk
+        self.costs: CostModel | None = None  # None: not measured (both were set)
+        self._probe: Probe | None = None  # the cost model's scratch sequence (forward thread)
+        self._since_probe = 0  # forwards since the last probe
+        self._ready: list[tuple[object, tuple[str, DraftBlock]]] = []  # decoded ahead
+        self._preparing: asyncio.Task | None = None  # decoding them (see _prepare)
+        self._room = asyncio.Event()  # the inbox was drained: pullers may fetch again
+        self.metrics.costs(self.cfg.adaptive.batch_tokens, self.prefill_chunk, {})
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed sessions
         self.load = LoadMeter(self.cfg.adaptive)
         self.admission = Admission(self.cfg.limits)
@@ -166,8 +185,7 @@ class Worker:
                 log.warning("stream not ready; retrying", error=repr(exc))
                 await asyncio.sleep(0.5)
         self.board = await Board.join(self)  # effective limits: enforced here, shown to edges
-        if (self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0
-                or not self.cfg.prefill_chunk):
+        if self._follow_knee or self._follow_chunk:
             # before taking partitions: their blocks must not wait on it
             await self._calibrate()
         self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
@@ -200,19 +218,19 @@ class Worker:
                 if self.leases.changed.is_set():
                     self.leases.changed.clear()
                     await sync_pullers()
-                self.metrics.queue_depth.set(inbox.qsize() + len(self._deferred))
-                msgs = []
-                if not self._deferred:
+                self.metrics.queue_depth.set(self._waiting() + len(self._deferred))
+                msgs, self._ready = self._ready, []  # decoded while the last forward ran
+                if not msgs and not self._deferred and inbox.empty():
+                    await self._maybe_probe()  # idle: time a size the cost model lacks
                     try:
-                        msgs.append(await asyncio.wait_for(inbox.get(), self.cfg.fetch_timeout_s))
+                        msgs.append((await asyncio.wait_for(inbox.get(),
+                                                            self.cfg.fetch_timeout_s), None))
                     except TimeoutError:
                         continue
-                # Partitions are pulled in parallel: give blocks that are already on their way
-                # from other partitions a moment to land, never waiting for a full batch.
-                if inbox.qsize() + len(msgs) + len(self._deferred) < self.cfg.max_batch:
-                    await asyncio.sleep(self.cfg.gather_s)
+                await self._settle(len(msgs))
                 while not inbox.empty() and len(msgs) + len(self._deferred) < self.cfg.max_batch:
-                    msgs.append(inbox.get_nowait())
+                    msgs.append((inbox.get_nowait(), None))
+                self._room.set()
                 await self._hold(msgs)
                 await self._process(msgs)
         finally:
@@ -220,7 +238,7 @@ class Worker:
             for t in pullers.values():
                 t.cancel()
             await asyncio.gather(*pullers.values(), return_exceptions=True)
-            leftovers = [m for m, _ in self._deferred]
+            leftovers = [m for m, _ in self._deferred + self._ready]
             while not inbox.empty():
                 leftovers.append(inbox.get_nowait())
             for m in leftovers:
@@ -238,6 +256,8 @@ class Worker:
                 log.warning("could not release leases", error_type=type(exc).__name__,
                             error=str(exc))
             await broker.close(nc)
+            if self._probe is not None:
+                self._executor.submit(self._probe.close)
             self._executor.shutdown(wait=True)
             for t in observers:
                 t.cancel()
@@ -248,24 +268,123 @@ class Worker:
     async def _calibrate(self) -> None:
         """Measure this machine's forward cost against the tokens in it: its knee (the batch
         size the budget hints aim at; a CPU's is a few dozen tokens, a GPU's hundreds) and
-        the prefill chunk (what one forward may add for a session catching up)."""
+        the prefill chunk (what one forward may add for a session catching up). The
+        measurement is the cost model's prior: the forwards run later keep it current."""
         loop = asyncio.get_running_loop()
-        costs = await loop.run_in_executor(self._executor, forward_costs, self.engine.runner)
-        if self.cfg.adaptive.enabled and self.cfg.adaptive.batch_tokens <= 0:
-            self.cfg.adaptive = dataclasses.replace(self.cfg.adaptive,
-                                                    batch_tokens=knee(costs))
-            self.load.policy = self.cfg.adaptive
-        if not self.cfg.prefill_chunk:
-            self.prefill_chunk = prefill_chunk(costs)
+        costs = await loop.run_in_executor(self._executor, self._measure)
+        self.costs = CostModel(costs)
+        self._apply_costs()
+        self.metrics.costs(self.cfg.adaptive.batch_tokens, self.prefill_chunk, self.costs.costs())
         log.info("forward cost calibrated", batch_tokens=self.cfg.adaptive.batch_tokens,
                  prefill_chunk=self.prefill_chunk,
                  costs_ms={n: round(c * 1000, 1) for n, c in costs.items()})
+
+    def _apply_costs(self) -> None:
+        """The budget target and the prefill chunk from the cost model's current estimates
+        (those the user did not set)."""
+        cm = self.costs
+        if cm is None:
+            return
+        old = (self.cfg.adaptive.batch_tokens, self.prefill_chunk)
+        if self._follow_knee and (k := cm.knee()) != old[0]:
+            self.cfg.adaptive = dataclasses.replace(self.cfg.adaptive, batch_tokens=k)
+            self.load.policy = self.cfg.adaptive
+        if self._follow_chunk:
+            self.prefill_chunk = cm.prefill_chunk()
+        new = (self.cfg.adaptive.batch_tokens, self.prefill_chunk)
+        if new != old:
+            self.stats.cost_changes.append((self.stats.batches, self.stats.probes, *new))
+            if self.stats.batches:
+                log.info("forward cost moved", batch_tokens=new[0], prefill_chunk=new[1],
+                         forwards=self.stats.batches)
+            self.metrics.costs(new[0], new[1], cm.costs())
+        elif cm.observations % 16 == 0:
+            self.metrics.costs(new[0], new[1], cm.costs())
+
+    def _timed_verify(self, work: list, chunk: int) -> tuple[list, float]:
+        """The batch's forward and its device-synchronised seconds (forward thread)."""
+        dev = self.engine.runner.device
+        synchronize(dev)
+        t0 = time.perf_counter()
+        out = self.engine.verify(work, chunk)
+        synchronize(dev)
+        return out, time.perf_counter() - t0
+
+    def _measure(self) -> dict[int, float]:
+        """The start-up costs, through the scratch sequence later probes reuse (forward
+        thread)."""
+        self._probe = Probe(self.engine.runner)
+        return forward_costs(self.engine.runner, probe=self._probe)
+
+    def _time_probe(self, n: int) -> float | None:
+        """Seconds of one scratch forward of n tokens; None if the pool has no room for it
+        (forward thread)."""
+        assert self._probe is not None  # made with the cost model (_measure)
+        return self._probe.time(n) if self._probe.fits(n) else None
+
+    async def _maybe_probe(self) -> None:
+        """With nothing to verify between rounds of live sessions (the edges that follow the
+        hint): one timed forward of the size the cost model asks for, at most once per
+        probe_every forwards (a block that arrives meanwhile waits for it)."""
+        cm = self.costs
+        if cm is None or not self.cfg.probe_every or self._since_probe < self.cfg.probe_every:
+            return
+        if not self.load.active(time.monotonic()):
+            return
+        n = cm.probe(self._follow_knee, self._follow_chunk)
+        if n is None:
+            return
+        self._since_probe = 0
+        loop = asyncio.get_running_loop()
+        seconds = await loop.run_in_executor(self._executor, self._time_probe, n)
+        if seconds is not None:
+            self.stats.probes += 1
+            self.metrics.cost_probes.inc()
+            cm.observe(n, seconds)
+            self._apply_costs()
+
+    def _waiting(self) -> int:
+        """Blocks pulled and not yet in a batch (the deferred aside)."""
+        return self._inbox.qsize() + len(self._ready)
+
+    async def _settle(self, have: int) -> None:
+        """Partitions are pulled in parallel: let blocks already on their way from other
+        partitions land (a fetch hands its messages over within a few loop turns), stopping
+        as soon as a few turns bring nothing; never wait for blocks not yet sent."""
+        quiet = 0
+        for _ in range(SETTLE_TURNS):
+            if have + self._inbox.qsize() + len(self._deferred) >= self.cfg.max_batch:
+                return
+            n = self._inbox.qsize()
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if self._inbox.qsize() == n else 0
+            if quiet >= 3:
+                return
+
+    async def _prepare(self, done: asyncio.Event) -> None:
+        """While a forward runs: take the blocks that arrive for the next one and decode and
+        check what needs no session state, so the next forward can start right after."""
+        while len(self._ready) + len(self._deferred) < self.cfg.max_batch:
+            get = asyncio.ensure_future(self._inbox.get())
+            end = asyncio.ensure_future(done.wait())
+            await asyncio.wait((get, end), return_when=asyncio.FIRST_COMPLETED)
+            end.cancel()
+            if not get.done():
+                get.cancel()  # a cancelled get leaves its message in the queue
+                return
+            self._room.set()
+            m = get.result()
+            parsed = await self._parse(m)
+            if parsed is not None:
+                self._ready.append((m, parsed))
+            if done.is_set():
+                return
 
     async def _hold(self, msgs: list) -> None:
         """Wait (briefly, and only with nothing else queued) for blocks of active sessions
         that are due now, so that they share this forward instead of the next one."""
         in_hand = {sid for _, (sid, _) in self._deferred}
-        for m in msgs:
+        for m, _ in msgs:
             try:
                 in_hand.add(subjects.sid_of(m.subject))
             except ValueError:
@@ -280,7 +399,8 @@ class Worker:
                 m = await asyncio.wait_for(self._inbox.get(), left)
             except TimeoutError:
                 break
-            msgs.append(m)
+            self._room.set()
+            msgs.append((m, None))
             try:
                 in_hand.add(subjects.sid_of(m.subject))
             except ValueError:
@@ -319,9 +439,10 @@ class Worker:
             try:
                 if psub is None:
                     psub = await self._bind(p)
-                room = self.cfg.max_batch - inbox.qsize()
-                if room <= 0:
-                    await asyncio.sleep(0.005)
+                room = self.cfg.max_batch - self._waiting()
+                if room <= 0:  # wait until the batch step takes some
+                    self._room.clear()
+                    await self._room.wait()
                     continue
                 for m in await psub.fetch(batch=room, timeout=self.cfg.fetch_timeout_s):
                     inbox.put_nowait(m)
@@ -415,11 +536,14 @@ class Worker:
         try:
             await self._batch(msgs)
         finally:
+            if self._preparing is not None:  # after this batch's verdicts are on their way
+                await self._preparing
+                self._preparing = None
             self.stats.batch_s += time.perf_counter() - t_begin
 
     async def _batch(self, msgs) -> None:
         t_pick = time.time()
-        candidates = self._deferred + [(m, None) for m in msgs]
+        candidates = self._deferred + msgs
         self._deferred = []
         work: list[tuple[object, SessionState, CheckedBlock, float]] = []
         raw: dict[int, DraftBlock] = {}  # the decoded block of each message, should it wait
@@ -461,9 +585,11 @@ class Worker:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
+        done = asyncio.Event()
+        self._preparing = asyncio.create_task(self._prepare(done))
         try:
-            outcomes = await loop.run_in_executor(
-                self._executor, self.engine.verify, [(st, blk) for _, st, blk, _ in work],
+            outcomes, forward_s = await loop.run_in_executor(
+                self._executor, self._timed_verify, [(st, blk) for _, st, blk, _ in work],
                 self.prefill_chunk)
         except Exception:
             self.stats.failed_batches += 1
@@ -475,6 +601,7 @@ class Worker:
             return
         finally:
             keepalive.cancel()
+            done.set()  # the next batch's decoding ends with the message in hand
         verify_s = time.perf_counter() - t0
         self.load.observe_verify(verify_s)
         self.stats.batches += 1
@@ -482,6 +609,10 @@ class Worker:
         self.stats.batch_sizes.append(len(work))
         batch_tokens = sum(o.new_tokens for o in outcomes)
         self.metrics.batch(len(work), batch_tokens, verify_s)
+        if self.costs is not None:
+            self.costs.observe(batch_tokens, forward_s)
+            self._since_probe += 1
+            self._apply_costs()
         pubs = []
         prefilling = []
         for (m, st, blk, queued), out in zip(work, outcomes, strict=True):
