@@ -1,6 +1,7 @@
 """Wire types shared by edges, verifiers and replay."""
 
 from schemas.wire import (
+    DIGEST_SIZE,
     SCHEMA_VERSION,
     DraftBlock,
     DraftTimings,
@@ -32,6 +33,7 @@ __all__ = [
     "VerifyTimings",
     "WireError",
     "decode",
+    "DIGEST_SIZE",
     "digest_ids",
     "encode",
     "pack_ids",

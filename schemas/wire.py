@@ -18,12 +18,15 @@ def pack_ids(ids) -> bytes:
     return np.asarray(ids, dtype="<i4").tobytes()
 
 
+DIGEST_SIZE = 8
+
+
 def digest_ids(ids) -> bytes:
     """8-byte digest of a token sequence: edge and verifier compare their committed sequences
     with it, so a verifier whose cached state diverged from the log notices and rebuilds."""
     import hashlib
 
-    return hashlib.blake2b(pack_ids(ids), digest_size=8).digest()
+    return hashlib.blake2b(pack_ids(ids), digest_size=DIGEST_SIZE).digest()
 
 
 def unpack_ids(data: bytes) -> list[int]:

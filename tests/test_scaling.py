@@ -198,3 +198,21 @@ def test_kv_budget_parsing_and_lru_eviction_from_the_pool():
     assert not table.make_room(13, keep=set())  # more than the whole pool: evicting won't do
     table.release(table.pop("s0"))  # a closed session's blocks go back
     assert pool.free_blocks == 12 and len(table) == 3
+
+
+def test_the_session_digest_is_hashed_incrementally_and_equals_the_one_shot_digest():
+    """The verifier compares every block's digest with its session's committed sequence:
+    hashed as C grows (not all of C per block), always equal to digest_ids(C), and from
+    scratch once C is replaced wholesale (a rebuild from the log)."""
+    from schemas import Sampling, digest_ids
+    from workers.verifier.state import SessionState
+
+    rng = random.Random(3)
+    st = SessionState("s", Sampling(), 0, 100, frozenset(), 3, [1, 2, 3])
+    for _ in range(40):
+        st.committed.extend(rng.randrange(1000) for _ in range(rng.randint(0, 6)))
+        assert st.digest() == digest_ids(st.committed)
+        assert st._hashed == len(st.committed)
+    st.committed = [7, 8, 9]
+    st._digest_len = -1  # what a rebuild from the log does
+    assert st.digest() == digest_ids([7, 8, 9])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from schemas import Sampling, SessionOpened, digest_ids, unpack_ids
+from schemas import DIGEST_SIZE, Sampling, SessionOpened, pack_ids, unpack_ids
 from specedge.execution import KVPool, KVSeq
 
 
@@ -28,7 +29,9 @@ class SessionState:
     _seen_round: int = field(default=-1, repr=False)
     _round_at: float = field(default=0.0, repr=False)  # when _seen_round's block first came
     _digest: bytes = field(default=b"", repr=False)
-    _digest_len: int = field(default=-1, repr=False)
+    _digest_len: int = field(default=-1, repr=False)  # -1: C was replaced, hash it anew
+    _hasher: object = field(default=None, repr=False)  # blake2b over C[:_hashed]
+    _hashed: int = field(default=0, repr=False)
 
     @classmethod
     def from_opened(cls, sid: str, o: SessionOpened) -> SessionState:
@@ -37,9 +40,16 @@ class SessionState:
                    len(prompt), prompt)
 
     def digest(self) -> bytes:
-        """digest_ids(committed), memoised by length: C only ever grows in place."""
-        if self._digest_len != len(self.committed):
-            self._digest, self._digest_len = digest_ids(self.committed), len(self.committed)
+        """digest_ids(committed), memoised by length and hashed incrementally: C only ever
+        grows in place (hashing all of it every round would cost O(length) per block)."""
+        n = len(self.committed)
+        if self._digest_len == n:
+            return self._digest
+        if self._digest_len < 0 or self._hasher is None or self._hashed > n:
+            self._hasher, self._hashed = hashlib.blake2b(digest_size=DIGEST_SIZE), 0
+        self._hasher.update(pack_ids(self.committed[self._hashed :]))
+        self._hashed = n
+        self._digest, self._digest_len = self._hasher.copy().digest(), n
         return self._digest
 
     @property
