@@ -110,9 +110,8 @@ def test_a_shape_past_the_recompile_limit_is_an_error(compiled_on_cpu, monkeypat
     monkeypatch.setattr(flex, "_compiled", None)  # a fresh compiled function
     runner = PackedRunner(tiny_model(32, dtype=torch.float32), attention="flex",
                           kv_budget_tokens=4096, warm=False)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 1, raising=False)
-    with pytest.raises(compiling.CompileLimitError, match="outside the compiled ladder"):
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(
+            compiling.CompileLimitError, match="outside the compiled ladder"):
         for rows in LADDER[:4]:
             seqs = [runner.new_seq() for _ in range(rows // 16)]
             runner.forward_flat([Segment.chain(s, [1]) for s in seqs])

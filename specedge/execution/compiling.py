@@ -10,12 +10,15 @@ things keep that true in production:
   - `compiles()` counts dynamo's compiled graphs, so the runner can log a compile that
     happens after start-up (a shape outside the ladder) and tests can assert there is none;
   - past the recompile limit dynamo would quietly run flex eagerly, which materialises
-    scores over the whole pool: here it raises instead (`CompileLimitError`).
+    scores over the whole pool: around the compiled flex call (`strict`) it raises instead
+    (`CompileLimitError`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,11 +38,26 @@ def configure() -> None:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        cfg.fail_on_recompile_limit_hit = True
     ind = torch._inductor.config
     if hasattr(ind, "fx_graph_cache"):
         ind.fx_graph_cache = True
+
+
+@contextlib.contextmanager
+def strict() -> Iterator[None]:
+    """Around a call of a ladder-compiled function only: past the recompile limit, raise
+    instead of running eagerly. Not process-wide: functions torch compiles for itself (eager
+    flex's own wrapper on the CPU) may fall back there as designed."""
+    cfg = torch._dynamo.config
+    old = getattr(cfg, "fail_on_recompile_limit_hit", None)
+    if old is None:
+        yield
+        return
+    cfg.fail_on_recompile_limit_hit = True
+    try:
+        yield
+    finally:
+        cfg.fail_on_recompile_limit_hit = old
 
 
 def compiles() -> int:

@@ -20,12 +20,13 @@ output by sigmoid(lse - sink), which is the softmax with the sink's logit in its
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from specedge.execution.compiling import configure, limit_error
+from specedge.execution.compiling import configure, limit_error, strict
 from specedge.execution.plan import (
     PLAIN,
     PLAIN_LAYER,
@@ -207,13 +208,15 @@ def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
         opts = {"BLOCK_M": Q_BLOCK, "BLOCK_N": pool.block_size, "FORCE_USE_FLEX_ATTENTION": True}
     score_mod = None if attn.softcap is None else softcap_mod(float(attn.softcap))
     lse = {} if attn.sinks is None else _LSE
+    compile_ = query.device.type in COMPILE_ON
     try:
-        res = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0),
-                                  score_mod=score_mod, block_mask=bm, scale=scale,
-                                  enable_gqa=query.shape[1] != key.shape[1],
-                                  kernel_options=opts, **lse)
+        with strict() if compile_ else contextlib.nullcontext():
+            res = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0),
+                                      score_mod=score_mod, block_mask=bm, scale=scale,
+                                      enable_gqa=query.shape[1] != key.shape[1],
+                                      kernel_options=opts, **lse)
     except Exception as exc:
-        err = limit_error(exc)
+        err = limit_error(exc) if compile_ else None
         if err is not None:
             raise err from exc
         raise
