@@ -15,39 +15,49 @@ SIZES = (1, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 class Probe:
     """Times forwards of n new tokens over a fixed scratch context (device-synchronised: on a
-    GPU an unsynchronised clock measures launch queueing). Holds the context's KV until
-    close(); runs on the thread that runs the runner's forwards."""
+    GPU an unsynchronised clock measures launch queueing). The context's KV is built on the
+    first timing and held only until release(): between probes the sessions have the whole
+    pool. Runs on the thread that runs the runner's forwards."""
 
     def __init__(self, runner: PackedRunner, context: int = 128):
         self.runner = runner
         pool = runner.pool
-        if pool.fixed:  # measure inside what the pool can hold
+        if pool.fixed:  # measure inside what the pool can hold (it is empty at start-up)
             context = min(context, pool.free_blocks * pool.block_size // 2)
-        self.seq = runner.new_seq()
-        ctx = [i % runner.vocab_size for i in range(max(1, context))]
-        self.context = len(ctx)
-        runner.forward([Segment.chain(self.seq, ctx)])
+        self.context = max(1, context)
+        self.seq = None
 
     def fits(self, n: int) -> bool:
         pool = self.runner.pool
         if not pool.fixed:
             return True
+        if self.seq is None:
+            return -(-(self.context + n) // pool.block_size) <= pool.free_blocks
         return self.seq.blocks_needed(self.context + n) <= pool.free_blocks
 
     def time(self, n: int) -> float:
-        """Seconds of one forward of n new tokens."""
+        """Seconds of one forward of n new tokens (the context built first if released)."""
+        r = self.runner
+        if self.seq is None:
+            self.seq = r.new_seq()
+            r.forward([Segment.chain(self.seq, [i % r.vocab_size for i in range(self.context)])])
         self.seq.truncate(self.context)
         seg = Segment.chain(self.seq, [1] * n)
-        synchronize(self.runner.device)
+        synchronize(r.device)
         t0 = time.perf_counter()
-        self.runner.forward([seg])
-        synchronize(self.runner.device)
+        r.forward([seg])
+        synchronize(r.device)
         took = time.perf_counter() - t0
-        self.seq.truncate(self.context)  # the pool room goes back to the sessions
+        self.seq.truncate(self.context)
         return took
 
-    def close(self) -> None:
-        self.seq.free()
+    def release(self) -> None:
+        """Give the context's KV back to the pool (the next timing rebuilds it)."""
+        if self.seq is not None:
+            self.seq.free()
+            self.seq = None
+
+    close = release
 
 
 def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = SIZES,
@@ -55,8 +65,7 @@ def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = SIZES,
                   probe: Probe | None = None) -> dict[int, float]:
     """Seconds of one forward of n new tokens over `context` cached ones (the best of two),
     for growing n; stops once a forward costs stop_ratio times the single-token one (past
-    the knee). With `probe`, measured through it (and it stays open for later probes)."""
-    own = probe is None
+    the knee). With `probe`, measured through it (its context released at the end)."""
     probe = probe or Probe(runner, context)
     try:
         sizes = tuple(n for n in sizes if probe.fits(n)) or (1,)
@@ -66,8 +75,7 @@ def forward_costs(runner: PackedRunner, sizes: tuple[int, ...] = SIZES,
             if costs[n] > stop_ratio * costs[sizes[0]]:
                 break
     finally:
-        if own:
-            probe.close()
+        probe.release()
     return costs
 
 

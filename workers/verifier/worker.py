@@ -320,7 +320,12 @@ class Worker:
         """Seconds of one scratch forward of n tokens; None if the pool has no room for it
         (forward thread)."""
         assert self._probe is not None  # made with the cost model (_measure)
-        return self._probe.time(n) if self._probe.fits(n) else None
+        if not self._probe.fits(n):
+            return None
+        try:
+            return self._probe.time(n)
+        finally:
+            self._probe.release()  # the sessions keep the whole pool between probes
 
     async def _maybe_probe(self) -> None:
         """With nothing to verify between rounds of live sessions (the edges that follow the
