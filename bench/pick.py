@@ -90,15 +90,6 @@ def run_tree(tree: Path, args) -> list[dict]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def markdown_table(rows: list[dict], cols: list[str]) -> str:
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        out.append("| " + " | ".join(
-            "-" if r[c] is None else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
-            for c in cols) + " |")
-    return "\n".join(out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, help="a checkout to time first, for comparison")
@@ -111,6 +102,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.rows, args.vocab, args.reps)))
         return
+    from bench.stack import markdown_table  # the parent only: a worker runs as a bare file
     base = run_tree(args.base, args) if args.base else None
     new = run_tree(HERE.parent, args)
     sizes = {k: top_p_sizes(make_logits(k, args.rows, args.vocab), 0.9) for k in ("llm", "flat")}
