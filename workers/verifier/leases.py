@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 
 import structlog
 from nats.js.api import KeyValueConfig, StorageType
@@ -64,8 +65,12 @@ async def kv_bucket(js, bucket: str, ttl_s: float):
 
 class Leases:
     def __init__(self, js, name: str, partitions: int = subjects.PARTITIONS,
-                 ttl_s: float = 6.0, renew_s: float = 1.0):
+                 ttl_s: float = 6.0, renew_s: float = 1.0,
+                 before_release: Callable[[list[int]], Awaitable[None]] | None = None):
         self.js, self.name, self.partitions = js, name, partitions
+        # stops the pulling of partitions about to be released: once the next owner can
+        # claim one, it must be the only one taking its blocks (or sessions hop workers)
+        self.before_release = before_release
         self.ttl_s, self.renew_s = ttl_s, renew_s
         self.owned: dict[int, int] = {}  # partition -> revision of our lease
         self.kv = None
@@ -101,15 +106,20 @@ class Leases:
             members.append(self.name)
         want = assignment(sorted(members), self.partitions)[self.name]
         before = set(self.owned)
-        for p in sorted(set(self.owned) - want):
+        # renew first: letting go may wait for pulls in flight, the kept leases must not lapse
+        for p in sorted(want & set(self.owned)):
+            try:
+                self.owned[p] = await self.kv.update(f"part.{p}", self.name.encode(),
+                                                     last=self.owned[p])
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                self.owned.pop(p, None)  # lost it (expired while we stalled): reclaim below
+        going = sorted(set(self.owned) - want)
+        if going and self.before_release is not None:
+            await self.before_release(going)
+        for p in going:
             await self._release(p)
         for p in sorted(want):
             key = f"part.{p}"
-            if p in self.owned:
-                try:
-                    self.owned[p] = await self.kv.update(key, self.name.encode(), last=self.owned[p])
-                except (KeyWrongLastSequenceError, KeyNotFoundError):
-                    self.owned.pop(p, None)  # lost it (expired while we stalled): reclaim below
             if p not in self.owned:
                 try:
                     self.owned[p] = await self.kv.create(key, self.name.encode())

@@ -160,6 +160,7 @@ class Worker:
         self._ready: list[tuple[object, tuple[str, DraftBlock]]] = []  # decoded ahead
         self._preparing: asyncio.Task | None = None  # decoding them (see _prepare)
         self._room = asyncio.Event()  # the inbox was drained: pullers may fetch again
+        self._pullers: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}  # partition -> (loop, quit)
         self.metrics.costs(self.cfg.adaptive.batch_tokens, self.prefill_chunk, {})
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed sessions
         self.load = LoadMeter(self.cfg.adaptive)
@@ -189,24 +190,13 @@ class Worker:
             # before taking partitions: their blocks must not wait on it
             await self._calibrate()
         self.leases = Leases(js, self.cfg.name, self.cfg.partitions, self.cfg.lease_ttl_s,
-                             self.cfg.lease_renew_s)
+                             self.cfg.lease_renew_s, before_release=self._stop_pulling)
         await self.leases.start()
         csub = await nc.subscribe(subjects.all_sessions(), cb=self._on_session_msg)
         inbox = self._inbox
-        pullers: dict[int, asyncio.Task] = {}
         lease_task = asyncio.create_task(self.leases.run(self._stop))
-
-        async def sync_pullers() -> None:
-            for p in set(pullers) - set(self.leases.owned):
-                pullers.pop(p).cancel()
-            new = sorted(set(self.leases.owned) - set(pullers))
-            # bind them all first, so their first pulls go out together
-            bound = await asyncio.gather(*(self._bind(p) for p in new), return_exceptions=True)
-            for p, psub in zip(new, bound, strict=True):
-                ok = not isinstance(psub, BaseException)
-                pullers[p] = asyncio.create_task(self._pull(p, inbox, psub if ok else None))
-
-        await sync_pullers()
+        await self._sync_pullers()
+        follow = asyncio.create_task(self._follow_leases())
         observers = await self._start_observability()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
                  vocab=self.engine.vocab_size, partitions=sorted(self.leases.owned))
@@ -215,9 +205,6 @@ class Worker:
         try:
             while not self._stop.is_set():
                 self._reclaim()
-                if self.leases.changed.is_set():
-                    self.leases.changed.clear()
-                    await sync_pullers()
                 self.metrics.queue_depth.set(self._waiting() + len(self._deferred))
                 msgs, self._ready = self._ready, []  # decoded while the last forward ran
                 if not msgs and not self._deferred and inbox.empty():
@@ -235,9 +222,8 @@ class Worker:
                 await self._process(msgs)
         finally:
             # Drain: no more pulls; whatever was pulled but not started goes back at once.
-            for t in pullers.values():
-                t.cancel()
-            await asyncio.gather(*pullers.values(), return_exceptions=True)
+            follow.cancel()
+            await self._stop_pulling(list(self._pullers))
             leftovers = [m for m, _ in self._deferred + self._ready]
             while not inbox.empty():
                 leftovers.append(inbox.get_nowait())
@@ -437,10 +423,45 @@ class Worker:
             self._ack_wait_s = min(self._ack_wait_s, info.config.ack_wait)
         return psub
 
-    async def _pull(self, p: int, inbox: asyncio.Queue, psub=None) -> None:
+    async def _follow_leases(self) -> None:
+        """Pull what the leases say, as soon as they change (not when the batch step is next
+        free: a partition taken over would otherwise wait a whole forward)."""
+        while True:
+            await self.leases.changed.wait()
+            self.leases.changed.clear()
+            await self._sync_pullers()
+
+    async def _sync_pullers(self) -> None:
+        await self._stop_pulling([p for p in self._pullers if p not in self.leases.owned])
+        new = sorted(set(self.leases.owned) - set(self._pullers))
+        # bind them all first, so their first pulls go out together
+        bound = await asyncio.gather(*(self._bind(p) for p in new), return_exceptions=True)
+        for p, psub in zip(new, bound, strict=True):
+            quit = asyncio.Event()
+            task = asyncio.create_task(self._pull(p, self._inbox, quit,
+                                                  None if isinstance(psub, BaseException) else psub))
+            self._pullers[p] = (task, quit)
+
+    async def _stop_pulling(self, parts: list[int]) -> None:
+        """Stop pulling these partitions, letting a fetch in flight finish: a pull request
+        cancelled on our side stays open on the server, which would hand its messages to an
+        inbox nobody reads (they would wait out the ack wait). Called before a lease goes, so
+        the next owner is the only one pulling once it can claim the partition."""
+        stopping = [self._pullers.pop(p) for p in parts if p in self._pullers]
+        for _, quit in stopping:
+            quit.set()
+        self._room.set()  # wake pullers waiting for room, so they see quit
+        tasks = [t for t, _ in stopping]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self.cfg.fetch_timeout_s + 1.0)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pull(self, p: int, inbox: asyncio.Queue, quit: asyncio.Event, psub=None) -> None:
         """One partition's pull loop: keeps at most a batch's worth waiting locally, and
         survives broker outages (fetches fail until the connection is back)."""
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or quit.is_set()):
             try:
                 if psub is None:
                     psub = await self._bind(p)
