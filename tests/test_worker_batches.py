@@ -168,3 +168,35 @@ async def test_a_close_during_its_batch_disturbs_nobody(nats_server, tiny_pair, 
     for p, r in zip(others, results, strict=True):
         assert r.token_ids == reference_greedy(target, p, 48)
     assert w.engine.pool.used_blocks == 0  # everybody's KV went back, the victim's too
+
+
+async def test_new_sessions_start_from_their_opening_and_blocks_decode_ahead(nats_server,
+                                                                            tiny_pair):
+    """Sessions opened while the worker runs get their state from the broadcast opening (no
+    log read); with prepare_ahead the next batch's blocks are decoded during the forward. Both
+    leave the output the target's own."""
+    target, draft = tiny_pair
+    prompts = [[(5 * i + j) % 256 for j in range(2 + 3 * i)] for i in range(8)]
+    async with running_worker(target, nats_server.url, max_batch=4, prefill_chunk=256,
+                              adaptive=AdaptiveBudget(batch_tokens=16),
+                              prepare_ahead=True) as w:
+        results = await generate(nats_server.url, draft, prompts, max_new_tokens=24)
+    for p, r in zip(prompts, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 24)
+    assert w.stats.log_reads == 0
+    assert w.stats.prepared > 0
+    assert w.stats.blocks == sum(len(r.rounds) for r in results)
+
+
+async def test_sessions_opened_before_the_worker_are_read_from_the_log(nats_server, tiny_pair):
+    target, draft = tiny_pair
+    prompts = [[(3 * i + j) % 256 for j in range(4 + i)] for i in range(3)]
+    gen = asyncio.create_task(generate(nats_server.url, draft, prompts, max_new_tokens=8))
+    await wait_queued(nats_server.url, 3)
+    async with running_worker(target, nats_server.url, prefill_chunk=256,
+                              adaptive=AdaptiveBudget(batch_tokens=16)) as w:
+        results = await gen
+    for p, r in zip(prompts, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 8)
+    assert w.stats.log_reads == 3
+    assert w.stats.prepared == 0  # prepare_ahead is off on a CPU by default

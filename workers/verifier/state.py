@@ -163,6 +163,48 @@ class SessionTable:
         return len(self._s)
 
 
+class Openings:
+    """SessionOpened messages seen on the broadcast subject, kept until the session's first
+    block: its state then comes from the message instead of a read of its log (one broker
+    round trip less before a session's first verdict). The message is the same the log
+    holds; a session opened twice with different bodies is left to the log. Bounded in bytes,
+    oldest dropped first (a dropped one only costs that log read)."""
+
+    def __init__(self, max_bytes: int = 32 << 20):
+        self.max_bytes = max_bytes
+        self._m: OrderedDict[str, SessionOpened | None] = OrderedDict()  # None: ambiguous
+        self._bytes = 0
+
+    def add(self, sid: str, o: SessionOpened) -> None:
+        if sid in self._m:
+            if self._m[sid] != o:
+                self._drop(sid)
+                self._m[sid] = None  # two different openings: only the log can tell
+            return
+        self._m[sid] = o
+        self._bytes += len(o.prompt)
+        while self._bytes > self.max_bytes and self._m:
+            self._drop(next(iter(self._m)))
+
+    def take(self, sid: str) -> SessionOpened | None:
+        o = self._m.get(sid)
+        if o is not None:
+            self._drop(sid)
+        return o
+
+    def discard(self, sid: str) -> None:
+        if sid in self._m:
+            self._drop(sid)
+
+    def _drop(self, sid: str) -> None:
+        o = self._m.pop(sid)
+        if o is not None:
+            self._bytes -= len(o.prompt)
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+
 # With no budget given, a GPU verifier takes this share of the device memory left after the
 # weights (like vLLM's gpu_memory_utilization, lower: an edge or a benchmark may share it).
 GPU_DEFAULT_FRACTION = 0.5

@@ -98,7 +98,7 @@ def check_block(b: DraftBlock, st: SessionState, limits: Limits, vocab_size: int
         raise BlockError("invalid_tree", f"{len(tokens)} tokens but {len(parents)} parents")
     if len(tokens) > limits.max_nodes:
         raise BlockError("too_large", f"{len(tokens)} nodes; the limit is {limits.max_nodes}")
-    if any(not 0 <= t < vocab_size for t in tokens):
+    if tokens and (min(tokens) < 0 or max(tokens) >= vocab_size):
         raise BlockError("invalid_tree", f"token id outside the vocabulary [0, {vocab_size})")
     try:
         depths = validate_parents(parents, limits.max_depth)

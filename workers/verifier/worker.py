@@ -41,7 +41,7 @@ from workers.verifier.board import Board
 from workers.verifier.engine import Engine
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
-from workers.verifier.state import Reclaim, SessionState, SessionTable, kv_budget
+from workers.verifier.state import Openings, Reclaim, SessionState, SessionTable, kv_budget
 from workers.verifier.validate import (
     BlockError,
     CheckedBlock,
@@ -78,6 +78,8 @@ class WorkerStats:
     # moved them
     cost_changes: list[tuple[int, int, int, int]] = field(default_factory=list)
     reclaimed: int = 0  # sessions forgotten because their edge went silent
+    prepared: int = 0  # blocks decoded while a forward ran (prepare_ahead)
+    log_reads: int = 0  # session states rebuilt from the log (not from a broadcast opening)
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -103,6 +105,10 @@ class WorkerConfig:
     # with the cost measured: time one forward of a size no recent forward supports (the
     # cost model's probe) at most once per this many forwards, and only when idle (0: never)
     probe_every: int = 4
+    # decode and check the next batch's blocks while a forward runs (None: where the forward
+    # runs on an accelerator; on a CPU the forward wants the cores the event loop would take,
+    # and bench.scaling measured fewer verdicts per second with it on)
+    prepare_ahead: bool | None = None
     # forget sessions whose edge went silent (state and KV), after a bound derived from each
     # session's own round interval (state.Reclaim)
     reclaim: Reclaim = field(default_factory=Reclaim)
@@ -159,10 +165,13 @@ class Worker:
         self._since_probe = 0  # forwards since the last probe
         self._ready: list[tuple[object, tuple[str, DraftBlock]]] = []  # decoded ahead
         self._preparing: asyncio.Task | None = None  # decoding them (see _prepare)
+        self._prepare_ahead = (self.cfg.prepare_ahead if self.cfg.prepare_ahead is not None
+                               else self.engine.runner.device.type != "cpu")
         self._room = asyncio.Event()  # the inbox was drained: pullers may fetch again
         self._pullers: dict[int, tuple[asyncio.Task, asyncio.Event]] = {}  # partition -> (loop, quit)
         self.metrics.costs(self.cfg.adaptive.batch_tokens, self.prefill_chunk, {})
         self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed sessions
+        self._openings = Openings()  # sessions opened and not yet seen here (state.Openings)
         self.load = LoadMeter(self.cfg.adaptive)
         self.admission = Admission(self.cfg.limits)
         self.ready = asyncio.Event()
@@ -368,6 +377,7 @@ class Worker:
             parsed = await self._parse(m)
             if parsed is not None:
                 self._ready.append((m, parsed))
+                self.stats.prepared += 1
             if done.is_set():
                 return
 
@@ -511,7 +521,10 @@ class Worker:
             return
         if isinstance(msg, SessionOpened):
             self.admission.opened(sid)
+            if sid not in self._closed and self.sessions.get(sid) is None:
+                self._openings.add(sid, msg)
         elif isinstance(msg, SessionClosed):
+            self._openings.discard(sid)
             self._closed[sid] = None  # its blocks still queued or prefilling are dropped
             while len(self._closed) > CLOSED_MEMORY:
                 self._closed.popitem(last=False)
@@ -612,7 +625,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
         done = asyncio.Event()
-        self._preparing = asyncio.create_task(self._prepare(done))
+        if self._prepare_ahead:
+            self._preparing = asyncio.create_task(self._prepare(done))
         try:
             outcomes, forward_s = await loop.run_in_executor(
                 self._executor, self._timed_verify, [(st, blk) for _, st, blk, _ in work],
@@ -641,6 +655,7 @@ class Worker:
             self._apply_costs()
         pubs = []
         prefilling = []
+        counted: list[tuple[int, int, int, bool]] = []  # for the metrics, once per forward
         for (m, st, blk, queued), out in zip(work, outcomes, strict=True):
             res = out.walk
             if res is None:  # still catching up: no verdict; its block goes first next step
@@ -670,11 +685,14 @@ class Worker:
             self.stats.blocks += 1
             self.stats.kv_hits += out.kv_hit
             self.stats.kv_misses += not out.kv_hit
-            self.metrics.verdict(len(toks), len(res.accepted), max(blk.depths, default=0),
-                                 out.kv_hit)
+            counted.append((len(toks), len(res.accepted), max(blk.depths, default=0),
+                            out.kv_hit))
             pubs.append(self._publish_then_ack(m, st.sid, blk.round, "verdict", data))
-            log.debug("verdict", sid=st.sid, round=blk.round, accepted=len(res.accepted),
-                      finished=finished)
+        self.metrics.verdicts(counted)
+        # one line per forward: a line per verdict cost more than the verdict's own bookkeeping
+        log.debug("verdicts", sids=[st.sid for _, st, _, _ in work],
+                  rounds=[blk.round for _, _, blk, _ in work],
+                  accepted=[c[1] for c in counted])
         for _, st, _, _ in work:  # closed while this batch was being formed: the forward
             if st.sid in self._closed:  # gave it a cache again, which nobody else would free
                 SessionTable.release(st)
@@ -767,6 +785,12 @@ class Worker:
         if st is not None and block.round == st.round and block.digest and (
                 block.digest != st.digest()):
             st = None  # our cached state diverged from the log (e.g. another worker's verdict)
+        if st is None and block.round == 0 and (opened := self._openings.take(sid)):
+            try:  # a new session: its state is its opening, as its log would say
+                st = self._open(sid, opened)
+            except BlockError as exc:
+                await self._reject(m, sid, block.round, exc.code, str(exc))
+                return None
         if st is None or block.round > st.round:
             try:
                 st = await self._load(sid)
@@ -788,12 +812,22 @@ class Worker:
             return None
         return st, checked
 
+    def _open(self, sid: str, opened: SessionOpened) -> SessionState:
+        """A session that has had no verdict yet, from its opening."""
+        check_opened(opened, self.cfg.limits, self.engine.vocab_size, self.cfg.tokenizer,
+                     getattr(self.engine.model.config, "name_or_path", ""))
+        st = SessionState.from_opened(sid, opened)
+        self.sessions.put(st)
+        return st
+
     async def _load(self, sid: str) -> SessionState:
+        self.stats.log_reads += 1
         slog = await read_session(self.js, sid, drafts=False)
         if slog.opened is None:
             raise LogError(f"no SessionOpened for session {sid}")
         check_opened(slog.opened, self.cfg.limits, self.engine.vocab_size, self.cfg.tokenizer,
                      getattr(self.engine.model.config, "name_or_path", ""))
+        self._openings.discard(sid)
         seq, next_round, finished = committed_sequence(slog)
         st = SessionState.from_opened(sid, slog.opened)
         st.committed, st.round, st.finished = seq, next_round, finished
