@@ -36,15 +36,30 @@ def unpack_ids(data: bytes) -> list[int]:
     return np.frombuffer(data, dtype="<i4").tolist()
 
 
-class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Sampling parameters: the same transform is used by plain decoding and verification."""
+class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Sampling parameters: the same transform is used by plain decoding and verification.
+    Fields at their defaults are left off the wire (a plain request reads as it always did).
+
+    The logit transforms (penalties, bias) are applied to the target's row at every tree node
+    with that node's own path counted in its history, and by the edge to its drafts; min_p is
+    a warper like top-k and top-p. Order, as transformers' generate(): repetition penalty,
+    presence and frequency penalties, logit bias, then temperature, top-k, top-p, min-p."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
+    min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * max p (after temperature)
+    # OpenAI's semantics: generated tokens only (not the prompt), -2..2
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # transformers' semantics: every token of prompt and generation, > 0 (1: off)
+    repetition_penalty: float = 1.0
+    # (token id, bias) pairs sorted by id, bias in -100..100: added to the logits
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
-class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fields=True):
+class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fields=True,
+                    omit_defaults=True):
     v: int
     prompt: bytes  # packed int32
     sampling: Sampling
@@ -56,6 +71,9 @@ class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fiel
     vocab_size: int  # ids the draft may emit; the verifier refuses a mismatch
     t: float = 0.0  # edge wall clock at send (unix seconds)
     tokenizer: str = ""  # the draft's tokenizer fingerprint (specedge.vocab); "" unknown
+    # -1: no log-probabilities; k >= 0: every verdict carries the target's log-probability of
+    # each committed token and its k most likely alternatives (k <= 20), for this session only
+    logprobs: int = -1
 
 
 class SessionClosed(msgspec.Struct, tag="close", frozen=True, forbid_unknown_fields=True):
@@ -94,7 +112,8 @@ class VerifyTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kv_hit: bool = True  # whether the worker already held this session's KV
 
 
-class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=True):
+class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=True,
+              omit_defaults=True):
     """The outcome of one round. `tokens` are exactly what C grows by (accepted path tokens
     then the next token, cut at EOS or the token limit), so the log alone rebuilds C."""
 
@@ -110,6 +129,12 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     budget: int = 0  # load hint: suggested tree budget (nodes); 0 = no opinion
     t: float = 0.0
     timings: VerifyTimings = VerifyTimings()
+    # with SessionOpened.logprobs = k >= 0: per committed token, the target's log-softmax
+    # (raw logits) of that token (packed float32), and its k most likely ids (packed int32)
+    # and their log-probabilities (packed float32), k per token in token order
+    logprobs: bytes = b""
+    top_ids: bytes = b""
+    top_logprobs: bytes = b""
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True, forbid_unknown_fields=True):
