@@ -38,7 +38,13 @@ from specedge.edge.proactive import Mode
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.execution import PackedRunner
 
-CONFIGS = ("ar", "server-spec", "specedge-sync", "specedge", "hf-assisted")
+CONFIGS = ("ar", "server-spec", "specedge-sync", "specedge", "specedge-extras", "hf-assisted")
+# specedge-extras: specedge with the request options that cost the verifier work (repetition,
+# presence and frequency penalties, a logit bias, 5 logprobs per token); its output is the
+# target's under those penalties, so it is not compared with ar's
+EXTRAS = {"repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+          "logit_bias": tuple((i, -5.0) for i in range(100, 120))}
+EXTRA_LOGPROBS = 5
 SERVER_SIDE = ("ar", "server-spec", "hf-assisted")
 
 
@@ -146,9 +152,12 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
             shape = base.with_budget(r["budget"]) if fixed else base
             before = stack.snapshot()
             t0 = time.perf_counter()
+            extras = r["config"] == "specedge-extras"
             sessions = asyncio.run(run_edges(
                 stack.url, runner, r["jobs"], r["edges"],
-                sampling=Sampling(temperature=r["temperature"], top_p=a.top_p),
+                sampling=Sampling(temperature=r["temperature"], top_p=a.top_p,
+                                  **(EXTRAS if extras else {})),
+                logprobs=EXTRA_LOGPROBS if extras else -1,
                 max_new_tokens=a.max_new_tokens, eos=eos, shape=shape,
                 proactive=Mode.OFF if r["config"] == "specedge-sync" else Mode(a.proactive),
                 adaptive=a.adaptive and not fixed, rtt_ms=a.rtt_ms, progress=bar))
@@ -178,7 +187,7 @@ def same_as_ar(rows: list[dict]) -> None:
     ar_any = next(iter(ar.values()), None)
     for r in rows:
         ref = ar.get(r["edges"]) or ar_any
-        if r["temperature"] != 0.0 or ref is None:
+        if r["temperature"] != 0.0 or ref is None or r["config"] == "specedge-extras":
             r["same_as_ar"] = None
             continue
         pairs = list(zip(r["outputs"], ref, strict=False))

@@ -34,7 +34,8 @@ def record(q: dict, r: SessionResult) -> dict:
 async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: list[tuple[dict, list[int]]],
                     edges: int, *, sampling: Sampling, max_new_tokens: int,
                     eos: tuple[int, ...], shape: TreeShape, proactive: Mode, adaptive: bool,
-                    rtt_ms: float, seed0: int = 0, progress=None) -> list[dict]:
+                    rtt_ms: float, seed0: int = 0, progress=None,
+                    logprobs: int = -1) -> list[dict]:
     """`edges` sessions at a time, each edge taking the next prompt when its session ends."""
     ex = ThreadPoolExecutor(edges, thread_name_prefix="draft")
     nc = await broker.connect(url, "bench-edge")
@@ -47,7 +48,8 @@ async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: lis
             i, (q, ids) = queue.pop(0)
             p = SessionParams(prompt_ids=ids, max_new_tokens=max_new_tokens, sampling=sampling,
                               seed=seed0 + i, eos_ids=eos, shape=shape, proactive=proactive,
-                              adaptive=adaptive, emulate_rtt_ms=rtt_ms, verdict_timeout_s=120)
+                              adaptive=adaptive, emulate_rtt_ms=rtt_ms, verdict_timeout_s=120,
+                              logprobs=logprobs)
             res = await EdgeSession(nc, js, Drafter(runner), ex, p).run()
             out.append((i, record(q, res)))
             if progress:

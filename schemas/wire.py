@@ -42,8 +42,10 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
 
     The logit transforms (penalties, bias) are applied to the target's row at every tree node
     with that node's own path counted in its history, and by the edge to its drafts; min_p is
-    a warper like top-k and top-p. Order, as transformers' generate(): repetition penalty,
-    presence and frequency penalties, logit bias, then temperature, top-k, top-p, min-p."""
+    a warper like top-k and top-p. Order: logit bias, repetition penalty (transformers'
+    generate() applies its sequence bias before its repetition penalty), presence and
+    frequency penalties (after the repetition penalty, as vLLM), then temperature, top-k,
+    top-p, min-p (specedge.execution.transforms, then .sampling)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -130,8 +132,9 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     t: float = 0.0
     timings: VerifyTimings = VerifyTimings()
     # with SessionOpened.logprobs = k >= 0: per committed token, the target's log-softmax
-    # (raw logits) of that token (packed float32), and its k most likely ids (packed int32)
-    # and their log-probabilities (packed float32), k per token in token order
+    # (raw logits) of that token (packed float64 '<f8': a float64 target's values arrive
+    # exact), and its k most likely ids (packed int32) and their log-probabilities (packed
+    # float64), k per token in token order (specedge.execution.logprobs)
     logprobs: bytes = b""
     top_ids: bytes = b""
     top_logprobs: bytes = b""

@@ -2,7 +2,8 @@
 
   --list                 recent sessions: start, models, tokens, rounds, state
   SESSION                the prompt, then per round: tree, accepted path, next token
-                         (correction or bonus), proactive hit, timings, text so far
+                         (correction or bonus), proactive hit, timings, text so far; then
+                         the session's speculation figures (specedge.edge.session.speculation)
   SESSION --json         the same as JSON lines
   SESSION --check --model TARGET
                          re-verify every round with the target from the log alone (same
@@ -24,10 +25,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import msgspec
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from schemas import DraftBlock, SessionOpened, decode, unpack_ids
 from specedge import broker, logs, subjects
+from specedge.edge.session import speculation
 from specedge.execution.tree import validate_parents
 from specedge.sessionlog import SessionLog, read_session
 
@@ -74,6 +77,11 @@ class SessionView:
     def tokens(self) -> int:
         return sum(len(r.tokens) for r in self.rounds)
 
+    @property
+    def speculation(self) -> dict:
+        """The figures the API returns beside usage, from the log alone."""
+        return speculation([(r.nodes, r.depth, r.accepted, len(r.tokens)) for r in self.rounds])
+
 
 def view(slog: SessionLog, now: float | None = None) -> SessionView:
     o = slog.opened
@@ -108,7 +116,8 @@ def view(slog: SessionLog, now: float | None = None) -> SessionView:
         state = "open"
     return SessionView(slog.sid, o.t, o.target, o.draft, unpack_ids(o.prompt),
                        {"temperature": o.sampling.temperature, "top_p": o.sampling.top_p,
-                        "top_k": o.sampling.top_k}, o.seed, state, rounds)
+                        "top_k": o.sampling.top_k} | msgspec.to_builtins(o.sampling), o.seed,
+                       state, rounds)
 
 
 def attach_text(sv: SessionView, tokenizer) -> None:
@@ -170,15 +179,13 @@ class CheckResult:
 
 def check(slog: SessionLog, model) -> CheckResult:
     """Re-verify each logged round with the verifier's engine, from the log alone."""
-    from schemas import Sampling
     from workers.verifier.engine import Engine
     from workers.verifier.state import SessionState
     from workers.verifier.validate import CheckedBlock
 
     o = slog.opened
     eng = Engine(model)
-    st = SessionState.from_opened(slog.sid, o)
-    st.sampling = Sampling(o.sampling.temperature, o.sampling.top_p, o.sampling.top_k)
+    st = SessionState.from_opened(slog.sid, o)  # its sampling, penalties and bias included
     drafts = slog.drafts()
     from specedge.execution.walk import commit
 
@@ -298,7 +305,10 @@ def print_session(sv: SessionView, tokenizer, out=sys.stdout) -> None:
               f"{r.batch_size:5d} {r.worker}", file=out)
         if r.text:
             print(f"      | {r.text[-100:]!r}", file=out)
-    print(f"\n{sv.tokens} tokens in {len(sv.rounds)} rounds", file=out)
+    sp = sv.speculation
+    print(f"\n{sv.tokens} tokens in {sp['rounds']} rounds: {sp['tokens_per_round']:.2f} "
+          f"tokens/round, {sp['accepted_tokens']} of {sp['draft_tokens']} drafted tokens "
+          f"accepted, acceptance {sp['acceptance']:.3f}", file=out)
 
 
 async def amain(a: argparse.Namespace) -> int:
@@ -341,7 +351,8 @@ async def amain(a: argparse.Namespace) -> int:
         attach_text(sv, tok)
         if a.json:
             head = {k: val for k, val in asdict(sv).items() if k != "rounds"}
-            print(json.dumps({"session": head} | {"tokens": sv.tokens}))
+            print(json.dumps({"session": head} | {"tokens": sv.tokens,
+                                                  "speculation": sv.speculation}))
             for r in sv.rounds:
                 print(json.dumps(asdict(r)))
         else:

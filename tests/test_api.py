@@ -11,7 +11,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import openai
 import pytest
@@ -102,6 +102,7 @@ async def test_openai_client_streams_lossless_chat(nats_server, tiny_pair, tok):
 class Reply:
     status_code: int
     text: str
+    headers: dict = field(default_factory=dict)
 
     def json(self):
         return json.loads(self.text)
@@ -114,9 +115,9 @@ async def _http(url: str, method: str = "GET", data: bytes | None = None) -> Rep
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return Reply(r.status, r.read().decode())
+                return Reply(r.status, r.read().decode(), dict(r.headers))
         except urllib.error.HTTPError as e:
-            return Reply(e.code, e.read().decode())
+            return Reply(e.code, e.read().decode(), dict(e.headers))
     return await asyncio.to_thread(call)
 
 
@@ -233,8 +234,8 @@ async def test_api_errors_stop_strings_and_rejections(nats_server, tiny_pair, to
             await client.chat.completions.create(model="gpt-4o", messages=msgs)
         assert e.value.body["code"] == "model_not_found"
         for bad, param in (({"temperature": 3.5}, "temperature"),
-                           ({"presence_penalty": 0.5}, "presence_penalty"),
-                           ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens")):
+                           ({"presence_penalty": 2.5}, "presence_penalty"),
+                           ({"n": 5}, "n"), ({"max_tokens": 0}, "max_tokens")):
             with pytest.raises(openai.BadRequestError) as e:
                 await client.chat.completions.create(model="tiny-target", messages=msgs, **bad)
             assert e.value.body["param"] == param and e.value.body["type"] == (

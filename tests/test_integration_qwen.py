@@ -105,3 +105,35 @@ async def test_long_prompt_prefilled_in_chunks_is_lossless(nats_server, qwen):
                for p, r in zip([long, short], results, strict=True))
     assert ties <= 1
     assert w.stats.prefill_chunks == (1200 - 1) // 256
+
+
+# bf16 logits of a packed tree forward and of the target alone differ in their last bits
+# (different shapes, different reduction orders), and bf16 keeps 8 bits of mantissa: a logit
+# near 20 moves in steps of 0.125. The logprobs agree to two such steps; the top-k lists hold
+# the same values to that, and the same ids wherever the neighbours are further apart.
+LOGPROB_TOL_BF16 = 0.25
+
+
+async def test_real_pair_logprobs_match_target_alone(nats_server, qwen):
+    tok, target, draft = qwen
+    ids, _ = prompts(tok)
+    p = ids[0]
+    async with running_worker(target, nats_server.url, max_batch=2):
+        (r,) = await generate(nats_server.url, draft, [p], max_new_tokens=16,
+                              shape=TreeShape(), logprobs=5)
+    assert len(r.logprobs) == len(r.token_ids) == 16
+    with torch.no_grad():
+        logits = target(torch.tensor([p + r.token_ids])).logits[0, len(p) - 1 : -1]
+    ref = torch.log_softmax(logits.float(), -1)
+    worst = worst_top = 0.0
+    for e, row in zip(r.logprobs, ref, strict=True):
+        worst = max(worst, abs(e.logprob - row[e.token].item()))
+        vals, top_ids = row.topk(6)
+        for k, ((i, v), rv) in enumerate(zip(e.top, vals[:5].tolist(), strict=True)):
+            worst_top = max(worst_top, abs(v - rv), abs(row[i].item() - v))
+            gaps = [abs(rv - vals[j].item()) for j in (k - 1, k + 1) if j >= 0]
+            if min(gaps) > 2 * LOGPROB_TOL_BF16:  # clearly apart from its neighbours
+                assert i == top_ids[k].item()
+    print(f"bf16 logprobs vs the target alone: worst |difference| {worst:.4f} (emitted), "
+          f"{worst_top:.4f} (top 5)")
+    assert worst <= LOGPROB_TOL_BF16 and worst_top <= LOGPROB_TOL_BF16

@@ -17,6 +17,7 @@ from specedge.execution import PackedRunner
 from specedge.execution.sampling import probs
 from specedge.execution.walk import WalkResult, commit
 from tests.conftest import related_draft, tiny_model
+from tests.test_transforms import processors
 from workers.verifier import engine as engine_mod
 from workers.verifier.engine import Engine
 from workers.verifier.state import SessionState
@@ -28,27 +29,30 @@ PROMPT = [1, 5, 2]
 TRIALS = 2000
 
 
-def target_joint(target) -> np.ndarray:
-    """P(t1, t2) of plain sampling from the target with the same transform."""
+def target_joint(target, s: Sampling = S) -> np.ndarray:
+    """P(t1, t2) of plain sampling from the target with the same transform (penalties and
+    bias: transformers' processors on each step's history)."""
     dev = next(target.parameters()).device
+    procs = processors(s, len(PROMPT))
     with torch.no_grad():
-        p1 = probs(target(torch.tensor([PROMPT], device=dev)).logits[0, -1], S)
+        seqs = torch.tensor([PROMPT], device=dev)
+        p1 = probs(procs(seqs, target(seqs).logits[:, -1])[0], s)
         seqs = torch.tensor([PROMPT + [t] for t in range(V)], device=dev)
-        p2 = probs(target(seqs).logits[:, -1], S)
+        p2 = probs(procs(seqs, target(seqs).logits[:, -1]), s)
     return (p1[:, None] * p2).double().cpu().numpy()
 
 
-def run_trials(target, draft) -> np.ndarray:
+def run_trials(target, draft, s: Sampling = S) -> np.ndarray:
     eng = Engine(target)
     drunner = PackedRunner(draft)
     counts = np.zeros((V, V))
     shape = TreeShape(budget=4, depth=2, width=2, topk=2)
     for seed in range(TRIALS):
-        st = SessionState("s", S, seed, 2, frozenset(), len(PROMPT), list(PROMPT))
+        st = SessionState("s", s, seed, 2, frozenset(), len(PROMPT), list(PROMPT))
         dr = Drafter(drunner)
         dr.catch_up(st.committed[:-1])
         while not st.finished:
-            tree = TreeBuilder(dr, st.committed, shape).run()
+            tree = TreeBuilder(dr, st.committed, shape, s, len(PROMPT)).run()
             blk = CheckedBlock(st.round, tree.tokens, tree.parents, tree.depths)
             (out,) = eng.verify([(st, blk)])
             new = [tree.tokens[i - 1] for i in out.walk.accepted] + [out.walk.next_token]
@@ -130,3 +134,35 @@ def test_broken_rule_is_detected(pair, monkeypatch):
     p = chi2_p(counts, target_joint(target))
     assert p < 1e-6, f"a broken acceptance rule went unnoticed (p={p:.2e})"
 
+
+
+# each logit transform at T=1 (penalties: a prompt token, or the first token for the second)
+TRANSFORMED = {
+    "repetition": Sampling(temperature=1.0, top_p=0.9, repetition_penalty=2.0),
+    "presence": Sampling(temperature=1.0, presence_penalty=1.5),
+    "frequency": Sampling(temperature=1.0, top_k=6, frequency_penalty=-1.0),
+    "bias": Sampling(temperature=1.0, top_p=0.95, logit_bias=((0, 1.5), (3, -2.0), (6, 0.75))),
+    "min_p": Sampling(temperature=1.0, min_p=0.7),  # this pair's rows are flat
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_sampled_output_with_a_transform_follows_target(pair, name):
+    target, draft = pair
+    s = TRANSFORMED[name]
+    joint = target_joint(target, s)
+    # not vacuous: the transform moves the law away from plain T=1 sampling
+    plain = target_joint(target, Sampling(temperature=1.0))
+    assert np.abs(joint - plain).sum() > 0.05
+    p = chi2_p(run_trials(target, draft, s), joint)
+    assert p > 1e-3, f"{name}: chi-square p={p:.2e}: generated tokens do not follow the target"
+
+
+def test_ignored_transforms_are_detected(pair, monkeypatch):
+    """A verifier that skipped the penalties and bias would be caught."""
+    target, draft = pair
+    s = Sampling(temperature=1.0, repetition_penalty=1.5, presence_penalty=1.0,
+                 frequency_penalty=0.5, logit_bias=((0, 1.0), (3, -1.0)))
+    monkeypatch.setattr(engine_mod, "wanted", lambda _: False)
+    p = chi2_p(run_trials(target, draft, s), target_joint(target, s))
+    assert p < 1e-6, f"a verifier ignoring the transforms went unnoticed (p={p:.2e})"

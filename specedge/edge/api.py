@@ -2,16 +2,22 @@
 /v1/completions, streamed as server-sent events, each request its own session on the fleet.
 
 Every request becomes one EdgeSession sharing the edge's draft model (one executor thread, so
-the draft model's forwards never race) and its NATS connection. Parameters that would change
-the target's distribution (penalties, logit bias) are refused rather than silently ignored:
-the output is exactly the target's, and a request that asks for something else gets a 400.
+the draft model's forwards never race) and its NATS connection. Sampling parameters (penalties,
+logit bias, min_p included) travel in the session's opening: the verifier applies them to the
+target's logits, so the output is exactly what the target alone would give under them. Every
+parameter is checked here, before any work: a bad value gets an OpenAI-shaped 400 and no
+session is opened. logprobs are the target's (raw logits), asked of the verifier per session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
+import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,10 +40,11 @@ from specedge.edge.drafter import Drafter
 from specedge.edge.limits import EdgeLimits, LimitError, plan
 from specedge.edge.link import BrokerUnreachable, Link
 from specedge.edge.proactive import Mode
-from specedge.edge.session import EdgeSession, SessionParams, SessionRejected
+from specedge.edge.session import EdgeSession, SessionParams, SessionRejected, speculation
 from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
 from specedge.execution.costs import forward_costs, knee
+from specedge.execution.logprobs import MAX_TOP, TokenLogprob
 from specedge.fleet import FleetView
 from specedge.vocab import fingerprint, token_count
 
@@ -63,6 +70,7 @@ class ServeConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_sessions: int = 16  # concurrent sessions; more requests wait for a slot
+    max_n: int = 4  # choices per request (each its own session)
     verdict_timeout_s: float = 30.0  # the longest wait before looking for a verdict
     give_up_s: float = 60.0  # the broker out of reach this long: the request fails with a 503
     # prompt tokens per draft forward (SessionParams.prefill_chunk); 0: the draft model's knee,
@@ -99,6 +107,8 @@ class GenRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    logprobs: int = -1  # -1: none; k: each token's logprob and its k most likely alternatives
+    n: int = 1  # choices: sessions with seeds choice_seed(seed, i)
     shape: TreeShape = field(default_factory=TreeShape)  # within the fleet's limits
     max_budget: int = 16
 
@@ -109,10 +119,17 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     session_id: str
+    # the session's rounds as (nodes, depth, accepted, committed), for its speculation figures
+    rounds: list[tuple[int, int, int, int]] = field(default_factory=list)
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+@dataclass
+class Piece:
+    """Text released to the client, with the logprobs of the tokens whose text begins in it
+    (offset: where the token's text begins in the completion's text)."""
+
+    text: str
+    tokens: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
 
 _DONE = object()
@@ -148,6 +165,9 @@ class EdgeService:
         self.slots = asyncio.Semaphore(cfg.max_sessions)
         self.draining = False
         self._warned_shape = False
+        # a token's own text, for logprobs (special tokens kept: they were emitted)
+        self.token_text = functools.lru_cache(1 << 16)(
+            lambda i: tokenizer.decode([i], skip_special_tokens=False))
 
     def ready(self) -> bool:
         return not self.draining and self.nc.is_connected
@@ -179,9 +199,11 @@ class EdgeService:
         return GenRequest(prompt_ids, p.max_new_tokens, **common, shape=p.shape,
                           max_budget=p.max_budget)
 
-    async def generate(self, req: GenRequest, sid: str) -> AsyncIterator[str | Finish]:
-        """Text deltas as verdicts commit tokens, then one Finish. Stop strings are held back
-        until they can no longer begin one; a hit cancels the session (it closes itself)."""
+    async def generate(self, req: GenRequest, sid: str) -> AsyncIterator[Piece | Finish]:
+        """Text pieces as verdicts commit tokens, then one Finish. Stop strings are held back
+        until they can no longer begin one; a hit cancels the session (it closes itself). With
+        logprobs, each piece carries the tokens whose text begins in it; a stop string drops
+        the tokens whose text begins after the cut."""
         t0 = time.perf_counter()
         slog = log.bind(sid=sid)
         params = SessionParams(
@@ -191,7 +213,8 @@ class EdgeService:
             proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
             verdict_timeout_s=self.cfg.verdict_timeout_s, give_up_s=self.cfg.give_up_s,
             adaptive=self.cfg.adaptive, max_budget=req.max_budget,
-            prefill_chunk=self.cfg.prefill_chunk, tokenizer=self.tokenizer_id)
+            prefill_chunk=self.cfg.prefill_chunk, tokenizer=self.tokenizer_id,
+            logprobs=req.logprobs)
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:
@@ -206,36 +229,58 @@ class EdgeService:
             detok = Detokenizer(self.tok)
             text, sent, n_tokens, last_at, last_tok = "", 0, 0, None, None
             hold = max((len(s) for s in req.stop), default=1) - 1
+            scored: list[tuple[int, TokenLogprob]] = []  # (text offset, logprob), not yet sent
+
+            def piece(end: int, rest: bool = False) -> Piece:
+                """text[sent:end], with the logprobs of the tokens whose text begins before end
+                (rest: of every token left, at the end of the answer)."""
+                n = len(scored) if rest else next(
+                    (i for i, (off, _) in enumerate(scored) if off >= end), len(scored))
+                out = Piece(text[sent:end], scored[:n])
+                del scored[:n]
+                return out
+
+            def finish(reason: str) -> Finish:
+                return Finish(reason, len(req.prompt_ids), n_tokens, sid,
+                              [(r.nodes, r.depth, r.accepted, r.committed)
+                               for r in session.rounds])
+
             outcome = "cancelled"  # unless it ends otherwise: the client went away
             try:
                 while (item := await arrivals.get()) is not _DONE:
                     at, toks = item
                     self.metrics.token_times(at, last_at, t0, len(toks))
+                    if req.logprobs >= 0:  # token by token, for each one's text offset
+                        lps = session.token_logprobs[n_tokens : n_tokens + len(toks)]
+                        for t, lp in zip(toks, lps, strict=True):
+                            scored.append((len(text), lp))
+                            text += detok.push([t])
+                    else:
+                        text += detok.push(toks)
                     last_at, n_tokens, last_tok = at, n_tokens + len(toks), toks[-1]
-                    text += detok.push(toks)
                     cut = _find_stop(text, req.stop, max(0, sent - hold))
                     if cut is not None:
-                        if cut > sent:
-                            yield text[sent:cut]
+                        if cut > sent or scored and scored[0][0] < cut:
+                            yield piece(cut)
                         outcome = "stopped"
                         slog.info("stop string reached; closing session", tokens=n_tokens)
-                        yield Finish("stop", len(req.prompt_ids), n_tokens, sid)
+                        yield finish("stop")
                         return
                     if len(text) - hold > sent:
-                        yield text[sent:len(text) - hold]
+                        yield piece(len(text) - hold)
                         sent = len(text) - hold
                 result = task.result()  # raises what the session raised
                 text += detok.flush()
                 cut = _find_stop(text, req.stop, max(0, sent - hold))
                 end = len(text) if cut is None else cut
-                if end > sent:
-                    yield text[sent:end]
+                if end > sent or scored and (cut is None or scored[0][0] < cut):
+                    yield piece(end, rest=cut is None)
                 self.metrics.session_done(result.rounds)
                 outcome = "ok"
                 eos_hit = last_tok is not None and last_tok in self.eos
                 reason = "stop" if cut is not None or eos_hit or n_tokens < req.max_tokens \
                     else "length"
-                yield Finish(reason, len(req.prompt_ids), n_tokens, sid)
+                yield finish(reason)
             except SessionRejected as exc:
                 outcome = "rejected"
                 r = exc.rejected
@@ -290,25 +335,98 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) ->
     return v
 
 
-def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int) -> dict:
+def _range(body: dict, name: str, lo: float, hi: float, default: float, *,
+           integer: bool = False, lo_open: bool = False) -> float:
+    """A number (an integer if `integer`) in [lo, hi] ((lo, hi] with lo_open), or a 400 in
+    OpenAI's words; NaN and infinities fail every comparison or bound."""
+    v = _get(body, name, (int,) if integer else (int, float), default)
+    kind = "integer" if integer else "decimal"
+    if math.isnan(v) or (v <= lo if lo_open else v < lo):
+        raise ApiError(400, f"Invalid '{name}': {kind} below minimum value. Expected a value "
+                       f"{'>' if lo_open else '>='} {lo:g}, but got {v} instead.", param=name,
+                       code=f"{kind}_below_min_value")
+    if v > hi:
+        raise ApiError(400, f"Invalid '{name}': {kind} above maximum value. Expected a value "
+                       f"<= {hi:g}, but got {v} instead.", param=name,
+                       code=f"{kind}_above_max_value")
+    return v
+
+
+MAX_BIAS_ENTRIES = 300  # OpenAI's own limit on logit_bias
+MAX_REPETITION_PENALTY = 10.0  # transformers allows any > 0; past this it only breaks text
+MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> sorted (id, bias) pairs; ids in the vocabulary, biases in
+    -100..100."""
+    raw = _get(body, "logit_bias", (dict,), {})
+    if len(raw) > MAX_BIAS_ENTRIES:
+        raise ApiError(400, f"Invalid 'logit_bias': at most {MAX_BIAS_ENTRIES} entries, got "
+                       f"{len(raw)}", param="logit_bias", code="invalid_value")
+    out = {}
+    for key, bias in raw.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            tid = -1
+        if not (str(tid) == key.strip() and 0 <= tid < vocab_size):
+            raise ApiError(400, f"Invalid 'logit_bias': key {json.dumps(key)} is not a token id "
+                           f"in [0, {vocab_size})", param="logit_bias", code="invalid_value")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise ApiError(400, f"Invalid 'logit_bias': the bias of token {tid} must be a number "
+                           f"in [-100, 100], got {json.dumps(bias)}", param="logit_bias",
+                           code="invalid_value")
+        out[tid] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def _logprobs(body: dict, chat: bool) -> int:
+    """-1 (none) or k, the alternatives per token: chat's logprobs (bool) + top_logprobs
+    (0..20), or the legacy endpoint's logprobs (0..5)."""
+    if not chat:
+        k = _get(body, "logprobs", (int,), None)
+        if k is None:
+            return -1
+        return int(_range(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, 0, integer=True))
+    on = _get(body, "logprobs", (bool,), False)
+    top = _get(body, "top_logprobs", (int,), None)
+    if top is not None and not on:
+        raise ApiError(400, "'logprobs' must be true when 'top_logprobs' is given",
+                       param="top_logprobs", code="invalid_value")
+    k = int(_range(body, "top_logprobs", 0, MAX_TOP, 0, integer=True))
+    return k if on else -1
+
+
+def _sampling(body: dict, cfg: ServeConfig, vocab_size: int) -> Sampling:
+    temperature = _range(body, "temperature", 0, 2, cfg.temperature)
+    top_p = _range(body, "top_p", 0, 1, cfg.top_p, lo_open=True)
+    top_k = _range(body, "top_k", 0, vocab_size, cfg.top_k, integer=True)
+    return Sampling(
+        temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+        min_p=float(_range(body, "min_p", 0, 1, 0.0)),
+        presence_penalty=float(_range(body, "presence_penalty", -2, 2, 0.0)),
+        frequency_penalty=float(_range(body, "frequency_penalty", -2, 2, 0.0)),
+        repetition_penalty=float(_range(body, "repetition_penalty", 0,
+                                        MAX_REPETITION_PENALTY, 1.0, lo_open=True)),
+        logit_bias=_logit_bias(body, vocab_size))
+
+
+def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int, chat: bool) -> dict:
+    """Every parameter both endpoints take, checked before any work (a 400 otherwise)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required", param="model")
     if model != cfg.model_id:
         raise ApiError(404, f"The model '{model}' does not exist; this endpoint serves "
                        f"'{cfg.model_id}'", param="model", code="model_not_found")
-    if _get(body, "n", (int,), 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
-        if _get(body, name, (int, float), 0) not in (0, 1 if name == "repetition_penalty" else 0):
-            raise ApiError(400, f"'{name}' is not supported: it would change the target model's "
-                           "distribution, and the output here is exactly the target's",
-                           param=name)
-    if body.get("logit_bias"):
-        raise ApiError(400, "'logit_bias' is not supported (lossless decoding)",
-                       param="logit_bias")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
-        raise ApiError(400, "'logprobs' is not supported", param="logprobs")
+    n = _get(body, "n", (int,), 1)
+    if not 1 <= n <= cfg.max_n:
+        raise ApiError(400, f"Invalid 'n': expected a value in [1, {cfg.max_n}] (this edge's "
+                       f"configured maximum), but got {n} instead.", param="n",
+                       code=f"integer_{'above_max' if n > 1 else 'below_min'}_value")
+    sampling = _sampling(body, cfg, vocab_size)
+    logprobs = _logprobs(body, chat)
     for name in ("tools", "functions", "tool_choice", "function_call"):
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported", param=name)
@@ -321,15 +439,6 @@ def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int) -> dict:
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, "'max_tokens' must be at least 1", param="max_tokens",
                        code="invalid_value")
-    temperature = float(_get(body, "temperature", (int, float), cfg.temperature))
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, "'temperature' must be between 0 and 2", param="temperature")
-    top_p = float(_get(body, "top_p", (int, float), cfg.top_p))
-    if not 0 < top_p <= 1:
-        raise ApiError(400, "'top_p' must be in (0, 1]", param="top_p")
-    top_k = _get(body, "top_k", (int,), cfg.top_k)
-    if not 0 <= top_k <= vocab_size:
-        raise ApiError(400, f"'top_k' must be between 0 and {vocab_size}", param="top_k")
     seed = _get(body, "seed", (int,), None)
     if seed is None:
         seed = secrets.randbits(31)  # like OpenAI: without a seed, sampling is not repeatable
@@ -345,8 +454,8 @@ def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int) -> dict:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true",
                        param="stream_options")
     include_usage = bool(_get(so, "include_usage", (bool,), False))
-    return dict(max_tokens=max_tokens, sampling=Sampling(temperature, top_p, top_k), seed=seed,
-                stop=stop, stream=stream, include_usage=include_usage)
+    return dict(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, stream=stream,
+                include_usage=include_usage, logprobs=logprobs, n=n)
 
 
 def _chat_prompt(body: dict, tok) -> list[int]:
@@ -398,83 +507,202 @@ def _completion_prompt(body: dict, tok, vocab_size: int) -> list[int]:
 # ---------------------------------------------------------------- responses
 
 
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for a log-probability of -inf (JSON has none)
+
+
+def _lp(v: float) -> float:
+    return max(v, LOGPROB_FLOOR)
+
+
+def chat_logprobs(tokens: list[tuple[int, TokenLogprob]], text_of: Callable[[int], str]) -> dict:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}], ...}; bytes
+    are the UTF-8 bytes of the token's text."""
+    def one(tid: int, lp: float) -> dict:
+        s = text_of(tid)
+        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode())}
+
+    return {"content": [one(e.token, e.logprob) | {"top_logprobs": [one(i, v) for i, v in e.top]}
+                        for _, e in tokens], "refusal": None}
+
+
+def legacy_logprobs(tokens: list[tuple[int, TokenLogprob]],
+                    text_of: Callable[[int], str]) -> dict:
+    """The completions endpoint's shape: parallel lists, the alternatives as {text: logprob}
+    (two ids with the same text keep the likelier), text_offset in the completion's text."""
+    tops = []
+    for _, e in tokens:
+        d: dict[str, float] = {}
+        for i, v in e.top:
+            d.setdefault(text_of(i), _lp(v))
+        tops.append(d)
+    return {"tokens": [text_of(e.token) for _, e in tokens],
+            "token_logprobs": [_lp(e.logprob) for _, e in tokens], "top_logprobs": tops,
+            "text_offset": [off for off, _ in tokens]}
+
+
 def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """Choice `index`'s seed: the request's own for the first (n=1 answers the same), a hash of
+    (seed, index) for the others, so that the choices' draws are independent."""
+    if index == 0:
+        return seed
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+class _Choices:
+    """The n choices of one request, each its own session, consumed concurrently (each until
+    its end, so a choice never holds a session slot waiting for its siblings): items arrive as
+    (index, Piece | Finish); the first failure of any choice is raised."""
+
+    def __init__(self, gens: list[AsyncIterator[Piece | Finish]]):
+        self.gens = gens
+        self._q: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, g)) for i, g in enumerate(gens)]
+
+    async def _pump(self, i: int, gen) -> None:
+        try:
+            async for item in gen:
+                self._q.put_nowait((i, item))
+        except ApiError as exc:
+            self._q.put_nowait((i, exc))
+        except Exception as exc:  # generate() turns failures into ApiErrors; anything else
+            log.exception("choice failed", index=i)
+            self._q.put_nowait((i, ApiError(500, f"generation failed: {exc!r}")))
+
+    async def next(self) -> tuple[int, Piece | Finish]:
+        i, item = await self._q.get()
+        if isinstance(item, ApiError):
+            raise item
+        return i, item
+
+    async def aclose(self) -> None:
+        """Cancel what still runs (each session closes itself on the broker)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for g in self.gens:
+            await g.aclose()
+
+
 async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> Response:
     created = int(time.time())
-    sid = subjects.new_session_id(service.cfg.edge_name)
-    gen = service.generate(req, sid)
+    sids = [subjects.new_session_id(service.cfg.edge_name) for _ in range(req.n)]
+    header = {"X-SpecEdge-Session": ",".join(sids)}
+    choices = _Choices([service.generate(dataclasses.replace(req, seed=choice_seed(req.seed, i)),
+                                         sid) for i, sid in enumerate(sids)])
+    # errors before every choice's first item get a real status code
+    early: list[tuple[int, Piece | Finish]] = []
     try:
-        first = await anext(gen)  # errors before the first token get a real status code
-    except ApiError as exc:  # the session id, so that replay can show what happened
-        return exc.response({"X-SpecEdge-Session": sid})
-    except StopAsyncIteration:
-        return ApiError(500, "generation ended without a result").response()
+        while len({i for i, _ in early}) < req.n:
+            early.append(await choices.next())
+    except ApiError as exc:  # the session ids, so that replay can show what happened
+        await choices.aclose()
+        return exc.response(header)
+    except BaseException:
+        await choices.aclose()
+        raise
 
-    def envelope(choice: dict, chunk: bool, rid: str) -> dict:
+    def envelope(chs: list[dict], chunk: bool, rid: str) -> dict:
         obj = {"chat": "chat.completion", "text": "text_completion"}[kind]
         return {"id": rid, "object": obj + (".chunk" if chunk and kind == "chat" else ""),
                 "created": created, "model": model, "system_fingerprint": None,
-                "choices": [choice]}
+                "choices": chs}
 
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + sid  # replay finds it by this id
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + sids[0]  # replay finds it by this id
+
+    def logprobs(tokens: list[tuple[int, TokenLogprob]]) -> dict | None:
+        if req.logprobs < 0:
+            return None
+        return (chat_logprobs if kind == "chat" else legacy_logprobs)(tokens, service.token_text)
+
+    def usage(fins: list[Finish]) -> dict:
+        """usage (the prompt counted once, as OpenAI) and the speculation figures beside it
+        (an extension): over all choices, and each choice's own when there are several."""
+        out = {"usage": {"prompt_tokens": fins[0].prompt_tokens,
+                         "completion_tokens": sum(f.completion_tokens for f in fins),
+                         "total_tokens": fins[0].prompt_tokens
+                         + sum(f.completion_tokens for f in fins)},
+               "speculation": speculation([r for f in fins for r in f.rounds])}
+        if len(fins) > 1:
+            out["speculation"]["choices"] = [speculation(f.rounds) for f in fins]
+        return out
+
+    async def rest():
+        """Every (index, item) from here to the last choice's Finish, the early ones first."""
+        done = 0
+        while early:
+            i, item = early.pop(0)
+            done += isinstance(item, Finish)
+            yield i, item
+        while done < req.n:
+            i, item = await choices.next()
+            done += isinstance(item, Finish)
+            yield i, item
 
     if not req.stream:
-        parts = [] if isinstance(first, Finish) else [first]
-        fin = first if isinstance(first, Finish) else None
+        parts: list[list[Piece]] = [[] for _ in range(req.n)]
+        fins: list[Finish | None] = [None] * req.n
         try:
-            async for item in gen:
+            async for i, item in rest():
                 if isinstance(item, Finish):
-                    fin = item
+                    fins[i] = item
                 else:
-                    parts.append(item)
+                    parts[i].append(item)
         except ApiError as exc:
-            return exc.response({"X-SpecEdge-Session": sid})
-        assert fin is not None
-        text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": fin.reason, "logprobs": None} if kind == "chat" else
-                  {"index": 0, "text": text, "finish_reason": fin.reason, "logprobs": None})
-        body = envelope(choice, False, rid) | {"usage": fin.usage()}
-        return JSONResponse(body, headers={"X-SpecEdge-Session": fin.session_id})
+            return exc.response(header)
+        finally:
+            await choices.aclose()
+        out = []
+        for i, (ps, fin) in enumerate(zip(parts, fins, strict=True)):
+            assert fin is not None
+            text = "".join(p.text for p in ps)
+            lps = logprobs([t for p in ps for t in p.tokens])
+            out.append({"index": i, "message": {"role": "assistant", "content": text},
+                        "finish_reason": fin.reason, "logprobs": lps} if kind == "chat" else
+                       {"index": i, "text": text, "finish_reason": fin.reason, "logprobs": lps})
+        body = envelope(out, False, rid) | usage(fins)
+        return JSONResponse(body, headers=header)
 
-    def delta(text: str | None, reason: str | None, role: bool = False) -> dict:
+    def delta(i: int, piece: Piece | None, reason: str | None, role: bool = False) -> dict:
+        text = piece.text if piece else None
+        lps = logprobs(piece.tokens) if piece else None
         if kind == "chat":
             d: dict = {"role": "assistant", "content": ""} if role else (
                 {"content": text} if text is not None else {})
-            c = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+            c = {"index": i, "delta": d, "finish_reason": reason, "logprobs": lps}
         else:
-            c = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        out = envelope(c, True, rid)
+            c = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lps}
+        out = envelope([c], True, rid)
         if req.include_usage:
             out["usage"] = None
         return out
 
     async def events() -> AsyncIterator[bytes]:
-        item = first
+        fins: list[Finish | None] = [None] * req.n
         try:
             if kind == "chat":
-                yield _sse(delta(None, None, role=True))
-            while True:
+                for i in range(req.n):
+                    yield _sse(delta(i, None, None, role=True))
+            async for i, item in rest():
                 if isinstance(item, Finish):
-                    yield _sse(delta(None, item.reason))
-                    if req.include_usage:
-                        yield _sse(envelope({}, True, rid) | {"choices": [],
-                                                               "usage": item.usage()})
-                    break
-                yield _sse(delta(item, None))
-                item = await anext(gen)
+                    fins[i] = item
+                    yield _sse(delta(i, None, item.reason))
+                else:
+                    yield _sse(delta(i, item, None))
+            if req.include_usage:
+                yield _sse(envelope([], True, rid) | usage(fins))
         except ApiError as exc:  # mid-stream: the status is sent already; say it in-band
             yield _sse(exc.body())
         finally:
-            await gen.aclose()  # a client that went away cancels its session here
+            await choices.aclose()  # a client that went away cancels its sessions here
         yield _sse("[DONE]")
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-               "X-SpecEdge-Session": sid}
-    return _ClosingStream(events(), gen.aclose, media_type="text/event-stream",
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | header
+    return _ClosingStream(events(), choices.aclose, media_type="text/event-stream",
                           headers=headers)
 
 
@@ -523,14 +751,14 @@ def build_app(service: EdgeService) -> Starlette:
 
     async def chat(request: Request) -> Response:
         body = await body_of(request)
-        common = _parse_common(body, cfg, service.vocab_size)
+        common = _parse_common(body, cfg, service.vocab_size, chat=True)
         ids = _chat_prompt(body, service.tok)
         req = await service.admit(ids, common, "messages")
         return await _run(service, req, "chat", cfg.model_id)
 
     async def completions(request: Request) -> Response:
         body = await body_of(request)
-        common = _parse_common(body, cfg, service.vocab_size)
+        common = _parse_common(body, cfg, service.vocab_size, chat=False)
         for name, ok in (("echo", False), ("suffix", None)):
             if body.get(name) not in (ok, None):
                 raise ApiError(400, f"'{name}' is not supported", param=name)

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from schemas import Sampling
 from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.execution import PackedRunner, Segment
+from specedge.execution.transforms import History, Rows, apply, wanted
 from specedge.execution.tree import ancestor_bits, unpack_rows
 
 
@@ -23,6 +25,9 @@ class DraftTree:
     depths: list[int] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)  # cumulative draft log-prob per node
     forwarded: int = 0  # nodes 1..forwarded have draft KV (a prefix closed under ancestors)
+    # the logit transforms its candidates were scored with (trees drafted ahead reuse them)
+    sampling: Sampling | None = None
+    prompt_len: int = 0
 
     @property
     def size(self) -> int:
@@ -31,12 +36,19 @@ class DraftTree:
 
 class TreeBuilder:
     """Best-first tree growth by cumulative draft log-probability. Call step() until done;
-    each step is one draft forward, so a caller can stop between steps."""
+    each step is one draft forward, so a caller can stop between steps. With `sampling`
+    asking for penalties or bias, candidates are scored on the draft's logits transformed as
+    the verifier transforms the target's (history: C and the node's path; `prompt_len`: C's
+    prompt part), so the draft proposes what the transformed target will pick."""
 
-    def __init__(self, drafter: Drafter, committed: list[int], shape: TreeShape):
+    def __init__(self, drafter: Drafter, committed: list[int], shape: TreeShape,
+                 sampling: Sampling | None = None, prompt_len: int = 0):
         self.d, self.shape = drafter, shape.check()
         self.committed = committed
-        self.tree = DraftTree(root=committed[-1], committed_len=len(committed))
+        self.tree = DraftTree(root=committed[-1], committed_len=len(committed),
+                              sampling=sampling, prompt_len=prompt_len)
+        self._history = (History.of(committed, prompt_len)
+                         if sampling is not None and wanted(sampling) else None)
         self._heap: list[tuple[float, int, int, int, int]] = []  # (-logp, seq, parent, tok, depth)
         self._seq = 0
         self._pending: list[int] = []  # nodes added but not yet forwarded
@@ -52,6 +64,9 @@ class TreeBuilder:
         if not live:
             return
         rows = logits if len(live) == len(nodes) else logits[live]
+        if self._history is not None:
+            rows = apply(rows, [Rows(0, t.sampling, self._history, t.tokens, t.parents,
+                                     [nodes[j] for j in live])])
         vals, idx = torch.topk(torch.log_softmax(rows.float(), -1), self.shape.topk)
         for j, v_row, i_row in zip(live, vals.tolist(), idx.tolist(), strict=True):
             node = nodes[j]

@@ -20,6 +20,7 @@ import torch
 
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
+from specedge.execution.transforms import History, Rows, apply, wanted
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +106,9 @@ class Proactive:
             logits = await self._timed(fork.catch_up, base)
             last = path[-1] if path else 0
             kids = [t.tokens[i - 1] for i, p in enumerate(t.parents, 1) if p == last]
+            if t.sampling is not None and wanted(t.sampling):  # the guess the target would make
+                logits = apply(logits[None], [Rows(0, t.sampling, History.of(base, t.prompt_len),
+                                                   [], [])])[0]
             lp = torch.log_softmax(logits.float(), -1)
             if kids:
                 lp[kids] = float("-inf")  # a child token would have extended the path
@@ -114,7 +118,8 @@ class Proactive:
             for j, (v, y) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True)):
                 d = fork if j == 0 else await self._timed(self.main.fork, t, path)
                 pred = base + [y]
-                self.heads.append(Head(pred, pathlp + v, d, TreeBuilder(d, pred, self.shape)))
+                self.heads.append(Head(pred, pathlp + v, d, TreeBuilder(
+                    d, pred, self.shape, t.sampling, t.prompt_len)))
             self.heads[-k].busy_s += time.perf_counter() - t0
             if len(self.heads) >= self.max_heads or self.mode is Mode.SINGLE:
                 break

@@ -20,8 +20,8 @@ from specedge.edge.proactive import Mode
 
 log = structlog.get_logger("specedge.edge.serve")
 
-SERVE_ONLY = frozenset({"host", "port", "served_model_name", "max_sessions", "max_tokens_limit",
-                        "grace_s"})
+SERVE_ONLY = frozenset({"host", "port", "served_model_name", "max_sessions", "max_n",
+                        "max_tokens_limit", "grace_s"})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the model id clients pass (default: the target's name)")
     p.add_argument("--max-sessions", type=int, default=16,
                    help="requests generating at once; more wait for a slot")
+    p.add_argument("--max-n", type=int, default=4,
+                   help="largest n (choices per request, each its own session) a request may "
+                        "ask for; more: a 400")
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="largest max_tokens a request may ask for (the verifier fleet's "
                         "max_new_tokens applies too)")
@@ -51,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv=None) -> argparse.Namespace:
     a = settings.parse_args(parser(), "edge", argv)
-    for name in ("port", "max_sessions", "max_tokens_limit", "max_new_tokens",
+    for name in ("port", "max_sessions", "max_n", "max_tokens_limit", "max_new_tokens",
                  "max_prompt_tokens"):
         value = getattr(a, name)
         if value is not None and value < (0 if name == "port" else 1):
@@ -73,6 +76,7 @@ def serve_config(a: argparse.Namespace):
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
         max_prompt_tokens=a.max_prompt_tokens,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions,
+        max_n=getattr(a, "max_n", 4),
         prefill_chunk=getattr(a, "prefill_chunk", 0), give_up_s=a.give_up_s,
         verdict_timeout_s=a.verdict_timeout_s, **runner_opts(a))
 

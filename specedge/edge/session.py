@@ -39,6 +39,7 @@ from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
 from specedge.edge.link import BrokerUnreachable, Link, WaitPolicy
 from specedge.edge.proactive import Mode, Proactive
+from specedge.execution.logprobs import TokenLogprob, from_wire
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +79,8 @@ class SessionResult:
     ttft_s: float
     wall_s: float
     itl: list[float] = field(default_factory=list)  # one per token after the first
+    # with SessionParams.logprobs >= 0: one per token of token_ids (the target's values)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def summary(self) -> dict:
         n = len(self.rounds)
@@ -105,6 +108,22 @@ class SessionResult:
             "react_max_s": max((r.react_s for r in self.rounds), default=0.0),
             "round_records": [dataclasses.asdict(r) for r in self.rounds],
         }
+
+
+def speculation(rounds: list[tuple[int, int, int, int]]) -> dict:
+    """A session's speculation figures from its rounds' (nodes, depth, accepted, committed):
+    rounds; draft_tokens, the tree nodes sent; accepted_tokens, the draft tokens the target
+    accepted; tokens_per_round, committed tokens per round (accepted + the target's own next
+    token, less any cut at EOS or the limit); acceptance, accepted_tokens over the summed tree
+    depths: the share of the trees' reach that was used (for a chain, the usual per-token
+    acceptance rate; 0 when nothing was drafted)."""
+    n = len(rounds)
+    depth = sum(r[1] for r in rounds)
+    accepted = sum(r[2] for r in rounds)
+    return {"rounds": n, "draft_tokens": sum(r[0] for r in rounds),
+            "accepted_tokens": accepted,
+            "tokens_per_round": sum(r[3] for r in rounds) / n if n else 0.0,
+            "acceptance": accepted / depth if depth else 0.0}
 
 
 @dataclass
@@ -135,6 +154,8 @@ class SessionParams:
     # (edge serve) wait at most one such forward, and a cancelled session stops between them
     prefill_chunk: int = 128
     tokenizer: str = ""  # the draft's tokenizer fingerprint (specedge.vocab); "" unknown
+    # -1: none; k in 0..20: the verdicts carry each token's logprob and k alternatives
+    logprobs: int = -1
 
 
 class State(enum.StrEnum):
@@ -164,6 +185,8 @@ class EdgeSession:
         self.on_tokens = on_tokens
         self.committed = list(params.prompt_ids)
         self.generated: list[int] = []
+        self.token_logprobs: list[TokenLogprob] = []  # per generated token, if asked for
+        self.rounds: list[RoundRecord] = []  # grows as verdicts come (read by a stopped caller)
         self.round = 0
         self.shape = params.shape.check()  # the tree shape of the next round
         self.state = State.OPENING
@@ -399,7 +422,7 @@ class EdgeSession:
         self._check_link("opening the session")
         sub = await self.nc.subscribe(subjects.verdict(self.sid), cb=self._on_verdict)
         unlisten = self.link.listen(self._wake)
-        rounds: list[RoundRecord] = []
+        rounds = self.rounds
         t_first, t_last, itl = None, None, []
         try:
             opened = SessionOpened(
@@ -407,7 +430,7 @@ class EdgeSession:
                 seed=self.p.seed, max_new_tokens=self.p.max_new_tokens,
                 eos_ids=pack_ids(self.p.eos_ids), target=self.p.target_name,
                 draft=self.p.draft_name, vocab_size=self.drafter.vocab_size, t=time.time(),
-                tokenizer=self.p.tokenizer)
+                tokenizer=self.p.tokenizer, logprobs=self.p.logprobs)
             await self._publish(subjects.session(self.sid), opened, "open", 0)
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
             # Prefill everything but the last prompt token; the first round recomputes it.
@@ -417,7 +440,8 @@ class EdgeSession:
                 for end in range(min(chunk, len(prompt)), len(prompt) + chunk, chunk):
                     await self._run_model(self.drafter.catch_up, prompt[:end])
             finished = False
-            pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.shape)
+            pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.shape,
+                                               self.p.sampling, len(self.p.prompt_ids))
             hidden_s, hit = 0.0, None
             while not finished:
                 self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
@@ -449,6 +473,8 @@ class EdgeSession:
                     self.link.observe_round(wait_s)
                 toks = unpack_ids(v.tokens)
                 accepted = unpack_ids(v.accepted)
+                lps = (from_wire(toks, v.logprobs, v.top_ids, v.top_logprobs)
+                       if self.p.logprobs >= 0 else [])  # before any state changes
                 after = self.committed + toks
                 head = await pro.resolve(after) if pro else None
                 self._pro = None
@@ -464,10 +490,12 @@ class EdgeSession:
                     hidden_s = 0.0
                 self.committed.extend(toks)
                 self.generated.extend(toks)
+                self.token_logprobs.extend(lps)
                 if self.p.adaptive and v.budget > 0 and self.shape.budget > 0:
                     self.shape = self.p.shape.with_budget(min(v.budget, self.p.max_budget))
                 if head is None:
-                    pending = TreeBuilder(self.drafter, self.committed, self.shape)
+                    pending = TreeBuilder(self.drafter, self.committed, self.shape,
+                                          self.p.sampling, len(self.p.prompt_ids))
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -509,4 +537,5 @@ class EdgeSession:
         self.log.info("session finished", tokens=len(self.generated), rounds=len(rounds),
                       wall_s=round(wall, 3))
         return SessionResult(self.sid, self.generated, "", rounds,
-                             (t_first - t_start) if t_first else wall, wall, itl)
+                             (t_first - t_start) if t_first else wall, wall, itl,
+                             logprobs=self.token_logprobs)

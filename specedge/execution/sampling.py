@@ -1,8 +1,11 @@
 """The sampling transform shared by plain decoding and verification, and its seeded draws.
 
 Verification is lossless only if it samples from exactly the distribution plain decoding
-would: `warp` defines that distribution for both (temperature, then top-k, then top-p, as
-transformers' warpers).
+would: `warp` defines that distribution for both (temperature, then top-k, top-p and min-p, as
+transformers' warpers). Every cut keeps the tokens at or above a value threshold of the
+scaled row, so together they keep those above the largest of the thresholds; min-p's is the
+row's maximum + log(min_p) (p >= min_p * max p), which the other cuts never remove.
+History-dependent transforms (penalties, bias) come before, in `transforms`.
 
 A draw must depend on (session seed, round, node) alone, so that a redelivered block gets the
 same verdict on any worker and `replay --check` can repeat it. Draws use the exponential race
@@ -39,6 +42,7 @@ _CHUNK = 1 << 22
 # prefix lengths tried, in order, before a full sort: most top-p sets fit the first
 _CAPS = (64, 2048)
 _NEG = float("-inf")
+_INF = float("inf")
 
 
 def _scale(logits: torch.Tensor, temperature: Sequence[float]) -> torch.Tensor:
@@ -55,10 +59,11 @@ def _prefix(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cut(vals: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, z_all: torch.Tensor,
-         vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+         vocab: int, log_min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the smallest kept value (keep x >= thr) and whether the prefix `vals` (a row's
     largest values, descending) decides it. k: top-k (vocab: off); top_p: inf when off;
-    z_all: sum(exp(x - max)) over the whole row, used where top-k is off.
+    z_all: sum(exp(x - max)) over the whole row, used where top-k is off; log_min_p: -inf
+    when off.
 
     Top-k keeps ties with the k-th value (TopKLogitsWarper); top-p keeps the longest run of
     the most likely tokens whose mass before each is < top_p, at least one (TopPLogitsWarper).
@@ -76,17 +81,23 @@ def _cut(vals: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, z_all: torch.
     first = torch.where(drop.any(-1), drop.to(torch.int8).argmax(-1), n)
     thr_p = vals.gather(1, (first - 1)[:, None])[:, 0]
     thr = torch.maximum(kth, torch.where(torch.isinf(top_p), _NEG, thr_p))
+    thr = torch.maximum(thr, vals[:, 0] + log_min_p)
     # decided unless the kept set (or, with top-k, its tie run) may go on past the prefix
     done = vals[:, -1] < torch.where(k_on, kth, thr)
     return thr, done | (n >= vocab)
 
 
-def _params(vocab: int, top_k: Sequence[int], top_p: Sequence[float], dt,
-            dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(vocab: int, top_k: Sequence[int], top_p: Sequence[float], min_p: Sequence[float],
+            dt, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     k = torch.tensor([t if 0 < t < vocab else vocab for t in top_k], device=dev)
     # top_p 1 is off: rounding can make the mass before the last tokens reach 1.0
     p = torch.tensor([t if t < 1.0 else float("inf") for t in top_p], dtype=dt, device=dev)
-    return k, p
+    m = torch.tensor(list(min_p), dtype=dt, device=dev).log()  # 0: -inf, off
+    return k, p, m
+
+
+def _has_cut(vocab: int, top_k: int, top_p: float, min_p: float) -> bool:
+    return 0 < top_k < vocab or top_p < 1.0 or min_p > 0.0
 
 
 def _cap(n: int, top_k: Sequence[int], vocab: int) -> int:
@@ -103,31 +114,33 @@ def _row_mass(x: torch.Tensor, vmax: torch.Tensor, top_k: Sequence[int],
     return (x - vmax[:, None]).exp_().sum(-1)
 
 
-def _thresholds(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+def _thresholds(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
+                min_p: Sequence[float]) -> torch.Tensor:
     """Per row of x [R, V] (scaled logits), the smallest kept value; -inf keeps all."""
     rows, vocab = x.shape
-    k, p = _params(vocab, top_k, top_p, x.dtype, x.device)
+    k, p, m = _params(vocab, top_k, top_p, min_p, x.dtype, x.device)
     thr = torch.full((rows,), _NEG, dtype=x.dtype, device=x.device)
-    pending = torch.nonzero((k < vocab) | torch.isfinite(p))[:, 0]
+    pending = torch.nonzero((k < vocab) | torch.isfinite(p) | torch.isfinite(m))[:, 0]
     for cap in [*_CAPS, vocab]:
         if not len(pending):
             break
         sub = x.index_select(0, pending)
         ks, ps = ([seq[i] for i in pending.tolist()] for seq in (top_k, top_p))
         vals, _ = _prefix(sub, _cap(cap, ks, vocab))
-        t, done = _cut(vals, k[pending], p[pending], _row_mass(sub, vals[:, 0], ks, ps), vocab)
+        t, done = _cut(vals, k[pending], p[pending], _row_mass(sub, vals[:, 0], ks, ps), vocab,
+                       m[pending])
         thr[pending[done]] = t[done]
         pending = pending[~done]
     return thr
 
 
 def warp(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
-         top_p: Sequence[float]) -> torch.Tensor:
+         top_p: Sequence[float], min_p: Sequence[float] | None = None) -> torch.Tensor:
     """Log-probabilities up to a per-row constant, -inf outside the kept set, for rows of
-    logits [R, V] with per-row parameters (all temperatures > 0). Computed in float32 or the
-    logits' dtype if wider (the exactness tests run in float64)."""
+    logits [R, V] with per-row parameters (all temperatures > 0; min_p None: off). Computed
+    in float32 or the logits' dtype if wider (the exactness tests run in float64)."""
     x = _scale(logits, temperature)
-    thr = _thresholds(x, top_k, top_p)
+    thr = _thresholds(x, top_k, top_p, [0.0] * len(top_k) if min_p is None else min_p)
     return x.masked_fill(x < thr[:, None], _NEG)
 
 
@@ -135,7 +148,7 @@ def probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """The target distribution for one or more rows of logits under `s` (T > 0)."""
     rows = logits.reshape(-1, logits.shape[-1])
     n = rows.shape[0]
-    p = warp(rows, [s.temperature] * n, [s.top_k] * n, [s.top_p] * n).softmax(-1)
+    p = warp(rows, [s.temperature] * n, [s.top_k] * n, [s.top_p] * n, [s.min_p] * n).softmax(-1)
     return p.reshape(logits.shape)
 
 
@@ -221,22 +234,29 @@ class RowSampling:
     top_k: list[int]
     top_p: list[float]
     keys: list[tuple[int, int]]  # per row; only used where temperature > 0
+    min_p: list[float] | None = None  # None: 0 (off) on every row
+
+    def __post_init__(self):
+        if self.min_p is None:
+            object.__setattr__(self, "min_p", [0.0] * len(self.temperature))
 
     @classmethod
     def for_tree(cls, s: Sampling, seed: int, round_no: int, rows: int) -> RowSampling:
         """Rows 0..rows-1 of one tree: node i's key mixes the round's key with i."""
         k0, k1 = round_key(seed, round_no)
         keys = [(k0, (k1 + 0x9E3779B9 * i) & _M32) for i in range(rows)]
-        return cls([s.temperature] * rows, [s.top_k] * rows, [s.top_p] * rows, keys)
+        return cls([s.temperature] * rows, [s.top_k] * rows, [s.top_p] * rows, keys,
+                   [s.min_p] * rows)
 
     @classmethod
     def concat(cls, parts: Sequence[RowSampling]) -> RowSampling:
-        return cls(*(sum((getattr(p, f) for p in parts), []) for f in
-                     ("temperature", "top_k", "top_p", "keys")))
+        return cls(*(sum((getattr(p, f) for p in parts), []) for f in _FIELDS))
 
     def select(self, rows: Sequence[int]) -> RowSampling:
-        return RowSampling(*([getattr(self, f)[i] for i in rows] for f in
-                             ("temperature", "top_k", "top_p", "keys")))
+        return RowSampling(*([getattr(self, f)[i] for i in rows] for f in _FIELDS))
+
+
+_FIELDS = ("temperature", "top_k", "top_p", "keys", "min_p")
 
 
 def _keys(rs: RowSampling, dev) -> torch.Tensor:
@@ -272,8 +292,8 @@ def _cut_level(logits: torch.Tensor, rows: list[int], rs: RowSampling, cap: int,
         ids.append(i)
         mass.append(_row_mass(x, v[:, 0], sub.top_k[a : a + step], sub.top_p[a : a + step]))
     v, i, z = torch.cat(vals), torch.cat(ids), torch.cat(mass)
-    k, p = _params(vocab, sub.top_k, sub.top_p, v.dtype, dev)
-    thr, done = _cut(v, k, p, z, vocab)
+    k, p, m = _params(vocab, sub.top_k, sub.top_p, sub.min_p, v.dtype, dev)
+    thr, done = _cut(v, k, p, z, vocab, m)
     if done.any():
         idx = torch.tensor(rows, device=dev)[done]
         out[idx] = _race(v[done], i[done], thr[done], _keys(sub, dev)[done])
@@ -281,6 +301,8 @@ def _cut_level(logits: torch.Tensor, rows: list[int], rs: RowSampling, cap: int,
     if not len(left):
         return [], v.new_empty(0), p[left]
     per_token = torch.exp(v[left] - v[left, :1]).sum(-1) / z[left] / n  # NaN if top-k is on
+    # a min-p cut alone (z NaN, p inf) has no mass bound: try the second prefix (inf >= inf)
+    per_token = torch.where(torch.isinf(p[left]) & (k[left] >= vocab), _INF, per_token)
     return [rows[j] for j in left.tolist()], per_token, p[left]
 
 
@@ -310,8 +332,8 @@ def pick(logits: torch.Tensor, rs: RowSampling) -> torch.Tensor:
     greedy = [i for i, t in enumerate(rs.temperature) if t <= 0]
     if greedy:
         picks[greedy] = logits[greedy].argmax(-1)
-    cut = [i for i in sampled if 0 < rs.top_k[i] < vocab or rs.top_p[i] < 1.0]
-    free = [i for i in sampled if not (0 < rs.top_k[i] < vocab or rs.top_p[i] < 1.0)]
+    cut = [i for i in sampled if _has_cut(vocab, rs.top_k[i], rs.top_p[i], rs.min_p[i])]
+    free = [i for i in sampled if not _has_cut(vocab, rs.top_k[i], rs.top_p[i], rs.min_p[i])]
     if cut:
         _cut_races(logits, cut, rs, picks)
     if free:
@@ -321,5 +343,5 @@ def pick(logits: torch.Tensor, rs: RowSampling) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, s: Sampling, key: tuple[int, int] = (0, 0)) -> int:
     """One token from one row of logits (a convenience over `pick`; one host transfer)."""
-    rs = RowSampling([s.temperature], [s.top_k], [s.top_p], [key])
+    rs = RowSampling([s.temperature], [s.top_k], [s.top_p], [key], [s.min_p])
     return int(pick(logits.reshape(1, -1), rs)[0].item())

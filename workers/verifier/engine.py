@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specedge.execution import PackedRunner, Segment
+from specedge.execution.logprobs import PathScorer, Scored
 from specedge.execution.sampling import RowSampling, pick
+from specedge.execution.transforms import History, Rows, applied, wanted
 from specedge.execution.walk import WalkResult, walk
 from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
@@ -18,6 +20,8 @@ class Outcome:
     walk: WalkResult | None  # None: the session is still prefilling (no verdict yet)
     kv_hit: bool
     new_tokens: int  # tokens this session put into the forward
+    # with st.logprobs >= 0: the target's log-probabilities of the walk's new tokens
+    logprobs: Scored | None = None
 
 
 class Engine:
@@ -78,7 +82,16 @@ class Engine:
             metas.append((have, len(chain), kv_hit, True))
             rows.append(RowSampling.for_tree(st.sampling, st.seed, blk.round, len(blk.tokens) + 1))
         logits, off = self.runner.forward_flat(segments)
-        picks = pick(logits, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
+        scorer = PathScorer(logits, {i: (off[i], off[i + 1]) for i, ((st, _), m)
+                                     in enumerate(zip(work, metas, strict=True))
+                                     if m[3] and st.logprobs >= 0})  # raw rows, copied now
+        # penalties and bias on the rows of the sessions that ask (each row's history: C and
+        # its node's path), for the picks only: logits are restored after
+        groups = [Rows(a, st.sampling, History.of(st.committed, st.prompt_len), blk.tokens,
+                       blk.parents) for (st, blk), a, m in zip(work, off, metas, strict=False)
+                  if m[3] and wanted(st.sampling)]
+        with applied(logits, groups) as x:
+            picks = pick(x, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
         out = []
         for (st, blk), a, (have, chain_len, kv_hit, verified) in zip(work, off, metas,
                                                                      strict=False):
@@ -86,7 +99,10 @@ class Engine:
                 out.append(Outcome(None, kv_hit, chain_len))
                 continue
             res = walk(blk.tokens, blk.parents, picks[a : a + len(blk.tokens) + 1])
+            scorer.add(len(out), res.accepted, blk.tokens, res.next_token, st.logprobs)
             # keep the chain (all committed) and the accepted nodes, in path order
             st.kv.keep(have, list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted])
             out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens)))
+        for i, scored in scorer.score().items():  # one batched call for the forward
+            out[i].logprobs = scored
         return out

@@ -26,6 +26,7 @@ class SessionState:
     last_verdicts: dict[int, bytes] = field(default_factory=dict)  # round -> encoded verdict
     last_seen: float = field(default_factory=time.monotonic)  # its edge's last block (monotonic)
     interval_s: float | None = None  # EMA of the time between its rounds' blocks
+    logprobs: int = -1  # SessionOpened.logprobs: -1 none, k: verdicts carry k alternatives
     _seen_round: int = field(default=-1, repr=False)
     _round_at: float = field(default=0.0, repr=False)  # when _seen_round's block first came
     _digest: bytes = field(default=b"", repr=False)
@@ -37,7 +38,7 @@ class SessionState:
     def from_opened(cls, sid: str, o: SessionOpened) -> SessionState:
         prompt = unpack_ids(o.prompt)
         return cls(sid, o.sampling, o.seed, o.max_new_tokens, frozenset(unpack_ids(o.eos_ids)),
-                   len(prompt), prompt)
+                   len(prompt), prompt, logprobs=o.logprobs)
 
     def digest(self) -> bytes:
         """digest_ids(committed), memoised by length and hashed incrementally: C only ever

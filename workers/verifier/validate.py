@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas import DraftBlock, SessionOpened, unpack_ids
+from schemas import DraftBlock, Sampling, SessionOpened, unpack_ids
 from specedge.config import Limits
 from specedge.execution.tree import TreeError, validate_parents
 from workers.verifier.state import SessionState
@@ -39,6 +39,32 @@ def _ids(data: bytes, what: str) -> list[int]:
         raise BlockError("invalid_session", f"{what}: {exc}") from None
 
 
+# the OpenAI API's ranges; a repetition penalty past 10 only zeroes seen tokens' logits
+MAX_BIAS_ENTRIES = 300
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+
+
+def _check_transforms(s: Sampling, vocab_size: int) -> None:
+    """min_p, the penalties and logit_bias (written so that NaN fails every comparison)."""
+    if not (0.0 <= s.min_p <= 1.0 and -2.0 <= s.presence_penalty <= 2.0
+            and -2.0 <= s.frequency_penalty <= 2.0
+            and 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY):
+        raise BlockError("invalid_session", f"bad sampling parameters {s}: min_p in [0, 1], "
+                         "presence and frequency penalties in [-2, 2], repetition_penalty in "
+                         f"(0, {MAX_REPETITION_PENALTY}]")
+    bias = s.logit_bias
+    if len(bias) > MAX_BIAS_ENTRIES:
+        raise BlockError("invalid_session", f"logit_bias has {len(bias)} entries; at most "
+                         f"{MAX_BIAS_ENTRIES}")
+    ids = [i for i, _ in bias]
+    if any(not 0 <= i < vocab_size for i in ids) or ids != sorted(set(ids)):
+        raise BlockError("invalid_session", "logit_bias: distinct token ids inside the "
+                         "vocabulary, in increasing order")
+    if not all(-100.0 <= b <= 100.0 for _, b in bias):
+        raise BlockError("invalid_session", "logit_bias: values in [-100, 100]")
+
+
 def check_opened(o: SessionOpened, limits: Limits, vocab_size: int, tokenizer: str = "",
                  model: str = "") -> None:
     """Every field of a session opening, before any state is built from it (`tokenizer`: the
@@ -68,6 +94,10 @@ def check_opened(o: SessionOpened, limits: Limits, vocab_size: int, tokenizer: s
         raise BlockError("invalid_session", f"bad sampling parameters {s}: temperature 0 or "
                          f"{limits.min_temperature}..{limits.max_temperature}, top_p in (0, 1], "
                          "top_k >= 0")
+    _check_transforms(s, vocab_size)
+    if not -1 <= o.logprobs <= MAX_LOGPROBS:  # each verdict carries k alternatives per token
+        raise BlockError("invalid_session", f"logprobs: -1 (none) or 0..{MAX_LOGPROBS} "
+                         "alternatives")
     if max(len(o.target), len(o.draft)) > limits.max_model_name_chars:
         raise BlockError("invalid_session", f"model names longer than "
                          f"{limits.max_model_name_chars} characters")

@@ -33,6 +33,7 @@ from specedge.config import AdaptiveBudget, Limits
 from specedge.devices import synchronize
 from specedge.execution.costmodel import CostModel
 from specedge.execution.costs import Probe, forward_costs
+from specedge.execution.logprobs import to_wire
 from specedge.execution.walk import commit
 from specedge.httpserver import HttpServer
 from specedge.sessionlog import LogError, committed_sequence, read_session
@@ -673,6 +674,8 @@ class Worker:
                 worker=self.cfg.name, budget=budget, t=time.time(),
                 timings=VerifyTimings(queued_s=queued, verify_s=verify_s, batch_size=len(work),
                                       batch_tokens=batch_tokens, kv_hit=out.kv_hit),
+                # exactly the committed tokens' (the round may be cut at EOS or the limit)
+                **(to_wire(out.logprobs, len(toks)) if out.logprobs is not None else {}),
             )
             st.committed.extend(toks)
             self.stats.tokens += len(toks)
