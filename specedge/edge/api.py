@@ -45,6 +45,12 @@ from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
 from specedge.execution.costs import forward_costs, knee
 from specedge.execution.logprobs import MAX_TOP, TokenLogprob
+from specedge.execution.transforms import (
+    MAX_BIAS,
+    MAX_BIAS_ENTRIES,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+)
 from specedge.fleet import FleetView
 from specedge.vocab import fingerprint, token_count
 
@@ -352,8 +358,6 @@ def _range(body: dict, name: str, lo: float, hi: float, default: float, *,
     return v
 
 
-MAX_BIAS_ENTRIES = 300  # OpenAI's own limit on logit_bias
-MAX_REPETITION_PENALTY = 10.0  # transformers allows any > 0; past this it only breaks text
 MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's limit
 
 
@@ -373,10 +377,11 @@ def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
         if not (str(tid) == key.strip() and 0 <= tid < vocab_size):
             raise ApiError(400, f"Invalid 'logit_bias': key {json.dumps(key)} is not a token id "
                            f"in [0, {vocab_size})", param="logit_bias", code="invalid_value")
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+        if (isinstance(bias, bool) or not isinstance(bias, int | float)
+                or not -MAX_BIAS <= bias <= MAX_BIAS):
             raise ApiError(400, f"Invalid 'logit_bias': the bias of token {tid} must be a number "
-                           f"in [-100, 100], got {json.dumps(bias)}", param="logit_bias",
-                           code="invalid_value")
+                           f"in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {json.dumps(bias)}",
+                           param="logit_bias", code="invalid_value")
         out[tid] = float(bias)
     return tuple(sorted(out.items()))
 
@@ -405,8 +410,9 @@ def _sampling(body: dict, cfg: ServeConfig, vocab_size: int) -> Sampling:
     return Sampling(
         temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
         min_p=float(_range(body, "min_p", 0, 1, 0.0)),
-        presence_penalty=float(_range(body, "presence_penalty", -2, 2, 0.0)),
-        frequency_penalty=float(_range(body, "frequency_penalty", -2, 2, 0.0)),
+        presence_penalty=float(_range(body, "presence_penalty", -MAX_PENALTY, MAX_PENALTY, 0.0)),
+        frequency_penalty=float(_range(body, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY,
+                                       0.0)),
         repetition_penalty=float(_range(body, "repetition_penalty", 0,
                                         MAX_REPETITION_PENALTY, 1.0, lo_open=True)),
         logit_bias=_logit_bias(body, vocab_size))

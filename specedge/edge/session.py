@@ -83,17 +83,15 @@ class SessionResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def summary(self) -> dict:
-        n = len(self.rounds)
-        drafted = sum(r.depth for r in self.rounds)
+        sp = speculation([(r.nodes, r.depth, r.accepted, r.committed) for r in self.rounds])
         itl = sorted(self.itl)
         return {
             "session_id": self.session_id,
             "text": self.text,
             "token_ids": self.token_ids,
-            "rounds": n,
-            "tokens_per_round": len(self.token_ids) / n if n else 0.0,
-            # accepted draft tokens / drafted depth: how much of the tree's reach was used
-            "acceptance": sum(r.accepted for r in self.rounds) / drafted if drafted else 0.0,
+            "rounds": sp["rounds"],
+            "tokens_per_round": sp["tokens_per_round"],
+            "acceptance": sp["acceptance"],
             "ttft_s": self.ttft_s,
             "itl_s": statistics.median(itl) if itl else 0.0,
             "itl_p90_s": itl[int(0.9 * (len(itl) - 1))] if itl else 0.0,

@@ -31,6 +31,14 @@ import torch
 
 from schemas import Sampling
 
+# The accepted ranges, checked by the edge's API (a 400) and the verifier (a refusal): OpenAI's
+# for the penalties and the bias; transformers allows any repetition penalty > 0, but past 10
+# it only zeroes the logits of every token seen.
+MAX_PENALTY = 2.0  # presence and frequency: [-MAX_PENALTY, MAX_PENALTY]
+MAX_REPETITION_PENALTY = 10.0  # (0, MAX_REPETITION_PENALTY]
+MAX_BIAS = 100.0  # logit_bias values: [-MAX_BIAS, MAX_BIAS]
+MAX_BIAS_ENTRIES = 300
+
 
 def wanted(s: Sampling) -> bool:
     """Whether `s` asks for any history-dependent transform."""

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 from schemas import DraftBlock, Sampling, SessionOpened, unpack_ids
 from specedge.config import Limits
+from specedge.execution.logprobs import MAX_TOP
+from specedge.execution.transforms import (
+    MAX_BIAS,
+    MAX_BIAS_ENTRIES,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+)
 from specedge.execution.tree import TreeError, validate_parents
 from workers.verifier.state import SessionState
 
@@ -39,20 +46,17 @@ def _ids(data: bytes, what: str) -> list[int]:
         raise BlockError("invalid_session", f"{what}: {exc}") from None
 
 
-# the OpenAI API's ranges; a repetition penalty past 10 only zeroes seen tokens' logits
-MAX_BIAS_ENTRIES = 300
-MAX_REPETITION_PENALTY = 10.0
-MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
 def _check_transforms(s: Sampling, vocab_size: int) -> None:
     """min_p, the penalties and logit_bias (written so that NaN fails every comparison)."""
-    if not (0.0 <= s.min_p <= 1.0 and -2.0 <= s.presence_penalty <= 2.0
-            and -2.0 <= s.frequency_penalty <= 2.0
+    if not (0.0 <= s.min_p <= 1.0 and -MAX_PENALTY <= s.presence_penalty <= MAX_PENALTY
+            and -MAX_PENALTY <= s.frequency_penalty <= MAX_PENALTY
             and 0.0 < s.repetition_penalty <= MAX_REPETITION_PENALTY):
         raise BlockError("invalid_session", f"bad sampling parameters {s}: min_p in [0, 1], "
-                         "presence and frequency penalties in [-2, 2], repetition_penalty in "
-                         f"(0, {MAX_REPETITION_PENALTY}]")
+                         f"presence and frequency penalties in [-{MAX_PENALTY:g}, "
+                         f"{MAX_PENALTY:g}], repetition_penalty in "
+                         f"(0, {MAX_REPETITION_PENALTY:g}]")
     bias = s.logit_bias
     if len(bias) > MAX_BIAS_ENTRIES:
         raise BlockError("invalid_session", f"logit_bias has {len(bias)} entries; at most "
@@ -61,8 +65,9 @@ def _check_transforms(s: Sampling, vocab_size: int) -> None:
     if any(not 0 <= i < vocab_size for i in ids) or ids != sorted(set(ids)):
         raise BlockError("invalid_session", "logit_bias: distinct token ids inside the "
                          "vocabulary, in increasing order")
-    if not all(-100.0 <= b <= 100.0 for _, b in bias):
-        raise BlockError("invalid_session", "logit_bias: values in [-100, 100]")
+    if not all(-MAX_BIAS <= b <= MAX_BIAS for _, b in bias):
+        raise BlockError("invalid_session", f"logit_bias: values in [-{MAX_BIAS:g}, "
+                         f"{MAX_BIAS:g}]")
 
 
 def check_opened(o: SessionOpened, limits: Limits, vocab_size: int, tokenizer: str = "",
@@ -95,8 +100,8 @@ def check_opened(o: SessionOpened, limits: Limits, vocab_size: int, tokenizer: s
                          f"{limits.min_temperature}..{limits.max_temperature}, top_p in (0, 1], "
                          "top_k >= 0")
     _check_transforms(s, vocab_size)
-    if not -1 <= o.logprobs <= MAX_LOGPROBS:  # each verdict carries k alternatives per token
-        raise BlockError("invalid_session", f"logprobs: -1 (none) or 0..{MAX_LOGPROBS} "
+    if not -1 <= o.logprobs <= MAX_TOP:  # each verdict carries k alternatives per token
+        raise BlockError("invalid_session", f"logprobs: -1 (none) or 0..{MAX_TOP} "
                          "alternatives")
     if max(len(o.target), len(o.draft)) > limits.max_model_name_chars:
         raise BlockError("invalid_session", f"model names longer than "
