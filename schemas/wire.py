@@ -76,6 +76,12 @@ class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fiel
     # -1: no log-probabilities; k >= 0: every verdict carries the target's log-probability of
     # each committed token and its k most likely alternatives (k <= 20), for this session only
     logprobs: int = -1
+    # the prefix cache's scope: "" the edge's own (the verifier salts block hashes with the
+    # session's authenticated edge name, so no other tenant can hit or probe them); a name the
+    # verifier was configured to share (--shared-prefix NAME) scopes the first `shared_len`
+    # prompt tokens to that name instead: a system prompt common to many tenants
+    shared_prefix: str = ""
+    shared_len: int = 0
 
 
 class SessionClosed(msgspec.Struct, tag="close", frozen=True, forbid_unknown_fields=True):
@@ -138,6 +144,9 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     logprobs: bytes = b""
     top_ids: bytes = b""
     top_logprobs: bytes = b""
+    # prompt tokens whose KV the verifier took from its prefix cache when it built this
+    # session's KV in this round (its first round, or a rebuild), instead of computing them
+    cached_tokens: int = 0
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True, forbid_unknown_fields=True):
