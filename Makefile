@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test models venv lint bench gpu-check gpu-wheels clean
+.PHONY: demo test models venv lint bench gpu-check gpu-wheels docs clean
 
 # Succeeds when $(PYTHON) already has a CUDA build of torch in the range pyproject.toml declares.
 CUDA_TORCH := $(PYTHON) -c "import sys, torch; \
@@ -78,6 +78,12 @@ gpu-wheels:
 	if ls $(WHEELS)/*.whl | grep -E -- '-cp3[0-9]+-cp3[0-9]+-' | grep -v -- '-cp312-cp312-'; then \
 	  echo "the wheels above are not for CPython 3.12"; exit 1; fi
 	ls $(WHEELS)/*.whl
+
+# docs/cli.md from the commands' argument parsers and docs/system.svg from its source
+# (specedge/clidoc.py, docs/system.py); tests/test_docs.py fails when either is stale
+docs: $(STAMP)
+	$(PY) -m specedge.clidoc
+	$(PY) docs/system.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -34,6 +34,8 @@ from typing import IO, TYPE_CHECKING
 
 import structlog
 
+from specedge.modelcache import models_dir
+
 if TYPE_CHECKING:  # torch/transformers are slow to import; the CLI's `list`/`path` need neither
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,11 +98,6 @@ PAIRS = KNOWN_MODELS  # alias kept for callers that think of the registry as "th
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
-
-
-def models_dir() -> Path:
-    env = os.environ.get("SPECEDGE_MODELS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "specedge" / "models"
 
 
 def spec_for(ref: str) -> ModelSpec | None:

