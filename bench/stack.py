@@ -118,7 +118,13 @@ class Stack:
         stats: dict = {}
         if self.proc:
             self.proc.terminate()
-            self.proc.wait(60)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:  # a drain that hangs must not lose the results
+                print(f"bench: the verifier did not drain within 60 s of SIGTERM; killed (its "
+                      f"log: {self.log_path})", file=sys.stderr)
+                self.proc.kill()
+                self.proc.wait()
             lines = self._stats_lines()
             stats = lines[-1] if lines else {}
         if self.srv:

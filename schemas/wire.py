@@ -60,6 +60,15 @@ class Sampling(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     logit_bias: tuple[tuple[int, float], ...] = ()
 
 
+class GrammarSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A constraint on the target's distribution (specedge.execution.grammar): every token
+    the grammar does not allow next is masked out, on the verifier's rows and the edge's
+    drafts. kind: json_object (text unused), json_schema (text: the schema, JSON), ebnf."""
+
+    kind: str
+    text: str = ""
+
+
 class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fields=True,
                     omit_defaults=True):
     v: int
@@ -82,6 +91,8 @@ class SessionOpened(msgspec.Struct, tag="open", frozen=True, forbid_unknown_fiel
     # prompt tokens to that name instead: a system prompt common to many tenants
     shared_prefix: str = ""
     shared_len: int = 0
+    # structured output: the session's grammar (None: unconstrained)
+    grammar: GrammarSpec | None = None
 
 
 class SessionClosed(msgspec.Struct, tag="close", frozen=True, forbid_unknown_fields=True):

@@ -40,6 +40,12 @@ class VerifierMetrics:
         self.prefill_chunks = Counter(p + "prefill_chunks", "Blocks whose session only caught "
                                       "up on its prompt in a forward (no verdict yet; the "
                                       "block is verified in a later one)", registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Committed tokens put into sessions' "
+                                     "KV when it was built (a first round, a rebuild), by "
+                                     "source: the prefix cache (cached) or a prefill (computed)",
+                                     ["source"], registry=r)
+        for source in ("cached", "computed"):
+            self.prompt_tokens.labels(source)
         self.batch_size = Histogram(p + "batch_size", "Blocks per batched forward",
                                     buckets=_SMALL_COUNTS, registry=r)
         self.batch_fill = Histogram(p + "batch_fill", "Blocks per forward / --max-batch",
@@ -50,6 +56,9 @@ class VerifierMetrics:
                                       registry=r)
         self.verify_seconds = Histogram(p + "verify_seconds", "Time of one batched verification",
                                         buckets=_LATENCY, registry=r)
+        self.forward_seconds = Histogram(p + "forward_seconds", "Time of one batch's target "
+                                         "forward alone (the rest of verify_seconds is the host "
+                                         "work around it)", buckets=_LATENCY, registry=r)
         self.busy_seconds = Counter(p + "busy_seconds", "Time spent in batched verification",
                                     registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Blocks pulled by this worker and waiting "
@@ -104,13 +113,18 @@ class VerifierMetrics:
         self._lookups = {True: 0, False: 0}
         self._children: dict[tuple[int, int], object] = {}  # labelled counters, by depth
 
-    def batch(self, size: int, tokens: int, seconds: float) -> None:
+    def batch(self, size: int, tokens: int, seconds: float, forward_s: float) -> None:
         self.batches.inc()
         self.batch_size.observe(size)
         self.batch_fill.observe(size / max(1, self.max_batch))
         self.batch_tokens.observe(tokens)
         self.verify_seconds.observe(seconds)
+        self.forward_seconds.observe(forward_s)
         self.busy_seconds.inc(seconds)
+
+    def prompt_cache(self, cached: int, computed: int) -> None:
+        self.prompt_tokens.labels("cached").inc(cached)
+        self.prompt_tokens.labels("computed").inc(computed)
 
     def costs(self, knee: int, chunk: int, seconds: dict[int, float]) -> None:
         self.knee_tokens.set(knee)
@@ -199,6 +213,11 @@ class EdgeMetrics:
         self.active = Gauge(p + "sessions_active", "Sessions running now", registry=r)
         self.requests = Counter(p + "http_requests", "API requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of ended sessions by "
+                                     "how the draft KV got them: cached (an earlier turn's or a "
+                                     "sibling choice's) or computed", ["source"], registry=r)
+        for source in ("cached", "computed"):
+            self.prompt_tokens.labels(source)
         for outcome in ("hit", "miss"):
             self.proactive.labels(outcome)
         self._guesses = {True: 0, False: 0}
@@ -211,6 +230,10 @@ class EdgeMetrics:
             return
         for _ in range(n):
             self.itl.observe((now - last) / n)
+
+    def prompt_cache(self, cached: int, computed: int) -> None:
+        self.prompt_tokens.labels("cached").inc(cached)
+        self.prompt_tokens.labels("computed").inc(computed)
 
     def session_done(self, rounds: Iterable, outcome: str = "ok") -> None:
         """Per-round figures from the session's records (RoundRecord)."""

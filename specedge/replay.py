@@ -59,6 +59,9 @@ class RoundView:
     t_draft: float  # edge clock at publish
     t_verdict: float  # worker clock at publish
     text: str = ""
+    # tokens of the session's KV the verifier took from its prefix cache when it built it
+    # for this round (a first round, a rebuild), instead of computing them
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -76,6 +79,12 @@ class SessionView:
     @property
     def tokens(self) -> int:
         return sum(len(r.tokens) for r in self.rounds)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens this session reused from a verifier's prefix cache (an earlier turn,
+        a sibling choice, a shared system prompt) rather than prefilled."""
+        return sum(r.cached_tokens for r in self.rounds)
 
     @property
     def speculation(self) -> dict:
@@ -105,7 +114,7 @@ def view(slog: SessionLog, now: float | None = None) -> SessionView:
             in_flight_s=(v.t - d.t) if d else 0.0, queued_s=v.timings.queued_s,
             verify_s=v.timings.verify_s, batch_size=v.timings.batch_size,
             kv_hit=v.timings.kv_hit, worker=v.worker, t_draft=d.t if d else 0.0,
-            t_verdict=v.t))
+            t_verdict=v.t, cached_tokens=v.cached_tokens))
     now = now or time.time()
     last = max([o.t] + [r.t_verdict for r in rounds])
     if slog.closed is not None or (rounds and slog.verdicts()[-1].finished):
@@ -184,7 +193,7 @@ def check(slog: SessionLog, model) -> CheckResult:
     from workers.verifier.validate import CheckedBlock
 
     o = slog.opened
-    eng = Engine(model)
+    eng = Engine(model, prefix_cache_tokens=0)  # one session: nothing to share
     st = SessionState.from_opened(slog.sid, o)  # its sampling, penalties and bias included
     drafts = slog.drafts()
     from specedge.execution.walk import commit
@@ -295,7 +304,8 @@ def print_session(sv: SessionView, tokenizer, out=sys.stdout) -> None:
     prompt = tokenizer.decode(sv.prompt) if tokenizer else str(sv.prompt)
     print(f"session {sv.sid} ({sv.state}) target={sv.target} draft={sv.draft} "
           f"sampling={sv.sampling} seed={sv.seed}", file=out)
-    print(f"prompt ({len(sv.prompt)} tokens):\n{prompt}\n", file=out)
+    print(f"prompt ({len(sv.prompt)} tokens, {sv.cached_tokens} reused from the verifier's "
+          f"prefix cache):\n{prompt}\n", file=out)
     print(" rnd nodes depth acc next       kind  pro  draft_ms in_flight queued verify batch "
           "worker", file=out)
     for r in sv.rounds:
@@ -319,7 +329,8 @@ async def amain(a: argparse.Namespace) -> int:
             for sv in await list_sessions(js, a.limit):
                 started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sv.started))
                 print(f"{sv.sid}  {started}  {sv.state:9}  {sv.tokens:5d} tokens "
-                      f"{len(sv.rounds):4d} rounds  {sv.target} / {sv.draft}")
+                      f"{len(sv.rounds):4d} rounds  {sv.cached_tokens:5d} cached  "
+                      f"{sv.target} / {sv.draft}")
             return 0
         if not a.sessions:
             print("give a SESSION id, or --list", file=sys.stderr)
@@ -352,6 +363,7 @@ async def amain(a: argparse.Namespace) -> int:
         if a.json:
             head = {k: val for k, val in asdict(sv).items() if k != "rounds"}
             print(json.dumps({"session": head} | {"tokens": sv.tokens,
+                                                  "cached_tokens": sv.cached_tokens,
                                                   "speculation": sv.speculation}))
             for r in sv.rounds:
                 print(json.dumps(asdict(r)))

@@ -28,10 +28,30 @@ def valid_edge(name: str) -> bool:
     return bool(_EDGE.match(name))
 
 
-def new_session_id(edge: str = ANON) -> str:
+def new_session_id(edge: str = ANON, partition: int | None = None,
+                   partitions: int = PARTITIONS) -> str:
+    """A fresh session id; with `partition`, one whose drafts the stream files under that
+    partition (the verifier serving it holds the KV a related session left: an earlier
+    turn of the conversation, or a sibling choice). The nonce stays random: about
+    `partitions` draws find one."""
     if not valid_edge(edge):
         raise ValueError(f"bad edge name {edge!r}: 1-32 of A-Z a-z 0-9 _ -")
-    return f"{edge}.{secrets.token_urlsafe(12)}"
+    if partition is not None and not 0 <= partition < partitions:
+        raise ValueError(f"partition {partition} outside 0..{partitions - 1}")
+    while True:
+        sid = f"{edge}.{secrets.token_urlsafe(12)}"
+        if partition is None or partition_of(sid, partitions) == partition:
+            return sid
+
+
+def partition_of(sid: str, partitions: int = PARTITIONS) -> int:
+    """The partition the stream's subject transform (`draft_transform`) files a session's
+    drafts under: nats-server's partition() is FNV-1a (32 bit) of the selected tokens
+    concatenated, modulo the partition count."""
+    h = 0x811C9DC5
+    for byte in sid.replace(".", "", 1).encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
 
 
 def valid_sid(sid: str) -> bool:

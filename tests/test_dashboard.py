@@ -129,10 +129,11 @@ async def test_every_metric_the_dashboard_queries_is_exported(nats_server, tiny_
     # the families the issue names are all on the dashboard
     for family in ("specedge_verifier_tokens_total", "specedge_verifier_tokens_per_round_sum",
                    "specedge_verifier_position_accepted_total", "specedge_verifier_batch_fill_bucket",
-                   "specedge_verifier_busy_seconds_total", "specedge_verifier_consumer_lag",
+                   "specedge_verifier_forward_seconds_sum", "specedge_verifier_consumer_lag",
                    "specedge_verifier_redeliveries_total", "specedge_verifier_kv_cache_bytes",
                    "specedge_verifier_rejects_total", "specedge_edge_time_to_first_token_seconds_bucket",
-                   "specedge_edge_inter_token_seconds_bucket"):
+                   "specedge_edge_inter_token_seconds_bucket",
+                   "specedge_verifier_prompt_tokens_total", "specedge_edge_prompt_tokens_total"):
         assert family in wanted, family
     # `by (label)` and `{label=...}`: the label exists on the series (where a series exists yet)
     for p in panels():

@@ -35,15 +35,18 @@ from starlette.routing import Route
 from schemas import Sampling
 from specedge import metrics, subjects
 from specedge.config import TreeShape
+from specedge.edge import structured, tools
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.limits import EdgeLimits, LimitError, plan
 from specedge.edge.link import BrokerUnreachable, Link
 from specedge.edge.proactive import Mode
+from specedge.edge.routes import Routes
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected, speculation
 from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
 from specedge.execution.costs import forward_costs, knee
+from specedge.execution.grammar import Grammars
 from specedge.execution.logprobs import MAX_TOP, TokenLogprob
 from specedge.execution.transforms import (
     MAX_BIAS,
@@ -85,6 +88,12 @@ class ServeConfig:
     prefill_chunk: int = 128
     attention: str = "auto"  # the draft runner's (specedge.cli.runner_opts)
     cuda_graphs: bool | None = None
+    # draft KV kept after a request ends, for the next turn of its conversation (or a sibling
+    # choice) to start from; evicted least recently used when sessions need the room. 0: off
+    draft_cache_tokens: int = 32768
+    # a name the verifiers share (their --shared-prefix): a chat's leading system message is
+    # cached under it for every tenant that uses the same one; "": this edge's own cache only
+    shared_prefix: str = ""
 
 
 class ApiError(Exception):
@@ -117,6 +126,9 @@ class GenRequest:
     n: int = 1  # choices: sessions with seeds choice_seed(seed, i)
     shape: TreeShape = field(default_factory=TreeShape)  # within the fleet's limits
     max_budget: int = 16
+    shared_len: int = 0  # prompt tokens cached under ServeConfig.shared_prefix
+    # response_format and tools (specedge.edge.structured): the grammar and the tool plan
+    structure: structured.Structure | None = None
 
 
 @dataclass
@@ -127,6 +139,7 @@ class Finish:
     session_id: str
     # the session's rounds as (nodes, depth, accepted, committed), for its speculation figures
     rounds: list[tuple[int, int, int, int]] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the verifier served from its prefix cache
 
 
 @dataclass
@@ -165,8 +178,13 @@ class EdgeService:
             log.info("draft forward cost measured", prefill_chunk=cfg.prefill_chunk,
                      costs_ms={n: round(c * 1000, 1) for n, c in costs.items()})
         self.executor = ThreadPoolExecutor(cfg.max_sessions, thread_name_prefix="draft")
+        self.grammars = Grammars(tokenizer, self.vocab_size)  # compiled once per schema
         self.eos = eos_ids(tokenizer, draft_model.config,
                            getattr(draft_model, "generation_config", None))
+        pool = self.runner.pool
+        if cfg.draft_cache_tokens:
+            pool.enable_cache(-(-cfg.draft_cache_tokens // pool.block_size))
+        self.routes = Routes(pool.block_size)
         self.metrics = edge_metrics or metrics.EdgeMetrics()
         self.slots = asyncio.Semaphore(cfg.max_sessions)
         self.draining = False
@@ -202,16 +220,46 @@ class EdgeService:
             self._warned_shape = True
             log.warning("draft tree clamped to the verifiers' limits", configured=str(cfg.shape),
                         used=str(p.shape))
-        return GenRequest(prompt_ids, p.max_new_tokens, **common, shape=p.shape,
-                          max_budget=p.max_budget)
+        req = GenRequest(prompt_ids, p.max_new_tokens, **common, shape=p.shape,
+                         max_budget=p.max_budget)
+        try:  # the grammar compiled (on a thread, within its time limit) before any session
+            await structured.prepare(self.grammars, req.structure, self.eos)
+        except structured.RequestError as exc:
+            raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
+        return req
 
-    async def generate(self, req: GenRequest, sid: str) -> AsyncIterator[Piece | Finish]:
+    def shared_len(self, body: dict, ids: list[int]) -> int:
+        """With a shared prefix name: the tokens of the chat's leading system message as the
+        template renders it (0 when there is none, or when it does not begin the prompt)."""
+        msgs = body.get("messages")
+        if not self.cfg.shared_prefix or not msgs or msgs[0].get("role") != "system":
+            return 0
+        try:
+            head = self.tok.apply_chat_template([msgs[0]], tokenize=True)
+        except Exception:  # a template that wants more than a system message
+            return 0
+        head = list(head["input_ids"] if isinstance(head, dict) or hasattr(head, "input_ids")
+                    else head)
+        return len(head) if ids[: len(head)] == head else 0
+
+    def session_id(self, prompt_ids: list[int]) -> str:
+        """A new session id, in the partition of the session that last covered the longest
+        prefix of this prompt when there is one: the verifier serving that partition holds
+        its KV (the previous turn of a conversation)."""
+        return subjects.new_session_id(self.cfg.edge_name, self.routes.find(prompt_ids))
+
+    async def generate(self, req: GenRequest, sid: str, after: asyncio.Event | None = None,
+                       started: asyncio.Event | None = None) -> AsyncIterator[Piece | Finish]:
         """Text pieces as verdicts commit tokens, then one Finish. Stop strings are held back
         until they can no longer begin one; a hit cancels the session (it closes itself). With
         logprobs, each piece carries the tokens whose text begins in it; a stop string drops
-        the tokens whose text begins after the cut."""
+        the tokens whose text begins after the cut. `after`: start once it is set (a sibling
+        choice waits for the first choice's prefill, to share it); `started` is set at this
+        session's first verdict (or its end, whatever happens)."""
         t0 = time.perf_counter()
         slog = log.bind(sid=sid)
+        if after is not None:
+            await after.wait()
         params = SessionParams(
             prompt_ids=req.prompt_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
             seed=req.seed, eos_ids=self.eos, shape=req.shape,
@@ -220,11 +268,15 @@ class EdgeService:
             verdict_timeout_s=self.cfg.verdict_timeout_s, give_up_s=self.cfg.give_up_s,
             adaptive=self.cfg.adaptive, max_budget=req.max_budget,
             prefill_chunk=self.cfg.prefill_chunk, tokenizer=self.tokenizer_id,
-            logprobs=req.logprobs)
+            logprobs=req.logprobs, shared_prefix=self.cfg.shared_prefix if req.shared_len else "",
+            shared_len=req.shared_len, grammar=req.structure.grammar if req.structure else None,
+            constraint=structured.constraint(self.grammars, req.structure, self.eos))
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:
             arrivals.put_nowait((time.perf_counter(), toks))
+            if started is not None:
+                started.set()
 
         async with self.slots:
             self.metrics.active.inc()
@@ -249,7 +301,8 @@ class EdgeService:
             def finish(reason: str) -> Finish:
                 return Finish(reason, len(req.prompt_ids), n_tokens, sid,
                               [(r.nodes, r.depth, r.accepted, r.committed)
-                               for r in session.rounds])
+                               for r in session.rounds],
+                              session.rounds[0].cached_tokens if session.rounds else 0)
 
             outcome = "cancelled"  # unless it ends otherwise: the client went away
             try:
@@ -312,9 +365,14 @@ class EdgeService:
             finally:
                 # Bookkeeping first: under a disconnect, Starlette's cancel scope cancels
                 # every further await here too.
+                if started is not None:
+                    started.set()
                 if outcome != "ok":
                     self.metrics.sessions.labels(outcome).inc()
                 self.metrics.active.dec()
+                self.metrics.prompt_cache(session.draft_cached,
+                                          len(req.prompt_ids) - session.draft_cached)
+                self.routes.add(session.committed, subjects.partition_of(sid))
                 if not task.done():
                     task.cancel()  # the session publishes its SessionClosed on the way out
                     with contextlib.suppress(asyncio.CancelledError):
@@ -433,13 +491,10 @@ def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int, chat: bool) -> 
                        code=f"integer_{'above_max' if n > 1 else 'below_min'}_value")
     sampling = _sampling(body, cfg, vocab_size)
     logprobs = _logprobs(body, chat)
-    for name in ("tools", "functions", "tool_choice", "function_call"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported", param=name)
-    rf = body.get("response_format")
-    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise ApiError(400, "only response_format {\"type\": \"text\"} is supported",
-                       param="response_format")
+    try:  # response_format and tools: the request's grammar, parsed and checked
+        structure = structured.parse(body, chat)
+    except structured.RequestError as exc:
+        raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
     # left out: None, and the edge's default capped by what fits (EdgeService.admit)
     max_tokens = _get(body, "max_completion_tokens", (int,), _get(body, "max_tokens", (int,)))
     if max_tokens is not None and max_tokens < 1:
@@ -461,10 +516,15 @@ def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int, chat: bool) -> 
                        param="stream_options")
     include_usage = bool(_get(so, "include_usage", (bool,), False))
     return dict(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, stream=stream,
-                include_usage=include_usage, logprobs=logprobs, n=n)
+                include_usage=include_usage, logprobs=logprobs, n=n, structure=structure)
 
 
-def _chat_prompt(body: dict, tok) -> list[int]:
+def _chat_prompt(body: dict, tok, structure: structured.Structure | None = None) -> list[int]:
+    if tools.uses_tools(body):  # tools in the template, tool turns in the messages
+        try:
+            return tools.chat_prompt(body, tok, structure.tools if structure else None)
+        except structured.RequestError as exc:
+            raise ApiError(400, exc.message, param=exc.param, code=exc.code) from None
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
@@ -596,10 +656,17 @@ class _Choices:
 
 async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> Response:
     created = int(time.time())
-    sids = [subjects.new_session_id(service.cfg.edge_name) for _ in range(req.n)]
+    # every choice in the first one's partition (one verifier), the others starting after its
+    # first verdict: both sides have the prompt's KV cached by then and only fork it
+    sids = [service.session_id(req.prompt_ids)]
+    sids += [subjects.new_session_id(service.cfg.edge_name, subjects.partition_of(sids[0]))
+             for _ in range(req.n - 1)]
     header = {"X-SpecEdge-Session": ",".join(sids)}
+    first = asyncio.Event() if req.n > 1 else None
     choices = _Choices([service.generate(dataclasses.replace(req, seed=choice_seed(req.seed, i)),
-                                         sid) for i, sid in enumerate(sids)])
+                                         sid, after=first if i else None,
+                                         started=None if i else first)
+                        for i, sid in enumerate(sids)])
     # errors before every choice's first item get a real status code
     early: list[tuple[int, Piece | Finish]] = []
     try:
@@ -631,10 +698,12 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
         out = {"usage": {"prompt_tokens": fins[0].prompt_tokens,
                          "completion_tokens": sum(f.completion_tokens for f in fins),
                          "total_tokens": fins[0].prompt_tokens
-                         + sum(f.completion_tokens for f in fins)},
+                         + sum(f.completion_tokens for f in fins),
+                         "prompt_tokens_details": {"cached_tokens": fins[0].cached_tokens}},
                "speculation": speculation([r for f in fins for r in f.rounds])}
         if len(fins) > 1:
-            out["speculation"]["choices"] = [speculation(f.rounds) for f in fins]
+            out["speculation"]["choices"] = [speculation(f.rounds) | {
+                "cached_tokens": f.cached_tokens} for f in fins]
         return out
 
     async def rest():
@@ -649,6 +718,8 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
             done += isinstance(item, Finish)
             yield i, item
 
+    plan = req.structure.tools if req.structure and kind == "chat" else None
+    whole = plan is not None and plan.choice != "none"  # a call is parsed from the whole text
     if not req.stream:
         parts: list[list[Piece]] = [[] for _ in range(req.n)]
         fins: list[Finish | None] = [None] * req.n
@@ -667,8 +738,9 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
             assert fin is not None
             text = "".join(p.text for p in ps)
             lps = logprobs([t for p in ps for t in p.tokens])
-            out.append({"index": i, "message": {"role": "assistant", "content": text},
-                        "finish_reason": fin.reason, "logprobs": lps} if kind == "chat" else
+            msg, reason = tools.message(text, fin.reason, plan)  # tool calls parsed out
+            out.append({"index": i, "message": msg, "finish_reason": reason,
+                        "logprobs": lps} if kind == "chat" else
                        {"index": i, "text": text, "finish_reason": fin.reason, "logprobs": lps})
         body = envelope(out, False, rid) | usage(fins)
         return JSONResponse(body, headers=header)
@@ -687,8 +759,14 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
             out["usage"] = None
         return out
 
+    def tool_delta(i: int, d: dict) -> dict:
+        out = envelope([{"index": i, "delta": d, "finish_reason": None, "logprobs": None}],
+                       True, rid)
+        return out | ({"usage": None} if req.include_usage else {})
+
     async def events() -> AsyncIterator[bytes]:
         fins: list[Finish | None] = [None] * req.n
+        held: list[list[str]] = [[] for _ in range(req.n)]  # with tools: parsed at the end
         try:
             if kind == "chat":
                 for i in range(req.n):
@@ -696,7 +774,14 @@ async def _run(service: EdgeService, req: GenRequest, kind: str, model: str) -> 
             async for i, item in rest():
                 if isinstance(item, Finish):
                     fins[i] = item
-                    yield _sse(delta(i, None, item.reason))
+                    reason = item.reason
+                    if whole:
+                        ds, reason = tools.stream_deltas("".join(held[i]), reason, plan)
+                        for d in ds:
+                            yield _sse(tool_delta(i, d))
+                    yield _sse(delta(i, None, reason))
+                elif whole:
+                    held[i].append(item.text)
                 else:
                     yield _sse(delta(i, item, None))
             if req.include_usage:
@@ -758,8 +843,9 @@ def build_app(service: EdgeService) -> Starlette:
     async def chat(request: Request) -> Response:
         body = await body_of(request)
         common = _parse_common(body, cfg, service.vocab_size, chat=True)
-        ids = _chat_prompt(body, service.tok)
+        ids = _chat_prompt(body, service.tok, common["structure"])
         req = await service.admit(ids, common, "messages")
+        req.shared_len = service.shared_len(body, ids)
         return await _run(service, req, "chat", cfg.model_id)
 
     async def completions(request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,8 +13,12 @@ from schemas import Sampling
 from specedge.config import TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.execution import PackedRunner, Segment
+from specedge.execution.prefix import block_hashes
 from specedge.execution.transforms import History, Rows, apply, wanted
 from specedge.execution.tree import ancestor_bits, unpack_rows
+
+if TYPE_CHECKING:
+    from specedge.execution.grammar import Constraint
 
 
 @dataclass
@@ -28,6 +33,8 @@ class DraftTree:
     # the logit transforms its candidates were scored with (trees drafted ahead reuse them)
     sampling: Sampling | None = None
     prompt_len: int = 0
+    # structured output: the session's grammar state (synced to C before each use)
+    constraint: Constraint | None = None
 
     @property
     def size(self) -> int:
@@ -42,11 +49,16 @@ class TreeBuilder:
     prompt part), so the draft proposes what the transformed target will pick."""
 
     def __init__(self, drafter: Drafter, committed: list[int], shape: TreeShape,
-                 sampling: Sampling | None = None, prompt_len: int = 0):
+                 sampling: Sampling | None = None, prompt_len: int = 0,
+                 constraint: Constraint | None = None, forced: bool = True):
         self.d, self.shape = drafter, shape.check()
         self.committed = committed
         self.tree = DraftTree(root=committed[-1], committed_len=len(committed),
-                              sampling=sampling, prompt_len=prompt_len)
+                              sampling=sampling, prompt_len=prompt_len, constraint=constraint)
+        # with a grammar: drafts masked as the verifier masks the target, and tokens the
+        # grammar forces added without a draft forward (`forced`)
+        self._forced = forced and constraint is not None
+        self._has_forced_child: set[int] = set()
         self._history = (History.of(committed, prompt_len)
                          if sampling is not None and wanted(sampling) else None)
         self._heap: list[tuple[float, int, int, int, int]] = []  # (-logp, seq, parent, tok, depth)
@@ -60,18 +72,30 @@ class TreeBuilder:
         log-probability: float32 and one host transfer for all of them (fp64 runs at a
         fraction of the rate on the consumer GPUs edges use)."""
         t = self.tree
-        live = [i for i, n in enumerate(nodes) if (t.depths[n - 1] if n else 0) < self.shape.depth]
+        live = [i for i, n in enumerate(nodes) if (t.depths[n - 1] if n else 0) < self.shape.depth
+                and n not in self._has_forced_child  # its one allowed child is in the tree
+                and not (n and t.constraint is not None and t.tokens[n - 1] in t.constraint.stop)]
         if not live:
             return
         rows = logits if len(live) == len(nodes) else logits[live]
         if self._history is not None:
             rows = apply(rows, [Rows(0, t.sampling, self._history, t.tokens, t.parents,
                                      [nodes[j] for j in live])])
+        if t.constraint is not None:
+            from specedge.execution.grammar import allowed
+
+            if not t.constraint.sync(self.committed[t.prompt_len:]):
+                return  # a guess past the grammar's end (drafted ahead): nothing to draft
+            bm = t.constraint.node_bitmask(t.tokens, t.parents, [nodes[j] for j in live])
+            rows = rows.masked_fill(~allowed(bm, rows.shape[-1]).to(rows.device),
+                                    float("-inf"))
         vals, idx = torch.topk(torch.log_softmax(rows.float(), -1), self.shape.topk)
         for j, v_row, i_row in zip(live, vals.tolist(), idx.tolist(), strict=True):
             node = nodes[j]
             base, depth = (t.logp[node - 1], t.depths[node - 1]) if node else (0.0, 0)
             for v, tok in zip(v_row, i_row, strict=True):
+                if v == float("-inf"):  # the grammar allows fewer than topk tokens
+                    break
                 heapq.heappush(self._heap, (-(base + v), self._seq, node, tok, depth + 1))
                 self._seq += 1
 
@@ -93,17 +117,40 @@ class TreeBuilder:
         room = self.shape.budget - t.size
         while room > 0 and self._heap and len(self._pending) < self.shape.width:
             neg, _, parent, tok, depth = heapq.heappop(self._heap)
-            t.tokens.append(tok)
-            t.parents.append(parent)
-            t.depths.append(depth)
-            t.logp.append(-neg)
-            self._pending.append(t.size)
+            self._add(parent, tok, depth, -neg)
             room -= 1
+            if self._forced and room > 0 and depth < self.shape.depth:
+                room -= self._add_forced(t.size, min(room, self.shape.depth - depth))
         # Forward the new nodes next step only if more nodes could hang off them.
         expandable = any(t.depths[i - 1] < self.shape.depth for i in self._pending)
         if not self._pending or room <= 0 or not expandable:
             self.done = True
             self.d.drafting(False)
+
+    def _add(self, parent: int, tok: int, depth: int, logp: float) -> None:
+        t = self.tree
+        t.tokens.append(tok)
+        t.parents.append(parent)
+        t.depths.append(depth)
+        t.logp.append(logp)
+        self._pending.append(t.size)
+
+    def _add_forced(self, node: int, limit: int) -> int:
+        """Append the chain of tokens the grammar forces after `node` (probability 1 under
+        the masked target, so the same log-probability): no draft forward decides them."""
+        t = self.tree
+        path, n = [], node
+        while n:
+            path.append(t.tokens[n - 1])
+            n = t.parents[n - 1]
+        if not t.constraint.sync(self.committed[t.prompt_len:]):
+            return 0
+        span = t.constraint.forced(path[::-1], limit)
+        for tok in span:
+            self._has_forced_child.add(node)
+            self._add(node, tok, t.depths[node - 1] + 1, t.logp[node - 1])
+            node = t.size
+        return len(span)
 
     def run(self) -> DraftTree:
         while not self.done:
@@ -172,6 +219,25 @@ class Drafter:
         """Keep the draft KV of the accepted path (its forwarded prefix), drop the rest."""
         keep = [i - 1 for i in accepted if i <= tree.forwarded]
         self.kv.keep(tree.committed_len, keep)
+
+    def reuse(self, prompt: list[int]) -> int:
+        """Map the cached draft KV of the prompt's leading blocks (an earlier turn of this
+        conversation, a sibling choice) into this drafter's empty KV: the prefill then starts
+        after them. At most len(prompt) - 1 tokens, so the last is always forwarded. Returns
+        the tokens reused (0 when the pool keeps no cache)."""
+        pool = self.kv.pool
+        if not pool.caching or self.kv.length or len(prompt) < 2:
+            return 0
+        usable = (len(prompt) - 1) // pool.block_size * pool.block_size
+        return self.kv.adopt(block_hashes(prompt[:usable], pool.block_size))
+
+    def remember(self, committed: list[int]) -> None:
+        """Offer the draft KV's full blocks of `committed` to the pool's cache (they stay
+        there after close, until the pool needs the room)."""
+        pool = self.kv.pool
+        if pool.caching:
+            n = min(self.kv.length, len(committed))
+            self.kv.publish(block_hashes(committed[:n], pool.block_size))
 
     def close(self) -> None:
         """Give the KV blocks back to the runner's pool."""

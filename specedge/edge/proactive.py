@@ -110,6 +110,12 @@ class Proactive:
                 logits = apply(logits[None], [Rows(0, t.sampling, History.of(base, t.prompt_len),
                                                    [], [])])[0]
             lp = torch.log_softmax(logits.float(), -1)
+            if t.constraint is not None:  # the target's row is masked to the grammar
+                from specedge.execution.grammar import allowed
+
+                if t.constraint.sync(base[t.prompt_len:]):
+                    ok = allowed(t.constraint.tree_bitmask([], []), len(lp))[0]
+                    lp = lp.masked_fill(~ok.to(lp.device), float("-inf"))
             if kids:
                 lp[kids] = float("-inf")  # a child token would have extended the path
             k = 1 if self.mode is Mode.SINGLE else 2
@@ -119,7 +125,7 @@ class Proactive:
                 d = fork if j == 0 else await self._timed(self.main.fork, t, path)
                 pred = base + [y]
                 self.heads.append(Head(pred, pathlp + v, d, TreeBuilder(
-                    d, pred, self.shape, t.sampling, t.prompt_len)))
+                    d, pred, self.shape, t.sampling, t.prompt_len, t.constraint)))
             self.heads[-k].busy_s += time.perf_counter() - t0
             if len(self.heads) >= self.max_heads or self.mode is Mode.SINGLE:
                 break

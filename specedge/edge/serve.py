@@ -16,16 +16,17 @@ import structlog
 
 from specedge import broker, logs, settings, subjects
 from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
+from specedge.edge.args import add_generation_args, shape_from
 from specedge.edge.proactive import Mode
 
 log = structlog.get_logger("specedge.edge.serve")
 
 SERVE_ONLY = frozenset({"host", "port", "served_model_name", "max_sessions", "max_n",
-                        "max_tokens_limit", "grace_s"})
+                        "draft_cache_tokens", "shared_prefix", "max_tokens_limit",
+                        "grace_s"})
 
 
 def parser() -> argparse.ArgumentParser:
-    from specedge.edge.__main__ import add_generation_args
     from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
     p = argparse.ArgumentParser(prog="python -m specedge.edge serve", description=__doc__)
@@ -49,22 +50,29 @@ def parser() -> argparse.ArgumentParser:
                         "max_new_tokens applies too)")
     p.add_argument("--grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long requests in flight may take to finish")
+    p.add_argument("--draft-cache-tokens", type=int, default=32768,
+                   help="draft KV kept after a request for the next turn of its conversation "
+                        "(or a sibling choice) to reuse, least recently used evicted first; "
+                        "0: off")
+    p.add_argument("--shared-prefix", default="", metavar="NAME",
+                   help="a chat's leading system message is cached under NAME, shared with "
+                        "every tenant that sends the same one, on verifiers started with "
+                        "--shared-prefix NAME (elsewhere: this edge's own cache)")
     return p
 
 
 def parse(argv=None) -> argparse.Namespace:
     a = settings.parse_args(parser(), "edge", argv)
     for name in ("port", "max_sessions", "max_n", "max_tokens_limit", "max_new_tokens",
-                 "max_prompt_tokens"):
+                 "max_prompt_tokens", "draft_cache_tokens"):
         value = getattr(a, name)
-        if value is not None and value < (0 if name == "port" else 1):
+        if value is not None and value < (0 if name in ("port", "draft_cache_tokens") else 1):
             parser().error(f"--{name.replace('_', '-')} must be positive")
     return a
 
 
 def serve_config(a: argparse.Namespace):
     from specedge.cli import runner_opts
-    from specedge.edge.__main__ import shape_from
     from specedge.edge.api import ServeConfig
 
     return ServeConfig(
@@ -76,7 +84,8 @@ def serve_config(a: argparse.Namespace):
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,
         max_prompt_tokens=a.max_prompt_tokens,
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, max_sessions=a.max_sessions,
-        max_n=getattr(a, "max_n", 4),
+        max_n=getattr(a, "max_n", 4), draft_cache_tokens=getattr(a, "draft_cache_tokens", 0),
+        shared_prefix=getattr(a, "shared_prefix", ""),
         prefill_chunk=getattr(a, "prefill_chunk", 0), give_up_s=a.give_up_s,
         verdict_timeout_s=a.verdict_timeout_s, **runner_opts(a))
 

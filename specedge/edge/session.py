@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
@@ -41,6 +42,10 @@ from specedge.edge.link import BrokerUnreachable, Link, WaitPolicy
 from specedge.edge.proactive import Mode, Proactive
 from specedge.execution.logprobs import TokenLogprob, from_wire
 
+if TYPE_CHECKING:
+    from schemas.wire import GrammarSpec
+    from specedge.execution.grammar import Constraint
+
 log = structlog.get_logger(__name__)
 
 
@@ -68,6 +73,7 @@ class RoundRecord:
     hit: bool | None = None  # did the proactive guess come true (None: proactive off)
     react_s: float = 0.0  # verdict arrival -> the edge acting on it
     worker: str = ""  # which verifier answered
+    cached_tokens: int = 0  # prompt tokens the verifier took from its prefix cache this round
 
 
 @dataclass
@@ -81,6 +87,12 @@ class SessionResult:
     itl: list[float] = field(default_factory=list)  # one per token after the first
     # with SessionParams.logprobs >= 0: one per token of token_ids (the target's values)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    draft_cached_tokens: int = 0  # prompt tokens whose draft KV came from the edge's cache
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the verifier served from its prefix cache (its first verdict's)."""
+        return self.rounds[0].cached_tokens if self.rounds else 0
 
     def summary(self) -> dict:
         sp = speculation([(r.nodes, r.depth, r.accepted, r.committed) for r in self.rounds])
@@ -104,6 +116,8 @@ class SessionResult:
             "hidden_s": sum(r.hidden_s for r in self.rounds),
             "proactive_s": sum(r.proactive_s for r in self.rounds),
             "react_max_s": max((r.react_s for r in self.rounds), default=0.0),
+            "cached_tokens": self.cached_tokens,
+            "draft_cached_tokens": self.draft_cached_tokens,
             "round_records": [dataclasses.asdict(r) for r in self.rounds],
         }
 
@@ -154,6 +168,15 @@ class SessionParams:
     tokenizer: str = ""  # the draft's tokenizer fingerprint (specedge.vocab); "" unknown
     # -1: none; k in 0..20: the verdicts carry each token's logprob and k alternatives
     logprobs: int = -1
+    # the first shared_len prompt tokens cached under a name the verifiers share (their
+    # --shared-prefix) instead of this edge's own scope ("": none)
+    shared_prefix: str = ""
+    shared_len: int = 0
+    # structured output: the grammar (sent with the opening; the verifier masks the target
+    # with it) and the edge's own matcher for it (specedge.execution.grammar.Constraint:
+    # drafts masked alike; None drafts unmasked, still exact)
+    grammar: GrammarSpec | None = None
+    constraint: Constraint | None = None
 
 
 class State(enum.StrEnum):
@@ -184,6 +207,7 @@ class EdgeSession:
         self.committed = list(params.prompt_ids)
         self.generated: list[int] = []
         self.token_logprobs: list[TokenLogprob] = []  # per generated token, if asked for
+        self.draft_cached = 0  # prompt tokens whose draft KV the pool's cache supplied
         self.rounds: list[RoundRecord] = []  # grows as verdicts come (read by a stopped caller)
         self.round = 0
         self.shape = params.shape.check()  # the tree shape of the next round
@@ -404,10 +428,14 @@ class EdgeSession:
         if self._inflight is not None and not self._inflight.done():
             await asyncio.wrap_future(self._inflight)
         if not self.keep_draft_kv:
-            try:
-                await self._run_model(self.drafter.close)
+            try:  # what it computed stays cached for a follow-up turn (if the pool caches)
+                await self._run_model(self._remember_and_close)
             except RuntimeError:  # the executor is shut down (the process is stopping)
                 self.drafter.close()
+
+    def _remember_and_close(self) -> None:
+        self.drafter.remember(self.committed)
+        self.drafter.close()
 
     async def _finish(self, builder: TreeBuilder) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
@@ -428,18 +456,23 @@ class EdgeSession:
                 seed=self.p.seed, max_new_tokens=self.p.max_new_tokens,
                 eos_ids=pack_ids(self.p.eos_ids), target=self.p.target_name,
                 draft=self.p.draft_name, vocab_size=self.drafter.vocab_size, t=time.time(),
-                tokenizer=self.p.tokenizer, logprobs=self.p.logprobs)
+                tokenizer=self.p.tokenizer, logprobs=self.p.logprobs, grammar=self.p.grammar,
+                shared_prefix=self.p.shared_prefix, shared_len=self.p.shared_len)
             await self._publish(subjects.session(self.sid), opened, "open", 0)
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
             # Prefill everything but the last prompt token; the first round recomputes it.
             if self.shape.budget:  # budget 0 is plain decoding: no draft model at all
                 prompt = self.committed[:-1] or self.committed
+                self.draft_cached = await self._run_model(self.drafter.reuse, self.committed)
                 chunk = max(1, self.p.prefill_chunk)
-                for end in range(min(chunk, len(prompt)), len(prompt) + chunk, chunk):
+                for end in range(min(self.draft_cached + chunk, len(prompt)),
+                                 len(prompt) + chunk, chunk):
                     await self._run_model(self.drafter.catch_up, prompt[:end])
+                await self._run_model(self.drafter.remember, prompt)
             finished = False
             pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.shape,
-                                               self.p.sampling, len(self.p.prompt_ids))
+                                               self.p.sampling, len(self.p.prompt_ids),
+                                               self.p.constraint)
             hidden_s, hit = 0.0, None
             while not finished:
                 self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
@@ -493,7 +526,8 @@ class EdgeSession:
                     self.shape = self.p.shape.with_budget(min(v.budget, self.p.max_budget))
                 if head is None:
                     pending = TreeBuilder(self.drafter, self.committed, self.shape,
-                                          self.p.sampling, len(self.p.prompt_ids))
+                                          self.p.sampling, len(self.p.prompt_ids),
+                                          self.p.constraint)
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -506,7 +540,7 @@ class EdgeSession:
                     draft_s, wait_s, v.timings.verify_s, v.timings.queued_s,
                     v.timings.batch_size, v.timings.kv_hit,
                     proactive_s=pro.busy_s if pro else 0.0, hidden_s=hidden_s, hit=hit,
-                    react_s=react_s, worker=v.worker))
+                    react_s=react_s, worker=v.worker, cached_tokens=v.cached_tokens))
                 self.log.debug("round done", round=self.round, accepted=len(accepted),
                                nodes=tree.size, draft_s=round(draft_s, 4), wait_s=round(wait_s, 4),
                                hit=hit)
@@ -536,4 +570,4 @@ class EdgeSession:
                       wall_s=round(wall, 3))
         return SessionResult(self.sid, self.generated, "", rounds,
                              (t_first - t_start) if t_first else wall, wall, itl,
-                             logprobs=self.token_logprobs)
+                             logprobs=self.token_logprobs, draft_cached_tokens=self.draft_cached)

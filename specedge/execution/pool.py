@@ -7,6 +7,12 @@ edits plus copies that are queued and run as one batched copy before the next fo
 (`flush`). Blocks are reference counted: a fork shares its parent's full blocks and copies a
 shared block only when one side writes into it.
 
+An opt-in prefix cache (`cache_blocks`) keeps finished sequences' full blocks under chained
+hashes of their tokens (prefix.py): `KVSeq.publish` registers a sequence's blocks, and a new
+sequence whose tokens start the same way `adopt`s them (shared, copy on write) and computes
+only the rest. Registered blocks nobody uses wait in a least-recently-used list and are taken
+back only when no free block is left, so the cache never makes a live sequence fail.
+
 Freed blocks keep finite values (the pool starts zeroed): padded attention reads them with
 zero weight, and zero times a NaN would not be zero.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -27,10 +34,12 @@ class PoolFull(RuntimeError):
 class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str, *, block_size: int = 16,
-                 capacity_tokens: int | None = None, initial_tokens: int = 1024):
+                 capacity_tokens: int | None = None, initial_tokens: int = 1024,
+                 cache_blocks: int | None = 0):
         """capacity_tokens: a fixed budget (rounded up to whole blocks), allocated now; None:
         start with initial_tokens, double when full and halve (or more) once at most a
-        quarter is used (`shrink`)."""
+        quarter is used (`shrink`). cache_blocks: unused blocks the prefix cache may keep (0:
+        no cache, None: as many as the pool holds)."""
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         self.block_size = block_size
@@ -53,6 +62,15 @@ class KVPool:
         self.min_blocks = blocks
         self.shrinks = 0
         self._seqs: weakref.WeakSet[KVSeq] = weakref.WeakSet()  # the tables `shrink` renumbers
+        # the prefix cache: hash <-> block for registered blocks; those with no user, oldest
+        # use first (evictable)
+        self.cache_max: int | None = cache_blocks
+        self._by_hash: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self.cache_hit_blocks = 0  # blocks adopted from the cache
+        self.cache_hit_tokens = 0
+        self.cache_evictions = 0  # cached blocks given back to make room (or past the cap)
 
     @classmethod
     def for_model(cls, model, **kw) -> KVPool:
@@ -74,11 +92,22 @@ class KVPool:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can have without growing: free ones and evictable cached."""
+        return len(self._free) + len(self._lru)
 
     @property
     def used_blocks(self) -> int:
-        return self.blocks - len(self._free)
+        """Blocks some sequence holds."""
+        return self.blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered blocks (in use or evictable)."""
+        return len(self._hash_of)
+
+    @property
+    def caching(self) -> bool:
+        return self.cache_max != 0
 
     @property
     def bytes_per_token(self) -> int:
@@ -91,25 +120,78 @@ class KVPool:
 
     def can_take(self, blocks: int) -> bool:
         """Whether `blocks` more blocks can be had (a growable pool always can)."""
-        return not self.fixed or blocks <= len(self._free)
+        return not self.fixed or blocks <= self.free_blocks
+
+    def enable_cache(self, max_blocks: int | None) -> None:
+        """Turn the prefix cache on (max_blocks unused blocks kept; None: any) or off (0)."""
+        with self.lock:
+            self.cache_max = max_blocks
+            self._trim_cache()
+            if max_blocks == 0:
+                self._by_hash.clear()
+                self._hash_of.clear()
 
     # -- blocks ----------------------------------------------------------------------------
 
     def alloc(self) -> int:
         with self.lock:
             if not self._free:
-                self._grow()
+                # a fixed pool evicts cached blocks before it fails; a growing one grows (its
+                # cache is bounded by cache_max, not by the size the pool happens to have)
+                if self._lru and self.fixed:
+                    self._evict()
+                else:
+                    self._grow()
             b = self._free.pop()
             self.refs[b] = 1
             return b
 
     def incref(self, block: int) -> None:
+        if self.refs[block] == 0:  # an unused cached block comes back into use
+            del self._lru[block]
         self.refs[block] += 1
 
     def decref(self, block: int) -> None:
         self.refs[block] -= 1
         if self.refs[block] == 0:
+            if block in self._hash_of:
+                self._lru[block] = None  # the most recently used end
+                self._trim_cache()
+            else:
+                self._free.append(block)
+
+    # -- the prefix cache --------------------------------------------------------------------
+
+    def lookup(self, h: bytes) -> int | None:
+        return self._by_hash.get(h)
+
+    def register(self, block: int, h: bytes) -> bool:
+        """Cache `block` (a full block some sequence holds) under `h`; False if either is
+        registered already or the cache is off."""
+        if not self.caching or h in self._by_hash or block in self._hash_of:
+            return False
+        self._by_hash[h] = block
+        self._hash_of[block] = h
+        return True
+
+    def unregister(self, block: int) -> None:
+        h = self._hash_of.pop(block, None)
+        if h is not None:
+            del self._by_hash[h]
+        if block in self._lru:  # it was unused: now simply free
+            del self._lru[block]
             self._free.append(block)
+
+    def _evict(self) -> None:
+        """The least recently used unused cached block back to the free list."""
+        block = next(iter(self._lru))
+        self.unregister(block)
+        self.cache_evictions += 1
+
+    def _trim_cache(self) -> None:
+        if self.cache_max is not None:
+            while len(self._lru) > self.cache_max:
+                self._evict()
 
     def _grow(self) -> None:
         if self.fixed:
@@ -126,7 +208,7 @@ class KVPool:
         """The block count a growable pool at most a quarter used shrinks to (twice what it
         uses, in powers of two from its initial size, so that growing back takes usage
         quadrupling), or None."""
-        used = self.used_blocks
+        used = self.used_blocks + len(self._lru)  # the cache keeps its blocks (it is capped)
         if self.fixed or 4 * used > self.blocks:
             return None
         target = self.min_blocks
@@ -144,7 +226,7 @@ class KVPool:
             if target is None:
                 return False
             self.flush()
-            live = [blk for blk, r in enumerate(self.refs) if r > 0]
+            live = [blk for blk, r in enumerate(self.refs) if r > 0] + list(self._lru)
             renum = {old: new for new, old in enumerate(live)}
             b = self.block_size
             kv = torch.zeros((*self.kv.shape[:3], target * b, self.kv.shape[4]),
@@ -158,6 +240,9 @@ class KVPool:
             self._free = list(range(target - 1, len(live) - 1, -1))
             for seq in list(self._seqs):
                 seq.blocks = [renum[blk] for blk in seq.blocks]
+            self._hash_of = {renum[blk]: h for blk, h in self._hash_of.items()}
+            self._by_hash = {h: blk for blk, h in self._hash_of.items()}
+            self._lru = OrderedDict((renum[blk], None) for blk in self._lru)
             self.shrinks += 1
             return True
 
@@ -233,7 +318,8 @@ class KVSeq:
 
     def prepare_write(self, start: int, end: int) -> None:
         """Make positions [start, end) writable: allocate blocks up to `end` and give this
-        sequence its own copy of any shared block in the range (copy on write)."""
+        sequence its own copy of any shared block in the range (copy on write). A cached
+        block is never written in place: copied if others use it, else uncached first."""
         pool, b = self.pool, self.pool.block_size
         with pool.lock:
             while self.capacity < end:
@@ -245,6 +331,36 @@ class KVSeq:
                     pool.queue_copy(range(old * b, old * b + b), range(new * b, new * b + b))
                     pool.decref(old)
                     self.blocks[i] = new
+                elif old in pool._hash_of:
+                    pool.unregister(old)
+
+    def adopt(self, hashes: Sequence[bytes]) -> int:
+        """On an empty sequence: take the longest leading run of `hashes` the cache holds as
+        this sequence's first blocks (shared) and return how many tokens that is."""
+        pool = self.pool
+        with pool.lock:
+            if self.blocks or self.length:
+                raise ValueError("adopt needs an empty sequence")
+            for h in hashes:
+                blk = pool.lookup(h)
+                if blk is None:
+                    break
+                pool.incref(blk)
+                self.blocks.append(blk)
+            self.length = len(self.blocks) * pool.block_size
+            pool.cache_hit_blocks += len(self.blocks)
+            pool.cache_hit_tokens += self.length
+            return self.length
+
+    def publish(self, hashes: Sequence[bytes]) -> int:
+        """Cache this sequence's leading full blocks, block i under hashes[i] (those inside
+        [0, length) only); the number newly registered."""
+        pool = self.pool
+        with pool.lock:
+            if not pool.caching:
+                return 0
+            full = min(len(hashes), self.length // pool.block_size)
+            return sum(pool.register(self.blocks[i], hashes[i]) for i in range(full))
 
     def _release_beyond(self, length: int) -> None:
         keep = -(-length // self.pool.block_size)

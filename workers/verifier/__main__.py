@@ -45,6 +45,13 @@ def parse_budget(text: str) -> tuple[int | None, int | None, float | None]:
     return None, int(float(num) * _UNITS[unit]), None
 
 
+def shared_names(value: str | list[str] | None) -> tuple[str, ...]:
+    """--shared-prefix as given: repeated flags, or one comma-separated string."""
+    if isinstance(value, str):
+        value = [value]
+    return tuple(n.strip() for v in value or () for n in v.split(",") if n.strip())
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m workers.verifier", description=__doc__)
     from specedge.models import DEFAULT_TARGET
@@ -61,6 +68,17 @@ def parse(argv=None) -> argparse.Namespace:
                    help="committed tokens a session catching up (a long prompt, a rebuilt "
                         "cache) may add to one forward; the others in that forward wait for "
                         "one such chunk per round (0, the default: measured at start-up)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
+                   help="KV of ended sessions kept for sessions whose prompt starts the same way "
+                        "(a conversation's next turn, n > 1 choices): they reuse it instead of "
+                        "prefilling it; evicted least recently used, and only when live "
+                        "sessions need the room. Default: any free room of a fixed pool, "
+                        "65536 tokens of a growing (CPU) pool; 0: off. Per tenant: one edge "
+                        "identity's prompts never match another's")
+    p.add_argument("--shared-prefix", action="append", default=None, metavar="NAME",
+                   help="a system prompt name (SessionOpened.shared_prefix) whose cached KV "
+                        "every tenant may reuse (repeatable; in a config file, one string, names "
+                        "separated by commas)")
     add_limit_args(p)  # --max-nodes, --max-message-bytes, --max-sessions-per-edge, ...
     ad = AdaptiveBudget()
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=ad.enabled,
@@ -134,7 +152,8 @@ async def amain(a: argparse.Namespace) -> int:
                                                      max_deliver=a.max_deliver),
                            metrics_port=a.metrics_port, metrics_host=a.metrics_host,
                            connect_opts=connect_opts(a), tokenizer=tokenizer,
-                           vocab_limit=vocab_limit)
+                           vocab_limit=vocab_limit, prefix_cache_tokens=a.prefix_cache_tokens,
+                           shared_prefixes=shared_names(a.shared_prefix))
         if a.name:
             cfg.name = a.name
         w = Worker(model, url, cfg)

@@ -4,10 +4,14 @@ back to its accepted path. Runs in the worker's executor thread; knows nothing a
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 
+from specedge import subjects
 from specedge.execution import PackedRunner, Segment
+from specedge.execution import grammar as grammars
 from specedge.execution.logprobs import PathScorer, Scored
+from specedge.execution.prefix import Chain
 from specedge.execution.sampling import RowSampling, pick
 from specedge.execution.transforms import History, Rows, applied, wanted
 from specedge.execution.walk import WalkResult, walk
@@ -22,18 +26,101 @@ class Outcome:
     new_tokens: int  # tokens this session put into the forward
     # with st.logprobs >= 0: the target's log-probabilities of the walk's new tokens
     logprobs: Scored | None = None
+    cached: int = 0  # tokens of C this forward took from the prefix cache instead
+    computed: int = 0  # tokens of C this forward computed to (re)build the session's KV
+
+
+# Unused blocks the prefix cache keeps on a pool that grows (the CPU's): without a cap the
+# pool would never give the memory of a past peak back. A fixed pool's cache uses any room.
+GROWING_POOL_CACHE_TOKENS = 65536
+
+
+def cache_blocks(tokens: int | None, fixed: bool, block_size: int) -> int | None:
+    """The pool's cache cap in blocks from --prefix-cache-tokens (None: the default)."""
+    if tokens is None:
+        return None if fixed else GROWING_POOL_CACHE_TOKENS // block_size
+    if tokens < 0:
+        raise ValueError(f"prefix cache tokens must be >= 0, got {tokens}")
+    return -(-tokens // block_size)
 
 
 class Engine:
     def __init__(self, model, *, kv_budget_tokens: int | None = None, attention: str = "auto",
                  block_size: int = 16, cuda_graphs: bool | None = None,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, prefix_cache_tokens: int | None = None,
+                 shared_prefixes: frozenset[str] = frozenset()):
+        """prefix_cache_tokens: unused KV the prefix cache keeps (0: no cache; None: any free
+        room of a fixed pool, GROWING_POOL_CACHE_TOKENS of a growing one). shared_prefixes:
+        the SessionOpened.shared_prefix names whose blocks any tenant may hit."""
         self.runner = PackedRunner(model, kv_budget_tokens=kv_budget_tokens, attention=attention,
                                    block_size=block_size, cuda_graphs=cuda_graphs,
                                    vocab_limit=vocab_limit)
         self.model = model
         self.pool = self.runner.pool
+        self.pool.enable_cache(cache_blocks(prefix_cache_tokens, self.pool.fixed, block_size))
+        self.shared_prefixes = shared_prefixes
         self.vocab_size = self.runner.vocab_size
+        # structured output: grammars compiled for the target's tokenizer (None: from the
+        # tokenizer saved with the model, looked up when a session first asks)
+        self.grammars: grammars.Grammars | None = None
+        self._masker: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _mask_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._masker is None:
+            self._masker = concurrent.futures.ThreadPoolExecutor(1, "grammar-masks")
+        return self._masker
+
+    def grammar_compile(self, st: SessionState) -> concurrent.futures.Future | None:
+        """The compile of this session's grammar, started on the first ask (None: it has no
+        grammar, or its matcher exists already)."""
+        if st.grammar is None or st.constraint is not None:
+            return None
+        if self.grammars is None:
+            self.grammars = grammars.Grammars.for_model(self.model, self.vocab_size)
+        if self.grammars is None:
+            raise grammars.GrammarError("this verifier has no tokenizer for grammars")
+        return self.grammars.prepare(st.grammar, sorted(st.eos_ids))
+
+    def _grammar_rows(self, st: SessionState, blk: CheckedBlock):
+        """Per-node grammar bitmask of this session's tree (None: unconstrained), from its
+        matcher synced to C (built on first use, e.g. after a rebuild from the log)."""
+        if st.grammar is None:
+            return None
+        if st.constraint is None:
+            if self.grammars is None:
+                self.grammars = grammars.Grammars.for_model(self.model, self.vocab_size)
+            if self.grammars is None:
+                raise grammars.GrammarError("this verifier has no tokenizer for grammars")
+            st.constraint = self.grammars.constraint(st.grammar, sorted(st.eos_ids))
+        st.constraint.sync_or_raise(st.committed[st.prompt_len:])
+        return st.constraint.tree_bitmask(blk.tokens, blk.parents)
+
+    def _hashes(self, st: SessionState) -> list[bytes]:
+        """The block hashes of C: salted with the session's authenticated edge (its tenant),
+        the blocks of a system prompt this verifier shares with the shared name instead."""
+        if st.prefix_chain is None:
+            shared = st.shared_prefix in self.shared_prefixes and st.shared_prefix != ""
+            st.prefix_chain = Chain(
+                self.pool.block_size, subjects.edge_of(st.sid).encode(),
+                b"shared:" + st.shared_prefix.encode() if shared else b"",
+                min(max(0, st.shared_len), st.prompt_len))
+        return st.prefix_chain.update(st.committed)
+
+    def _adopt(self, st: SessionState) -> int:
+        """On a new (empty) cache: take C's leading blocks from the prefix cache, all but the
+        root at most (the root's row is the verdict's first pick); the tokens taken."""
+        if not self.pool.caching:
+            return 0
+        limit = (len(st.committed) - 1) // self.pool.block_size
+        have = st.kv.adopt(self._hashes(st)[:limit])
+        st.cached_tokens = have  # this build's: an earlier one since the verdict was lost
+        return have
+
+    def _publish(self, st: SessionState) -> None:
+        """Offer C's full blocks to sessions that start the same way (its other choices, its
+        next turn), while this one still runs."""
+        if self.pool.caching and st.kv is not None:
+            st.kv.publish(self._hashes(st))
 
     def _chain(self, st: SessionState) -> tuple[int, bool]:
         """(tokens of C the cache holds, whether that is all but the root); a cache that is
@@ -48,6 +135,12 @@ class Engine:
     def catching_up(self, st: SessionState, prefill_chunk: int | None) -> bool:
         """Whether this session's next forward would only prefill a chunk (no verdict)."""
         have, _ = self._chain(st)
+        if st.kv is None and self.pool.caching:  # what adopting would find, without adopting
+            limit = (len(st.committed) - 1) // self.pool.block_size
+            for h in self._hashes(st)[:limit]:
+                if self.pool.lookup(h) is None:
+                    break
+                have += self.pool.block_size
         return bool(prefill_chunk) and len(st.committed) - have > prefill_chunk
 
     def blocks_needed(self, work: list[tuple[SessionState, CheckedBlock]]) -> int:
@@ -69,10 +162,14 @@ class Engine:
         verdict: walk None), so a long prompt costs the other sessions one chunk per forward
         until it has caught up."""
         segments, metas, rows = [], [], []
+        cached: list[int] = []
         for st, blk in work:
             have, kv_hit = self._chain(st)
+            adopted = 0
             if st.kv is None:
                 st.kv = self.runner.new_seq()  # never seen, evicted, or out of step: rebuild
+                have = adopted = self._adopt(st)
+            cached.append(adopted)
             chain = st.committed[have:]  # committed tokens the cache lacks, ending at the root
             if prefill_chunk and len(chain) > prefill_chunk:
                 segments.append(Segment.chain(st.kv, chain[:prefill_chunk], logits_at=[]))
@@ -81,6 +178,12 @@ class Engine:
             segments.append(Segment.tree(st.kv, chain, blk.tokens, blk.parents, blk.depths))
             metas.append((have, len(chain), kv_hit, True))
             rows.append(RowSampling.for_tree(st.sampling, st.seed, blk.round, len(blk.tokens) + 1))
+        # grammar masks (matcher walks on the host) computed while the forward runs
+        constrained = [i for i, ((st, _), m) in enumerate(zip(work, metas, strict=True))
+                       if m[3] and st.grammar is not None]
+        walks = self._mask_pool().submit(
+            lambda: [(i, self._grammar_rows(*work[i])) for i in constrained]
+        ) if constrained else None
         logits, off = self.runner.forward_flat(segments)
         scorer = PathScorer(logits, {i: (off[i], off[i + 1]) for i, ((st, _), m)
                                      in enumerate(zip(work, metas, strict=True))
@@ -90,19 +193,24 @@ class Engine:
         groups = [Rows(a, st.sampling, History.of(st.committed, st.prompt_len), blk.tokens,
                        blk.parents) for (st, blk), a, m in zip(work, off, metas, strict=False)
                   if m[3] and wanted(st.sampling)]
-        with applied(logits, groups) as x:
-            picks = pick(x, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
+        # structured output: each node's row masked to what the grammar allows after its path
+        masks = [(off[i], bm) for i, bm in walks.result()] if walks else []
+        with applied(logits, groups) as x, grammars.masked(x, masks) as y:
+            picks = pick(y, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
         out = []
-        for (st, blk), a, (have, chain_len, kv_hit, verified) in zip(work, off, metas,
-                                                                     strict=False):
+        for (st, blk), a, (have, chain_len, kv_hit, verified), took in zip(
+                work, off, metas, cached, strict=False):
+            computed = 0 if kv_hit else chain_len
             if not verified:
-                out.append(Outcome(None, kv_hit, chain_len))
+                out.append(Outcome(None, kv_hit, chain_len, cached=took, computed=computed))
                 continue
             res = walk(blk.tokens, blk.parents, picks[a : a + len(blk.tokens) + 1])
             scorer.add(len(out), res.accepted, blk.tokens, res.next_token, st.logprobs)
             # keep the chain (all committed) and the accepted nodes, in path order
             st.kv.keep(have, list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted])
-            out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens)))
+            self._publish(st)
+            out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens), cached=took,
+                               computed=computed))
         for i, scored in scorer.score().items():  # one batched call for the forward
             out[i].logprobs = scored
         return out

@@ -8,7 +8,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from schemas import DIGEST_SIZE, Sampling, SessionOpened, pack_ids, unpack_ids
+from schemas.wire import GrammarSpec
 from specedge.execution import KVPool, KVSeq
+from specedge.execution.prefix import Chain
 
 
 @dataclass
@@ -27,6 +29,18 @@ class SessionState:
     last_seen: float = field(default_factory=time.monotonic)  # its edge's last block (monotonic)
     interval_s: float | None = None  # EMA of the time between its rounds' blocks
     logprobs: int = -1  # SessionOpened.logprobs: -1 none, k: verdicts carry k alternatives
+    # the prefix cache (engine.py): SessionOpened's shared system prompt, the block hashes of
+    # C (made by the engine, which knows the salts), and tokens of C adopted from the cache
+    # since the last verdict (that verdict's cached_tokens)
+    shared_prefix: str = ""
+    shared_len: int = 0
+    prefix_chain: Chain | None = field(default=None, repr=False)
+    cached_tokens: int = 0
+    # structured output: SessionOpened.grammar, and the matcher the engine builds from it
+    # (specedge.execution.grammar.Constraint; synced to C's generated part before each mask,
+    # so a state rebuilt from the log rebuilds its grammar state too)
+    grammar: GrammarSpec | None = None
+    constraint: object = field(default=None, repr=False)
     _seen_round: int = field(default=-1, repr=False)
     _round_at: float = field(default=0.0, repr=False)  # when _seen_round's block first came
     _digest: bytes = field(default=b"", repr=False)
@@ -38,7 +52,8 @@ class SessionState:
     def from_opened(cls, sid: str, o: SessionOpened) -> SessionState:
         prompt = unpack_ids(o.prompt)
         return cls(sid, o.sampling, o.seed, o.max_new_tokens, frozenset(unpack_ids(o.eos_ids)),
-                   len(prompt), prompt, logprobs=o.logprobs)
+                   len(prompt), prompt, logprobs=o.logprobs, shared_prefix=o.shared_prefix,
+                   shared_len=o.shared_len, grammar=o.grammar)
 
     def digest(self) -> bytes:
         """digest_ids(committed), memoised by length and hashed incrementally: C only ever

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from schemas import DraftBlock, Sampling, SessionOpened, unpack_ids
 from specedge.config import Limits
+from specedge.execution import grammar
 from specedge.execution.logprobs import MAX_TOP
 from specedge.execution.transforms import (
     MAX_BIAS,
@@ -113,6 +114,13 @@ def check_opened(o: SessionOpened, limits: Limits, vocab_size: int, tokenizer: s
     if o.vocab_size != vocab_size:
         raise BlockError("vocab_mismatch", f"draft vocabulary {o.vocab_size} != target "
                          f"vocabulary {vocab_size}")
+    if o.grammar is not None:  # parsed here (cheap); compiled by the engine, cached
+        if not eos:
+            raise BlockError("invalid_session", "a grammar needs eos_ids to finish on")
+        try:
+            grammar.check(o.grammar)
+        except grammar.GrammarError as exc:
+            raise BlockError("invalid_grammar", str(exc)) from None
 
 
 def check_block(b: DraftBlock, st: SessionState, limits: Limits, vocab_size: int) -> CheckedBlock:

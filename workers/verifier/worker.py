@@ -129,6 +129,11 @@ class WorkerConfig:
     # every session's draft, and its id count, past which no logit is picked ("", None: unknown)
     tokenizer: str = ""
     vocab_limit: int | None = None
+    # the KV prefix cache (engine.py): unused blocks kept for sessions that start the same way
+    # (0: off; None: any free room of a fixed pool, engine.GROWING_POOL_CACHE_TOKENS of a
+    # growing one), and the SessionOpened.shared_prefix names every tenant may hit
+    prefix_cache_tokens: int | None = None
+    shared_prefixes: tuple[str, ...] = ()
 
 
 class Worker:
@@ -137,7 +142,9 @@ class Worker:
         self.url = url
         self.engine = Engine(model, kv_budget_tokens=kv_budget(model, self.cfg),
                              attention=self.cfg.attention, cuda_graphs=self.cfg.cuda_graphs,
-                             vocab_limit=self.cfg.vocab_limit)
+                             vocab_limit=self.cfg.vocab_limit,
+                             prefix_cache_tokens=self.cfg.prefix_cache_tokens,
+                             shared_prefixes=frozenset(self.cfg.shared_prefixes))
         self.sessions = SessionTable(self.engine.pool, self.cfg.max_sessions)
         pool, lim = self.engine.pool, self.cfg.limits
         longest = lim.max_prompt_tokens + lim.max_new_tokens + lim.max_nodes
@@ -154,6 +161,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._ack_wait_s = self.cfg.consumer.ack_wait_s
         self._deferred: list = []  # blocks held back because their session was already batched
+        self._compiling: dict[str, float] = {}  # sid -> when its block first waited for its grammar
         self._publishing: set[asyncio.Future] = set()  # verdicts still being published
         self._chunked_last = False  # the last forward carried a prefill chunk beside others
         self._inbox: asyncio.Queue = asyncio.Queue()
@@ -616,6 +624,7 @@ class Worker:
                 work.append((m, item[0], item[1], queued))
         work = await self._fit(work, raw)
         work = self._pace_chunks(work, raw)
+        work = await self._compiled(work, raw)
         if not work:
             return
         self.load.observe([st.sid for _, st, _, _ in work],
@@ -649,7 +658,9 @@ class Worker:
         self.stats.busy_s += verify_s
         self.stats.batch_sizes.append(len(work))
         batch_tokens = sum(o.new_tokens for o in outcomes)
-        self.metrics.batch(len(work), batch_tokens, verify_s)
+        self.metrics.batch(len(work), batch_tokens, verify_s, forward_s)
+        self.metrics.prompt_cache(sum(o.cached for o in outcomes),
+                                  sum(o.computed for o in outcomes))
         if self.costs is not None:
             self.costs.observe(batch_tokens, forward_s)
             self._since_probe += 1
@@ -674,10 +685,12 @@ class Worker:
                 worker=self.cfg.name, budget=budget, t=time.time(),
                 timings=VerifyTimings(queued_s=queued, verify_s=verify_s, batch_size=len(work),
                                       batch_tokens=batch_tokens, kv_hit=out.kv_hit),
+                cached_tokens=st.cached_tokens,  # since the last verdict (prefill chunks too)
                 # exactly the committed tokens' (the round may be cut at EOS or the limit)
                 **(to_wire(out.logprobs, len(toks)) if out.logprobs is not None else {}),
             )
             st.committed.extend(toks)
+            st.cached_tokens = 0
             self.stats.tokens += len(toks)
             st.round += 1
             st.finished = finished
@@ -705,6 +718,38 @@ class Worker:
         task = asyncio.ensure_future(asyncio.gather(*pubs))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
+
+    async def _compiled(self, work: list, raw: dict[int, DraftBlock]) -> list:
+        """Blocks whose session's grammar is still compiling wait a step (compiles run on the
+        grammar threads): a slow schema costs its own session, never the others in the batch.
+        A compile that fails, or outlasts the grammar time limit, rejects the session."""
+        ready, waiting = [], False
+        for w in work:
+            m, st, blk, _ = w
+            try:
+                fut = self.engine.grammar_compile(st)
+                if fut is not None and fut.done():
+                    fut.result()  # raises what the compile raised
+            except Exception as exc:
+                self._compiling.pop(st.sid, None)
+                await self._reject(m, st.sid, blk.round, "invalid_grammar",
+                                   f"the grammar did not compile: {exc}")
+                continue
+            if fut is None or fut.done():
+                self._compiling.pop(st.sid, None)
+                ready.append(w)
+                continue
+            limit = self.engine.grammars.timeout_s
+            if time.monotonic() - self._compiling.setdefault(st.sid, time.monotonic()) > limit:
+                self._compiling.pop(st.sid)
+                await self._reject(m, st.sid, blk.round, "invalid_grammar",
+                                   f"the grammar took longer than {limit:g} s to compile")
+                continue
+            waiting = True
+            self._deferred.append((m, (st.sid, raw[id(m)])))
+        if waiting and not ready:
+            await asyncio.sleep(0.05)  # nothing else to run: do not spin on the deferred
+        return ready
 
     def _pace_chunks(self, work: list, raw: dict[int, DraftBlock]) -> list:
         """Sessions catching up add their chunk to every other forward while others are being
