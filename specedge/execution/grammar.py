@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import importlib
 import json
 import threading
 from collections import OrderedDict
@@ -25,11 +26,21 @@ from collections.abc import Iterator, Sequence
 
 import structlog
 import torch
-import xgrammar as xgr
 
 from schemas.wire import GrammarSpec
 
 log = structlog.get_logger(__name__)
+
+
+class _Lazy:
+    """xgrammar, imported at the first grammar: a verifier or edge that never sees one (a GPU
+    check machine without the wheel) does not need it."""
+
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module("xgrammar"), name)
+
+
+xgr = _Lazy()
 
 KINDS = ("json_object", "json_schema", "ebnf")
 MAX_SPEC_CHARS = 64 * 1024  # a schema or grammar text longer than this is refused
