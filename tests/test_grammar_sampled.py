@@ -10,17 +10,12 @@ import torch
 
 from schemas import Sampling
 from schemas.wire import GrammarSpec
-from specedge.config import TreeShape
-from specedge.edge.drafter import Drafter, TreeBuilder
-from specedge.execution import PackedRunner
 from specedge.execution.grammar import GrammarError, Grammars
 from specedge.execution.sampling import probs
-from specedge.execution.walk import commit
 from tests.test_sampled_lossless import PROMPT, V, chi2_p, make_pair
+from tests.test_sampled_lossless import run_trials as sampled_trials
 from workers.verifier import engine as engine_mod
 from workers.verifier.engine import Engine
-from workers.verifier.state import SessionState
-from workers.verifier.validate import CheckedBlock
 
 VOCAB = list("abcdefgh")  # id 7 ('h') is the stop token
 STOP = 7
@@ -58,28 +53,8 @@ def run_trials(target, draft) -> np.ndarray:
     grammars = Grammars(VOCAB, V)
     eng = Engine(target)
     eng.grammars = grammars
-    drunner = PackedRunner(draft)
-    counts = np.zeros((V, V))
-    shape = TreeShape(budget=4, depth=2, width=2, topk=2)
-    eos = frozenset({STOP})
-    for seed in range(TRIALS):
-        st = SessionState("s", S, seed, 2, eos, len(PROMPT), list(PROMPT), grammar=SPEC)
-        c = grammars.constraint(SPEC, [STOP])
-        dr = Drafter(drunner)
-        dr.catch_up(st.committed[:-1])
-        while not st.finished:
-            tree = TreeBuilder(dr, st.committed, shape, S, len(PROMPT), c).run()
-            blk = CheckedBlock(st.round, tree.tokens, tree.parents, tree.depths)
-            (out,) = eng.verify([(st, blk)])
-            new = [tree.tokens[i - 1] for i in out.walk.accepted] + [out.walk.next_token]
-            toks, st.finished = commit(new, st.generated, 2, eos)
-            dr.rollback(tree, out.walk.accepted)
-            st.committed += toks
-            st.round += 1
-        counts[st.committed[3], st.committed[4]] += 1
-        st.kv.free()
-        dr.close()
-    return counts
+    return sampled_trials(target, draft, S, trials=TRIALS, eng=eng, eos=frozenset({STOP}),
+                          grammar=SPEC, constraint=lambda: grammars.constraint(SPEC, [STOP]))
 
 
 @pytest.fixture(scope="module")

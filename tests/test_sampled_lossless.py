@@ -42,21 +42,26 @@ def target_joint(target, s: Sampling = S) -> np.ndarray:
     return (p1[:, None] * p2).double().cpu().numpy()
 
 
-def run_trials(target, draft, s: Sampling = S) -> np.ndarray:
-    eng = Engine(target)
+def run_trials(target, draft, s: Sampling = S, *, trials: int = TRIALS, eng: Engine | None = None,
+               eos: frozenset[int] = frozenset(), grammar=None, constraint=None) -> np.ndarray:
+    """Counts of the first two generated tokens over `trials` seeds, each session run round by
+    round through the verifier engine and the edge drafter. With a grammar: `constraint()`
+    gives each session's edge matcher (the engine's own `grammars` masks the target)."""
+    eng = eng or Engine(target)
     drunner = PackedRunner(draft)
     counts = np.zeros((V, V))
     shape = TreeShape(budget=4, depth=2, width=2, topk=2)
-    for seed in range(TRIALS):
-        st = SessionState("s", s, seed, 2, frozenset(), len(PROMPT), list(PROMPT))
+    for seed in range(trials):
+        st = SessionState("s", s, seed, 2, eos, len(PROMPT), list(PROMPT), grammar=grammar)
+        c = constraint() if constraint else None
         dr = Drafter(drunner)
         dr.catch_up(st.committed[:-1])
         while not st.finished:
-            tree = TreeBuilder(dr, st.committed, shape, s, len(PROMPT)).run()
+            tree = TreeBuilder(dr, st.committed, shape, s, len(PROMPT), c).run()
             blk = CheckedBlock(st.round, tree.tokens, tree.parents, tree.depths)
             (out,) = eng.verify([(st, blk)])
             new = [tree.tokens[i - 1] for i in out.walk.accepted] + [out.walk.next_token]
-            toks, st.finished = commit(new, st.generated, 2, frozenset())
+            toks, st.finished = commit(new, st.generated, 2, eos)
             dr.rollback(tree, out.walk.accepted)
             st.committed += toks
             st.round += 1

@@ -11,17 +11,10 @@ from typing import Any
 
 from schemas.wire import GrammarSpec
 from specedge.edge import tools as tools_mod
+from specedge.edge.errors import RequestError
 from specedge.execution.grammar import Constraint, GrammarError, Grammars
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for schema and function names
-
-
-class RequestError(ValueError):
-    """A bad request (the API answers it with an OpenAI-shaped 400)."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 @dataclass(frozen=True)

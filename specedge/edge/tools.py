@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.wire import GrammarSpec
+from specedge.edge.errors import RequestError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(\{.*?\})\s*" + re.escape(CLOSE), re.DOTALL)
@@ -24,8 +25,6 @@ MAX_TOOLS = 128
 
 
 def _error(message: str, param: str):
-    from specedge.edge.structured import RequestError
-
     return RequestError(message, param)
 
 
@@ -102,8 +101,6 @@ def call_grammar(tools: list[dict]) -> GrammarSpec:
     """One call of any of `tools`, between the tags, as EBNF text (xgrammar's own rendering of
     the call's schema; the session's end follows the closing tag)."""
     import xgrammar as xgr
-
-    from specedge.edge.structured import RequestError
 
     try:
         call = xgr.Grammar.from_json_schema(json.dumps(call_schema(tools)), any_whitespace=False,

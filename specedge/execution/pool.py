@@ -10,8 +10,9 @@ shared block only when one side writes into it.
 An opt-in prefix cache (`cache_blocks`) keeps finished sequences' full blocks under chained
 hashes of their tokens (prefix.py): `KVSeq.publish` registers a sequence's blocks, and a new
 sequence whose tokens start the same way `adopt`s them (shared, copy on write) and computes
-only the rest. Registered blocks nobody uses wait in a least-recently-used list and are taken
-back only when no free block is left, so the cache never makes a live sequence fail.
+only the rest. Registered blocks nobody uses wait in a least-recently-used list, at most
+`cache_blocks` of them; a fixed pool also takes them back when no free block is left, so the
+cache never makes a live sequence fail (a growing pool grows instead).
 
 Freed blocks keep finite values (the pool starts zeroed): padded attention reads them with
 zero weight, and zero times a NaN would not be zero.

@@ -109,8 +109,7 @@ def reference_logits(model, ids: list[int], attention: str = "eager",
     """The model's own forward of `ids` with its own `attention` implementation (eager has
     every feature; sdpa is closer to the packed kernels in bf16, whose eager scores round
     where massive activations make that visible); `last`: only the last rows' (0: all)."""
-    from specedge.execution.runner import ATTN_NAME
-
+    before = model.config._attn_implementation  # the runner's packed attention, as a rule
     model.set_attn_implementation(attention)
     try:
         dev = next(model.parameters()).device
@@ -118,7 +117,7 @@ def reference_logits(model, ids: list[int], attention: str = "eager",
                     logits_to_keep=last).logits[0]
         return out[-last:] if last else out
     finally:
-        model.set_attn_implementation(ATTN_NAME)
+        model.set_attn_implementation(before)
 
 
 def probe_model(runner) -> dict[int, LayerAttention]:
