@@ -12,7 +12,7 @@ from typing import Any
 from schemas.wire import GrammarSpec
 from specedge.edge import tools as tools_mod
 from specedge.edge.errors import RequestError
-from specedge.execution.grammar import Constraint, GrammarError, Grammars
+from specedge.execution.grammar import Constraint, GrammarError, Grammars, check
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for schema and function names
 
@@ -71,9 +71,7 @@ def parse(body: dict, chat: bool) -> Structure:
         grammar = plan.grammar
     try:
         if grammar is not None:
-            from specedge.execution import grammar as g
-
-            g.check(grammar)
+            check(grammar)
     except GrammarError as exc:
         raise RequestError(str(exc), "tools" if plan and plan.grammar else "response_format",
                            "invalid_schema") from None

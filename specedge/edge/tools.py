@@ -24,8 +24,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 
 
-def _error(message: str, param: str):
-    return RequestError(message, param)
+_error = RequestError  # (message, param)
 
 
 @dataclass(frozen=True)
