@@ -166,6 +166,16 @@ class KVPool:
     def lookup(self, h: bytes) -> int | None:
         return self._by_hash.get(h)
 
+    def cached_run(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest leading run of `hashes` (none taken)."""
+        out = []
+        for h in hashes:
+            blk = self._by_hash.get(h)
+            if blk is None:
+                break
+            out.append(blk)
+        return out
+
     def register(self, block: int, h: bytes) -> bool:
         """Cache `block` (a full block some sequence holds) under `h`; False if either is
         registered already or the cache is off."""
@@ -342,12 +352,9 @@ class KVSeq:
         with pool.lock:
             if self.blocks or self.length:
                 raise ValueError("adopt needs an empty sequence")
-            for h in hashes:
-                blk = pool.lookup(h)
-                if blk is None:
-                    break
+            self.blocks = pool.cached_run(hashes)
+            for blk in self.blocks:
                 pool.incref(blk)
-                self.blocks.append(blk)
             self.length = len(self.blocks) * pool.block_size
             pool.cache_hit_blocks += len(self.blocks)
             pool.cache_hit_tokens += self.length

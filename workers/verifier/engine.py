@@ -106,13 +106,17 @@ class Engine:
                 min(max(0, st.shared_len), st.prompt_len))
         return st.prefix_chain.update(st.committed)
 
+    def _adoptable(self, st: SessionState) -> list[bytes]:
+        """The hashes of C's full blocks before the root's (always computed: its row is the
+        verdict's first pick)."""
+        return self._hashes(st)[: (len(st.committed) - 1) // self.pool.block_size]
+
     def _adopt(self, st: SessionState) -> int:
         """On a new (empty) cache: take C's leading blocks from the prefix cache, all but the
         root at most (the root's row is the verdict's first pick); the tokens taken."""
         if not self.pool.caching:
             return 0
-        limit = (len(st.committed) - 1) // self.pool.block_size
-        have = st.kv.adopt(self._hashes(st)[:limit])
+        have = st.kv.adopt(self._adoptable(st))
         st.cached_tokens = have  # this build's: an earlier one since the verdict was lost
         return have
 
@@ -136,11 +140,7 @@ class Engine:
         """Whether this session's next forward would only prefill a chunk (no verdict)."""
         have, _ = self._chain(st)
         if st.kv is None and self.pool.caching:  # what adopting would find, without adopting
-            limit = (len(st.committed) - 1) // self.pool.block_size
-            for h in self._hashes(st)[:limit]:
-                if self.pool.lookup(h) is None:
-                    break
-                have += self.pool.block_size
+            have += len(self.pool.cached_run(self._adoptable(st))) * self.pool.block_size
         return bool(prefill_chunk) and len(st.committed) - have > prefill_chunk
 
     def blocks_needed(self, work: list[tuple[SessionState, CheckedBlock]]) -> int:
