@@ -155,8 +155,10 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     logprobs: bytes = b""
     top_ids: bytes = b""
     top_logprobs: bytes = b""
-    # prompt tokens whose KV the verifier took from its prefix cache when it built this
-    # session's KV in this round (its first round, or a rebuild), instead of computing them
+    # prompt tokens whose KV the verifier took from its prefix cache, instead of computing
+    # them, when it built this session's KV in this round (its first round, or a rebuild),
+    # less those an earlier verdict reported: the sum over a session's verdicts counts each
+    # reused prompt token once
     cached_tokens: int = 0
 
 

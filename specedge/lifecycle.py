@@ -52,6 +52,19 @@ def raise_on_signals() -> None:
             signal.signal(s, _raise)
 
 
+STACKS_SIGNAL = signal.SIGUSR2  # SIGUSR1 is the verifier's counters (log_stats)
+
+
+def dump_stacks_on_signal() -> None:
+    """`kill -USR2 PID` writes every thread's Python stack to stderr (faulthandler, from the
+    C level: it works while the event loop is stuck), and the process goes on."""
+    import faulthandler
+    import sys
+
+    if threading.current_thread() is threading.main_thread():
+        faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+
+
 def ignore_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
@@ -79,6 +92,7 @@ async def _guarded(main: Coroutine[Any, Any, Any], retry_s: float) -> Any:
 
     def on_signal(signum: int) -> None:
         if not stop.done():  # the first one stops; more while unwinding change nothing
+            log.info("stop signal; unwinding", signal=signal.Signals(signum).name)
             stop.set_result(signum)
 
     for s in SIGNALS:

@@ -59,8 +59,8 @@ class RoundView:
     t_draft: float  # edge clock at publish
     t_verdict: float  # worker clock at publish
     text: str = ""
-    # tokens of the session's KV the verifier took from its prefix cache when it built it
-    # for this round (a first round, a rebuild), instead of computing them
+    # prompt tokens the verifier first took from its prefix cache in this round (a first
+    # round, a rebuild that found more), instead of computing them (Verdict.cached_tokens)
     cached_tokens: int = 0
 
 

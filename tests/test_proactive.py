@@ -202,3 +202,51 @@ def test_event_loop_stays_free():
     ticks, dt = asyncio.run(main())
     ex.shutdown()
     assert ticks > dt / 0.001 / 4  # the loop ran throughout, not only between steps
+
+
+@pytest.mark.parametrize("fail_at, mode", [("catch_up", Mode.SINGLE), ("_fork", Mode.MULTI),
+                                           ("step", Mode.MULTI), ("cancel", Mode.MULTI)])
+def test_a_failed_guess_gives_its_forks_back(fail_at, mode):
+    """A guess that fails anywhere (its catch-up forward, a second fork, a draft step) or is
+    cancelled leaves the pool's references exactly as the main drafter's KV alone needs."""
+    from specedge.edge.proactive import Proactive
+
+    model = tiny_model(9)
+    runner = PackedRunner(model)
+    committed = [5, 4, 3, 2, 1, 200, 100, 7, 9, 11, 13, 17, 19, 23, 29, 31, 37, 41]
+    d = Drafter(runner)
+    d.catch_up(committed[:-1])
+    tree = TreeBuilder(d, committed, TreeShape(budget=8, depth=4, width=2, topk=2)).run()
+    pool = runner.pool
+    refs, used = list(pool.refs), pool.used_blocks
+    forks = 0
+
+    async def main():
+        nonlocal forks
+        started = asyncio.Event()
+
+        async def run_step(fn, *args):
+            nonlocal forks
+            name = getattr(fn, "__name__", "")
+            forks += name == "_fork"
+            if name == fail_at and (name != "_fork" or forks == 2):
+                raise RuntimeError(f"injected failure in {name}")
+            if name == "step":
+                started.set()
+                if fail_at == "cancel":
+                    await asyncio.sleep(60)  # cancelled here, with its heads drafting
+            return fn(*args)
+
+        pro = Proactive(committed, tree, d, TreeShape(budget=6, depth=3, width=2, topk=2), mode,
+                        run_step)
+        pro.start()
+        if fail_at == "cancel":
+            await started.wait()
+            pro._task.cancel()
+        await asyncio.gather(pro._task, return_exceptions=True)
+        assert pro._task.done() and not pro.heads and not pro._loose
+        assert await pro.resolve(committed) is None
+
+    asyncio.run(main())
+    assert forks >= (2 if mode is Mode.MULTI else 1), "the guess never forked"
+    assert pool.refs == refs and pool.used_blocks == used == len(d.kv.blocks)

@@ -302,3 +302,30 @@ async def test_edge_cli_sigterm_closes_its_session(nats_server, tiny_pair, model
     assert [c.reason for c in closed] == ["error"]
     assert "stopped by SIGTERM" in "".join(p.text)
     assert p.event("session finished") is None and w.stats.tokens < 900
+
+
+_STUCK = """
+import time
+from specedge import lifecycle
+lifecycle.dump_stacks_on_signal()
+
+def stuck_here():
+    print("ready", flush=True)
+    time.sleep(60)
+
+stuck_here()
+"""
+
+
+async def test_sigusr2_dumps_the_stacks_and_the_process_goes_on():
+    """A stuck process shows where it is on `kill -USR2` (what the verifier and edge entry
+    points install) and is not stopped by it."""
+    p = await Proc.start("-c", _STUCK)
+    try:
+        await p.wait_for(lambda: b"ready" in p.out, "ready", timeout=30)
+        p.proc.send_signal(signal.SIGUSR2)
+        await p.wait_for(lambda: "stuck_here" in "".join(p.text), "the stack dump", timeout=10)
+        assert p.proc.returncode is None
+        assert "(most recent call first)" in "".join(p.text)
+    finally:
+        await p.kill()

@@ -144,7 +144,10 @@ async def conversation(url, target, draft, sampling, **cfg):
         rest = await generate(url, draft, [prompt, follow, prompt, edited], seeds=[2, 3, 4, 5],
                               sids=sids[1:], **kw)
     outputs = [r.token_ids for r in [first, *rest]]
-    return outputs, await first_verdicts(url, sids), w
+    logged = await first_verdicts(url, sids)
+    # the edge's figure (the API's usage) is the replay's: the sum of the verdicts'
+    assert [r.cached_tokens for r in [first, *rest]] == logged
+    return outputs, logged, w
 
 
 @pytest.mark.asyncio

@@ -141,6 +141,7 @@ def main(argv=None) -> int:
         return serve.main(argv[1:])
     a = parse(argv)
     logs.configure(a.log_level)
+    lifecycle.dump_stacks_on_signal()  # SIGUSR2: every thread's stack, for a stuck process
     structlog.get_logger("specedge.edge").info("config", command="edge", **settings.effective(a))
     apply_threads(a.threads)
     if not a.nats:

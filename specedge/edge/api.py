@@ -302,7 +302,7 @@ class EdgeService:
                 return Finish(reason, len(req.prompt_ids), n_tokens, sid,
                               [(r.nodes, r.depth, r.accepted, r.committed)
                                for r in session.rounds],
-                              session.rounds[0].cached_tokens if session.rounds else 0)
+                              sum(r.cached_tokens for r in session.rounds))
 
             outcome = "cancelled"  # unless it ends otherwise: the client went away
             try:

@@ -55,6 +55,7 @@ class Proactive:
     busy_s: float = 0.0
     _cancel: bool = False
     _task: asyncio.Task | None = None
+    _loose: list[Drafter] = field(default_factory=list)  # forks not yet in a head
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -83,14 +84,30 @@ class Proactive:
         finally:
             self.busy_s += time.perf_counter() - t0
 
+    def _fork(self, path: list[int]) -> Drafter:
+        """A fork for a guess, remembered as loose (in the executor, so that a fork made while
+        its awaiting task is cancelled is still found) until a head holds it."""
+        d = self.main.fork(self.tree, path)
+        self._loose.append(d)
+        return d
+
+    def _head(self, head: Head) -> None:
+        self.heads.append(head)
+        self._loose.remove(head.drafter)
+
     async def _run(self) -> None:
         try:
             await self._guess_and_draft()
-        except Exception:  # a guess is an optimisation: its failure must not end the session
-            log.exception("proactive drafting failed; continuing without it")
-            heads, self.heads = self.heads, []
-            for h in heads:
-                await self.run_step(h.drafter.close)
+        except BaseException as exc:  # a guess is an optimisation: its failure must not end
+            if not isinstance(exc, asyncio.CancelledError):  # the session
+                log.exception("proactive drafting failed; continuing without it")
+            # every fork goes back to the pool, whether a head holds it yet or not
+            drafters = self._loose + [h.drafter for h in self.heads]
+            self._loose, self.heads = [], []
+            for d in drafters:
+                await self.run_step(d.close)
+            if not isinstance(exc, Exception):
+                raise
 
     async def _guess_and_draft(self) -> None:
         t = self.tree
@@ -101,7 +118,7 @@ class Proactive:
             t0 = time.perf_counter()
             # forks and forwards run in the executor: they take the pool's lock, which a
             # forward on another thread may hold, and the event loop must stay free
-            fork = await self._timed(self.main.fork, t, path)
+            fork = await self._timed(self._fork, path)
             base = self.committed + toks
             logits = await self._timed(fork.catch_up, base)
             last = path[-1] if path else 0
@@ -122,9 +139,9 @@ class Proactive:
             vals, idx = torch.topk(lp, k)
             pathlp = t.logp[path[-1] - 1] if path else 0.0
             for j, (v, y) in enumerate(zip(vals.tolist(), idx.tolist(), strict=True)):
-                d = fork if j == 0 else await self._timed(self.main.fork, t, path)
+                d = fork if j == 0 else await self._timed(self._fork, path)
                 pred = base + [y]
-                self.heads.append(Head(pred, pathlp + v, d, TreeBuilder(
+                self._head(Head(pred, pathlp + v, d, TreeBuilder(
                     d, pred, self.shape, t.sampling, t.prompt_len, t.constraint)))
             self.heads[-k].busy_s += time.perf_counter() - t0
             if len(self.heads) >= self.max_heads or self.mode is Mode.SINGLE:
@@ -141,10 +158,12 @@ class Proactive:
         """The verdict is in: stop all proactive work (waiting at most for the forward in
         progress) and return the head whose guess came true, if any."""
         self._cancel = True
-        if self._task is not None:
-            await self._task
+        if self._task is not None:  # (one cancelled has given its forks back already)
+            await asyncio.wait({self._task})
         hit = next((h for h in self.heads if h.predicted == committed_after), None)
-        for h in self.heads:  # the other guesses' KV goes back to the pool
-            if h is not hit:
-                await self.run_step(h.drafter.close)
+        # the other guesses' KV goes back to the pool
+        others = self._loose + [h.drafter for h in self.heads if h is not hit]
+        self._loose = []
+        for d in others:
+            await self.run_step(d.close)
         return hit

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from specedge import broker, logs, settings, subjects
+from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
 from specedge.edge.args import add_generation_args, shape_from
 from specedge.edge.proactive import Mode
@@ -130,6 +130,7 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
 def main(argv=None) -> int:
     a = parse(argv)
     logs.configure(a.log_level)
+    lifecycle.dump_stacks_on_signal()  # SIGUSR2: every thread's stack, for a stuck process
     log.info("config", command="edge serve", **settings.effective(a))
     apply_threads(a.threads)
     if not a.nats:
@@ -141,8 +142,12 @@ def main(argv=None) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def on_signal(sig: signal.Signals) -> None:
+            log.info("stop signal; draining", signal=sig.name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         await serve(a, stop)
 
     import nats.errors

@@ -91,8 +91,10 @@ class SessionResult:
 
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens the verifier served from its prefix cache (its first verdict's)."""
-        return self.rounds[0].cached_tokens if self.rounds else 0
+        """Prompt tokens the verifiers served from their prefix caches: each verdict reports
+        those first reused in its round (a rebuild's reuse of the same tokens is not counted
+        again), so the sum is the session's, as the replay and the metrics count it."""
+        return sum(r.cached_tokens for r in self.rounds)
 
     def summary(self) -> dict:
         sp = speculation([(r.nodes, r.depth, r.accepted, r.committed) for r in self.rounds])

@@ -333,6 +333,10 @@ class KVSeq:
         block is never written in place: copied if others use it, else uncached first."""
         pool, b = self.pool, self.pool.block_size
         with pool.lock:
+            # all or nothing: a fixed pool that cannot give every block fails before any edit
+            shared = sum(pool.refs[blk] > 1 for blk in self.blocks[start // b : -(-end // b)])
+            if not pool.can_take(self.blocks_needed(end) + shared):
+                raise PoolFull(f"KV pool full: {pool.free_blocks} of {pool.blocks} blocks free")
             while self.capacity < end:
                 self.blocks.append(pool.alloc())
             for i in range(start // b, -(-end // b)):
@@ -399,17 +403,25 @@ class KVSeq:
         keep = list(keep)
         pool, b = self.pool, self.pool.block_size
         with pool.lock:
-            new = KVSeq(pool)
             full = base // b
+            length = base + len(keep)
+            # the blocks first, references after: a full pool fails here with nothing taken
+            if not pool.can_take(max(0, -(-length // b) - full)):
+                raise PoolFull(f"KV pool full: {pool.free_blocks} of {pool.blocks} blocks free")
+            new = KVSeq(pool)
             for blk in self.blocks[:full]:
                 pool.incref(blk)
             new.blocks = list(self.blocks[:full])
-            new.length = base + len(keep)
+            new.length = length
             start = full * b
-            if new.length > start:
-                new.prepare_write(start, new.length)
-                src = self.slots(start, base) + [self.slot(base + k) for k in keep]
-                pool.queue_copy(src, new.slots(start, new.length))
+            try:
+                if new.length > start:
+                    new.prepare_write(start, new.length)
+                    src = self.slots(start, base) + [self.slot(base + k) for k in keep]
+                    pool.queue_copy(src, new.slots(start, new.length))
+            except BaseException:
+                new.free()  # every reference it took goes back
+                raise
             return new
 
     def truncate(self, length: int) -> None:

@@ -158,8 +158,8 @@ async def amain(a: argparse.Namespace) -> int:
             cfg.name = a.name
         w = Worker(model, url, cfg)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, w.stop)  # drain: finish the batch in hand, then exit
+        for sig in (signal.SIGTERM, signal.SIGINT):  # drain: finish the batch in hand, exit
+            loop.add_signal_handler(sig, w.stop, sig.name)
         loop.add_signal_handler(signal.SIGUSR1, w.log_stats)  # counters on demand (benchmarks)
         await w.run()
     finally:
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     apply_threads(a.threads)
     logs.install_uvloop()
     lifecycle.raise_on_signals()  # until the drain handlers are in place (after loading)
+    lifecycle.dump_stacks_on_signal()  # SIGUSR2: every thread's stack, for a stuck process
     try:
         return asyncio.run(amain(a))
     except lifecycle.Interrupted as exc:  # before serving: nothing to drain

@@ -18,12 +18,11 @@ import time
 
 import msgspec
 import structlog
-from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from specedge import fleet, subjects
 from specedge.config import Limits
 from specedge.fleet import FleetLimits
-from workers.verifier.leases import kv_bucket
+from workers.verifier.leases import bucket_keys, kv_bucket, live_values
 
 log = structlog.get_logger(__name__)
 
@@ -85,16 +84,12 @@ class Board:
                 log.debug("fleet query answer failed", error=repr(exc))
 
     async def entries(self) -> list[FleetLimits]:
-        try:
-            keys = [k for k in await self.kv.keys() if k.startswith("verifier.")]
-        except NoKeysError:
-            keys = []
+        # never kv.keys(): its watcher can wait for ever on a TTL'd bucket (leases.bucket_keys)
+        live = await live_values(self.kv, await bucket_keys(self.js, subjects.FLEET, "verifier."))
         out = []
-        for k in keys:
+        for k, value in live.items():
             try:
-                out.append(fleet.decode((await self.kv.get(k)).value))
-            except KeyNotFoundError:
-                pass  # expired between listing and reading
+                out.append(fleet.decode(value))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("bad board entry ignored", key=k, error=str(exc)[:200])
         return out

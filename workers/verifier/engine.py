@@ -26,7 +26,6 @@ class Outcome:
     new_tokens: int  # tokens this session put into the forward
     # with st.logprobs >= 0: the target's log-probabilities of the walk's new tokens
     logprobs: Scored | None = None
-    cached: int = 0  # tokens of C this forward took from the prefix cache instead
     computed: int = 0  # tokens of C this forward computed to (re)build the session's KV
 
 
@@ -113,11 +112,15 @@ class Engine:
 
     def _adopt(self, st: SessionState) -> int:
         """On a new (empty) cache: take C's leading blocks from the prefix cache, all but the
-        root at most (the root's row is the verdict's first pick); the tokens taken."""
+        root at most (the root's row is the verdict's first pick); the tokens taken. The
+        prompt tokens among them that no earlier build of this session reused are the next
+        verdict's cached_tokens: a rebuild reuses the same tokens again, they count once."""
         if not self.pool.caching:
             return 0
         have = st.kv.adopt(self._adoptable(st))
-        st.cached_tokens = have  # this build's: an earlier one since the verdict was lost
+        new = max(0, min(have, st.prompt_len) - st.cached_reported)
+        st.cached_tokens += new
+        st.cached_reported += new
         return have
 
     def _publish(self, st: SessionState) -> None:
@@ -162,14 +165,11 @@ class Engine:
         verdict: walk None), so a long prompt costs the other sessions one chunk per forward
         until it has caught up."""
         segments, metas, rows = [], [], []
-        cached: list[int] = []
         for st, blk in work:
             have, kv_hit = self._chain(st)
-            adopted = 0
             if st.kv is None:
                 st.kv = self.runner.new_seq()  # never seen, evicted, or out of step: rebuild
-                have = adopted = self._adopt(st)
-            cached.append(adopted)
+                have = self._adopt(st)
             chain = st.committed[have:]  # committed tokens the cache lacks, ending at the root
             if prefill_chunk and len(chain) > prefill_chunk:
                 segments.append(Segment.chain(st.kv, chain[:prefill_chunk], logits_at=[]))
@@ -198,19 +198,18 @@ class Engine:
         with applied(logits, groups) as x, grammars.masked(x, masks) as y:
             picks = pick(y, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
         out = []
-        for (st, blk), a, (have, chain_len, kv_hit, verified), took in zip(
-                work, off, metas, cached, strict=False):
+        for (st, blk), a, (have, chain_len, kv_hit, verified) in zip(
+                work, off, metas, strict=False):
             computed = 0 if kv_hit else chain_len
             if not verified:
-                out.append(Outcome(None, kv_hit, chain_len, cached=took, computed=computed))
+                out.append(Outcome(None, kv_hit, chain_len, computed=computed))
                 continue
             res = walk(blk.tokens, blk.parents, picks[a : a + len(blk.tokens) + 1])
             scorer.add(len(out), res.accepted, blk.tokens, res.next_token, st.logprobs)
             # keep the chain (all committed) and the accepted nodes, in path order
             st.kv.keep(have, list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted])
             self._publish(st)
-            out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens), cached=took,
-                               computed=computed))
+            out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens), computed=computed))
         for i, scored in scorer.score().items():  # one batched call for the forward
             out[i].logprobs = scored
         return out

@@ -21,7 +21,6 @@ from nats.js.errors import (
     BucketNotFoundError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
-    NoKeysError,
 )
 
 from specedge import subjects
@@ -43,6 +42,30 @@ def assignment(members: list[str], partitions: int) -> dict[str, set[int]]:
         if o is not None:
             out[o].add(p)
     return out
+
+
+async def bucket_keys(js, bucket: str, prefix: str = "") -> list[str]:
+    """The keys of a KV bucket that start with `prefix` (deleted ones included: their marker
+    is their last message until it expires), read from its stream's subject counts. One
+    request with the JetStream timeout, where nats-py's `KeyValue.keys()` runs a watcher that
+    waits for its last pending entry, which a TTL'd history-1 bucket can expire first: it then
+    waits for ever (nats.go fixed the same deadlock in PR 1824)."""
+    pre = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{pre}{prefix}>")
+    return sorted(s[len(pre):] for s in (info.state.subjects or {}))
+
+
+async def live_values(kv, keys: list[str]) -> dict[str, bytes]:
+    """key -> value of those keys that are neither deleted nor expired (read concurrently)."""
+
+    async def get(k: str) -> bytes | None:
+        try:
+            return (await kv.get(k)).value
+        except KeyNotFoundError:  # deleted (KeyDeletedError is one) or expired meanwhile
+            return None
+
+    got = await asyncio.gather(*(get(k) for k in keys))
+    return {k: v for k, v in zip(keys, got, strict=True) if v is not None}
 
 
 async def kv_bucket(js, bucket: str, ttl_s: float):
@@ -72,6 +95,8 @@ class Leases:
         # claim one, it must be the only one taking its blocks (or sessions hop workers)
         self.before_release = before_release
         self.ttl_s, self.renew_s = ttl_s, renew_s
+        # a tick that takes longer than the leases live is cut short: it holds nothing by then
+        self.tick_timeout_s = ttl_s
         self.owned: dict[int, int] = {}  # partition -> revision of our lease
         self.kv = None
         self.changed = asyncio.Event()
@@ -82,7 +107,7 @@ class Leases:
         while True:
             try:
                 self.kv = await kv_bucket(self.js, subjects.LEASES, self.ttl_s)
-                await self.tick()
+                await asyncio.wait_for(self.tick(), self.tick_timeout_s)
                 return
             except Exception as exc:
                 if asyncio.get_running_loop().time() > deadline:
@@ -91,12 +116,13 @@ class Leases:
                             error=repr(exc))
                 await asyncio.sleep(0.5)
 
+    async def keys(self, prefix: str) -> list[str]:
+        """The bucket's live keys under `prefix` (never a watcher: see bucket_keys)."""
+        listed = await bucket_keys(self.js, subjects.LEASES, prefix)
+        return sorted(await live_values(self.kv, listed))
+
     async def members(self) -> list[str]:
-        try:
-            keys = [k for k in await self.kv.keys() if k.startswith("member.")]
-        except NoKeysError:
-            keys = []
-        return sorted(k.split(".", 1)[1] for k in keys)
+        return [k.split(".", 1)[1] for k in await self.keys("member.")]
 
     async def tick(self) -> None:
         """Heartbeat, then claim, renew and release towards the current assignment."""
@@ -148,10 +174,10 @@ class Leases:
             if stop.is_set():
                 break
             try:
-                await self.tick()
+                await asyncio.wait_for(self.tick(), self.tick_timeout_s)
             except Exception as exc:  # a broker outage: keep trying, leases may lapse meanwhile
                 log.warning("lease renewal failed", worker=self.name,
-                            error_type=type(exc).__name__, error=str(exc))
+                            error_type=type(exc).__name__, error=str(exc) or "timed out")
 
     async def release_all(self, timeout_s: float = 3.0) -> None:
         """Give every lease back at once, for at most timeout_s: with the broker gone, each
@@ -178,15 +204,11 @@ async def lease_owners(url: str) -> dict[int, str]:
 
     nc = await broker.connect(url, "lease-probe")
     try:
-        kv = await nc.jetstream().key_value(subjects.LEASES)
-        out = {}
-        for k in [k for k in await kv.keys() if k.startswith("part.")]:
-            try:
-                out[int(k.split(".")[1])] = (await kv.get(k)).value.decode()
-            except KeyNotFoundError:
-                pass  # expired between listing and reading
-        return out
-    except (BucketNotFoundError, NoKeysError):
+        js = nc.jetstream()
+        kv = await js.key_value(subjects.LEASES)
+        parts = await live_values(kv, await bucket_keys(js, subjects.LEASES, "part."))
+        return {int(k.split(".")[1]): v.decode() for k, v in parts.items()}
+    except BucketNotFoundError:
         return {}
     finally:
         await nc.close()

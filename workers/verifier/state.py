@@ -30,12 +30,15 @@ class SessionState:
     interval_s: float | None = None  # EMA of the time between its rounds' blocks
     logprobs: int = -1  # SessionOpened.logprobs: -1 none, k: verdicts carry k alternatives
     # the prefix cache (engine.py): SessionOpened's shared system prompt, the block hashes of
-    # C (made by the engine, which knows the salts), and tokens of C adopted from the cache
-    # since the last verdict (that verdict's cached_tokens)
+    # C (made by the engine, which knows the salts), the prompt tokens first reused from the
+    # cache since the last verdict (that verdict's cached_tokens), and all reported so far:
+    # a rebuild that adopts them again reports only what it reuses beyond them, so the sum
+    # over a session's verdicts counts each reused prompt token once
     shared_prefix: str = ""
     shared_len: int = 0
     prefix_chain: Chain | None = field(default=None, repr=False)
     cached_tokens: int = 0
+    cached_reported: int = 0
     # structured output: SessionOpened.grammar, and the matcher the engine builds from it
     # (specedge.execution.grammar.Constraint; synced to C's generated part before each mask,
     # so a state rebuilt from the log rebuilds its grammar state too)
@@ -159,7 +162,13 @@ class SessionTable:
         return [st for st in self._s.values() if now - st.last_seen > policy.after_s(st)]
 
     def kv_bytes(self) -> int:
-        return sum(s.kv.nbytes for s in self._s.values() if s.kv is not None)
+        """Bytes of KV the sessions hold: a block several share (a common prefix adopted from
+        the cache, a sibling choice) counts once. Read at scrape time: works on copies."""
+        seqs = [st.kv for st in list(self._s.values()) if st.kv is not None]
+        if not seqs:
+            return 0
+        blocks = {blk for kv in seqs for blk in list(kv.blocks)}
+        return len(blocks) * seqs[0].pool.block_size * seqs[0].pool.bytes_per_token
 
     def make_room(self, blocks: int, keep: set[str]) -> bool:
         """Evict least recently used KV (not the sessions in `keep`) until the pool can give

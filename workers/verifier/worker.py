@@ -186,8 +186,11 @@ class Worker:
         self.ready = asyncio.Event()
         self._swept = 0.0  # monotonic time of the last reclaim sweep
 
-    def stop(self) -> None:
-        """Drain: stop pulling, finish and publish the batch in hand, release leases, return."""
+    def stop(self, reason: str = "stop()") -> None:
+        """Drain: stop pulling, finish and publish the batch in hand, release leases, return.
+        `reason`: what asked (a signal's name), for the log."""
+        if not self._stop.is_set():
+            log.info("stop requested; draining", worker=self.cfg.name, reason=reason)
         self._stop.set()
 
     async def run(self) -> None:
@@ -239,35 +242,42 @@ class Worker:
                 await self._hold(msgs)
                 await self._process(msgs)
         finally:
-            # Drain: no more pulls; whatever was pulled but not started goes back at once.
-            follow.cancel()
-            await self._stop_pulling(list(self._pullers))
-            leftovers = [m for m, _ in self._deferred + self._ready]
-            while not inbox.empty():
-                leftovers.append(inbox.get_nowait())
-            for m in leftovers:
-                try:
-                    await m.nak()
-                except Exception:
-                    pass
-            await asyncio.gather(*self._publishing)  # the last verdicts out before we go
-            await lease_task
-            await self.board.leave()
-            try:
-                await self.leases.release_all()
-                await csub.unsubscribe()
-            except Exception as exc:
-                log.warning("could not release leases", error_type=type(exc).__name__,
-                            error=str(exc))
-            await broker.close(nc)
-            if self._probe is not None:
-                self._executor.submit(self._probe.close)
-            self._executor.shutdown(wait=True)
-            for t in observers:
-                t.cancel()
-            if self.http:
-                await self.http.stop()
-            self.log_stats("verifier stopped")
+            await self._drain(follow, lease_task, csub, observers)
+
+    async def _drain(self, follow: asyncio.Task, lease_task: asyncio.Task, csub,
+                     observers: list[asyncio.Task]) -> None:
+        """The way out, one bounded and logged step at a time: a step that overruns its bound
+        is cut short and the drain goes on (the broker redelivers what was not acked, leases
+        and board entries expire by themselves)."""
+        t0 = time.monotonic()
+        follow.cancel()
+        # no more pulls; whatever was pulled but not started goes back at once
+        await _drain_step("stop pulling", self._stop_pulling(list(self._pullers)),
+                          self.cfg.fetch_timeout_s + 2.0)
+        leftovers = [m for m, _ in self._deferred + self._ready]
+        while not self._inbox.empty():
+            leftovers.append(self._inbox.get_nowait())
+        await _drain_step("return unstarted blocks", asyncio.gather(
+            *(_quietly(m.nak()) for m in leftovers)), 3.0, blocks=len(leftovers))
+        # the last verdicts out before we go (each publish retries within its own bound)
+        await _drain_step("publish last verdicts", asyncio.gather(*self._publishing), 10.0,
+                          verdicts=len(self._publishing))
+        await _drain_step("stop lease renewal", lease_task, 2.0)
+        await _drain_step("leave the limits board", self.board.leave(), 4.0)
+        await _drain_step("release leases", self.leases.release_all(), 4.0)
+        await _drain_step("unsubscribe", csub.unsubscribe(), 2.0)
+        await _drain_step("close the connection", broker.close(self.nc), 6.0)
+        if self._probe is not None:
+            self._executor.submit(self._probe.close)
+        # the forward thread is idle here (the batch loop awaited its last forward)
+        await _drain_step("stop the forward thread",
+                          asyncio.to_thread(self._executor.shutdown, True), 10.0)
+        for t in observers:
+            t.cancel()
+        if self.http:
+            await _drain_step("stop the HTTP server", self.http.stop(), 3.0)
+        log.info("drained", worker=self.cfg.name, took_s=round(time.monotonic() - t0, 3))
+        self.log_stats("verifier stopped")
 
     async def _calibrate(self) -> None:
         """Measure this machine's forward cost against the tokens in it: its knee (the batch
@@ -659,8 +669,9 @@ class Worker:
         self.stats.batch_sizes.append(len(work))
         batch_tokens = sum(o.new_tokens for o in outcomes)
         self.metrics.batch(len(work), batch_tokens, verify_s, forward_s)
-        self.metrics.prompt_cache(sum(o.cached for o in outcomes),
-                                  sum(o.computed for o in outcomes))
+        # cached: what the verdicts report (each reused prompt token once per session)
+        self.metrics.prompt_cache(sum(st.cached_tokens for (_, st, _, _), o in zip(
+            work, outcomes, strict=True) if o.walk is not None), sum(o.computed for o in outcomes))
         if self.costs is not None:
             self.costs.observe(batch_tokens, forward_s)
             self._since_probe += 1
@@ -685,7 +696,8 @@ class Worker:
                 worker=self.cfg.name, budget=budget, t=time.time(),
                 timings=VerifyTimings(queued_s=queued, verify_s=verify_s, batch_size=len(work),
                                       batch_tokens=batch_tokens, kv_hit=out.kv_hit),
-                cached_tokens=st.cached_tokens,  # since the last verdict (prefill chunks too)
+                # prompt tokens first reused since the last verdict (prefill chunks too)
+                cached_tokens=st.cached_tokens,
                 # exactly the committed tokens' (the round may be cut at EOS or the limit)
                 **(to_wire(out.logprobs, len(toks)) if out.logprobs is not None else {}),
             )
@@ -879,6 +891,8 @@ class Worker:
         seq, next_round, finished = committed_sequence(slog)
         st = SessionState.from_opened(sid, slog.opened)
         st.committed, st.round, st.finished = seq, next_round, finished
+        # reused prompt tokens its verdicts reported already (a rebuild does not count them)
+        st.cached_reported = sum(v.cached_tokens for v in slog.verdicts())
         st._digest_len = -1  # C was replaced wholesale: forget the memoised digest
         for v in slog.verdicts()[-4:]:  # a redelivered block gets its verdict again, not "stale"
             st.remember(v.round, encode(v))
@@ -921,6 +935,21 @@ class Worker:
                 log.warning("verdict publish failed", sid=sid, round=round_no,
                             attempt=attempt + 1, error=repr(exc))
                 await asyncio.sleep(0.2 * (attempt + 1))
+
+
+async def _drain_step(step: str, aw, timeout_s: float, **info) -> None:
+    """Await one step of a drain for at most timeout_s (cancelling it then), logging it."""
+    t0 = time.monotonic()
+    log.info("drain step", step=step, **info)
+    try:
+        await asyncio.wait_for(aw, timeout_s)
+    except TimeoutError:
+        log.warning("drain step timed out; going on", step=step, timeout_s=timeout_s)
+    except Exception as exc:
+        log.warning("drain step failed; going on", step=step, error_type=type(exc).__name__,
+                    error=str(exc))
+    else:
+        log.debug("drain step done", step=step, took_s=round(time.monotonic() - t0, 3))
 
 
 async def _quietly(aw) -> None:
