@@ -173,3 +173,22 @@ def test_a_forward_over_an_adopted_prefix_matches_a_fresh_prefill():
     (got,) = runner.forward([Segment.tree(second, prompt[have:], nodes, parents,
                                           depths_of(parents))])
     assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+def test_block_hashes_are_keyed_per_process():
+    """Keyed with a secret the process draws at start: another process (an attacker's copy of
+    the code included) computes other hashes for the same tokens."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    toks = list(range(1, 2 * B + 1))
+    here = block_hashes(toks, B)
+    code = ("from specedge.execution.prefix import block_hashes; "
+            f"print(block_hashes({toks}, {B})[0].hex())")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bytes.fromhex(there.stdout.strip()) != here[0] and len(here[0]) == 16
+    assert block_hashes(toks, B) == here  # stable within the process

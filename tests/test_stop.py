@@ -213,6 +213,11 @@ async def test_verifier_with_embedded_broker_stops_it_on_sigterm(model_dirs):
         want = {0: "verifier stopped", 143: "stopped before serving"}
         assert rc in (want if phase == "early" else {0}), (phase, "".join(p.text)[-3000:])
         assert p.event(want[rc]) is not None, (phase, rc)
+        if rc == 0:  # the signal and every drain step are in the log
+            assert p.event("stop requested; draining")["reason"] == "SIGTERM"
+            steps = [x["step"] for x in p.lines if x.get("event") == "drain step"]
+            assert steps[0] == "stop pulling" and "close the connection" in steps, steps
+            assert p.event("drained") is not None
         assert not alive(nats_pid), f"{phase}: the embedded nats-server was left running"
 
 

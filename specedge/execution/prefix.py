@@ -4,28 +4,41 @@ Block i's hash covers its own tokens and, through its parent (block i-1's hash),
 before it: equal hashes mean equal prefixes, so equal KV. The first block's parent is a hash
 of a salt (the tenant), so one tenant's blocks never match another's. Only full blocks are
 hashed: a partial block is still being written.
+
+The hash is BLAKE2b-128 keyed with a secret drawn when the process starts: nobody outside
+the process can compute a key, so nobody can craft tokens whose blocks collide with another
+session's and be served its KV (a fast unkeyed hash, such as the xxh3 used before, lets
+whoever predicts the keys aim collisions at them; vLLM moved to SHA-256 after
+CVE-2025-25183). No key leaves its process: the verifier's cache, the edge's draft cache and
+its routes are each keyed and looked up in one process, so a fresh secret per process loses
+nothing but what a restart loses anyway.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from collections.abc import Sequence
 
-import xxhash
-
+_SECRET = os.urandom(32)  # per process (see above)
 _ROOT = b"specedge-prefix\0"
 _MIX = b"\0salt\0"
 
 
+def _h(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16, key=_SECRET).digest()
+
+
 def root(salt: bytes) -> bytes:
     """The parent of a chain's first block."""
-    return xxhash.xxh3_128(_ROOT + salt).digest()
+    return _h(_ROOT + salt)
 
 
 def mix(parent: bytes, salt: bytes) -> bytes:
     """A chain continued under another salt: the blocks after a shared system prompt depend on
     the prompt's blocks and on the tenant."""
-    return xxhash.xxh3_128(parent + _MIX + salt).digest()
+    return _h(parent + _MIX + salt)
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"",
@@ -36,7 +49,7 @@ def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes = b"",
     out = []
     for i in range(len(tokens) // block_size):
         blk = tokens[i * block_size : (i + 1) * block_size]
-        h = xxhash.xxh3_128(h + struct.pack(f"<{block_size}i", *blk)).digest()
+        h = _h(h + struct.pack(f"<{block_size}i", *blk))
         out.append(h)
     return out
 
