@@ -30,7 +30,7 @@ from nats.js.api import (
     StreamConfig,
     SubjectTransform,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
 
 from specedge import subjects
 from specedge.orphan import tied_to_parent
@@ -275,14 +275,38 @@ async def setup(url: str, stream: StreamSettings = StreamSettings(),
         await nc.close()
 
 
+async def bucket_keys(js, bucket: str, prefix: str = "") -> list[str]:
+    """The keys of a KV bucket that start with `prefix` (deleted ones included: their marker
+    is their last message until it expires), read from its stream's subject counts. One
+    request with the JetStream timeout, where nats-py's `KeyValue.keys()` runs a watcher that
+    waits for its last pending entry, which a TTL'd history-1 bucket can expire first: it then
+    waits for ever (nats.go fixed the same deadlock in PR 1824)."""
+    pre = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{pre}{prefix}>")
+    return sorted(s[len(pre):] for s in (info.state.subjects or {}))
+
+
+async def live_values(kv, keys: list[str]) -> dict[str, bytes]:
+    """key -> value of those keys that are neither deleted nor expired (read concurrently)."""
+
+    async def get(k: str) -> bytes | None:
+        try:
+            return (await kv.get(k)).value
+        except KeyNotFoundError:  # deleted (KeyDeletedError is one) or expired meanwhile
+            return None
+
+    got = await asyncio.gather(*(get(k) for k in keys))
+    return {k: v for k, v in zip(keys, got, strict=True) if v is not None}
+
+
 async def partitions_served(js, partitions: int = subjects.PARTITIONS) -> int:
     """How many partitions a verifier currently holds a lease on (0 before any verifier)."""
-    from nats.js.errors import BucketNotFoundError, NoKeysError
+    from nats.js.errors import BucketNotFoundError
 
     try:
         kv = await js.key_value(subjects.LEASES)
-        return sum(k.startswith("part.") for k in await kv.keys())
-    except (BucketNotFoundError, NoKeysError):
+        return len(await live_values(kv, await bucket_keys(js, subjects.LEASES, "part.")))
+    except BucketNotFoundError:
         return 0
 
 

@@ -20,9 +20,10 @@ import msgspec
 import structlog
 
 from specedge import fleet, subjects
+from specedge.broker import bucket_keys, live_values
 from specedge.config import Limits
 from specedge.fleet import FleetLimits
-from workers.verifier.leases import bucket_keys, kv_bucket, live_values
+from workers.verifier.leases import kv_bucket
 
 log = structlog.get_logger(__name__)
 

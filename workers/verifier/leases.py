@@ -24,6 +24,7 @@ from nats.js.errors import (
 )
 
 from specedge import subjects
+from specedge.broker import bucket_keys, live_values
 
 log = structlog.get_logger(__name__)
 
@@ -42,30 +43,6 @@ def assignment(members: list[str], partitions: int) -> dict[str, set[int]]:
         if o is not None:
             out[o].add(p)
     return out
-
-
-async def bucket_keys(js, bucket: str, prefix: str = "") -> list[str]:
-    """The keys of a KV bucket that start with `prefix` (deleted ones included: their marker
-    is their last message until it expires), read from its stream's subject counts. One
-    request with the JetStream timeout, where nats-py's `KeyValue.keys()` runs a watcher that
-    waits for its last pending entry, which a TTL'd history-1 bucket can expire first: it then
-    waits for ever (nats.go fixed the same deadlock in PR 1824)."""
-    pre = f"$KV.{bucket}."
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{pre}{prefix}>")
-    return sorted(s[len(pre):] for s in (info.state.subjects or {}))
-
-
-async def live_values(kv, keys: list[str]) -> dict[str, bytes]:
-    """key -> value of those keys that are neither deleted nor expired (read concurrently)."""
-
-    async def get(k: str) -> bytes | None:
-        try:
-            return (await kv.get(k)).value
-        except KeyNotFoundError:  # deleted (KeyDeletedError is one) or expired meanwhile
-            return None
-
-    got = await asyncio.gather(*(get(k) for k in keys))
-    return {k: v for k, v in zip(keys, got, strict=True) if v is not None}
 
 
 async def kv_bucket(js, bucket: str, ttl_s: float):
