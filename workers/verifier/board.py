@@ -85,7 +85,7 @@ class Board:
                 log.debug("fleet query answer failed", error=repr(exc))
 
     async def entries(self) -> list[FleetLimits]:
-        # never kv.keys(): its watcher can wait for ever on a TTL'd bucket (leases.bucket_keys)
+        # never kv.keys(): its watcher can wait for ever on a TTL'd bucket (broker.bucket_keys)
         live = await live_values(self.kv, await bucket_keys(self.js, subjects.FLEET, "verifier."))
         out = []
         for k, value in live.items():

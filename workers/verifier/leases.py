@@ -94,7 +94,7 @@ class Leases:
                 await asyncio.sleep(0.5)
 
     async def keys(self, prefix: str) -> list[str]:
-        """The bucket's live keys under `prefix` (never a watcher: see bucket_keys)."""
+        """The bucket's live keys under `prefix` (never a watcher: see broker.bucket_keys)."""
         listed = await bucket_keys(self.js, subjects.LEASES, prefix)
         return sorted(await live_values(self.kv, listed))
 
