@@ -10,7 +10,9 @@ Every session on one NATS connection shares it. Three things hang off it:
   publish that got no acknowledgement, until something gets through again; a session whose
   link has been down for `give_up_s` fails with BrokerUnreachable;
 * the verifier's round time as this edge measures it (block published -> verdict), from which
-  a session derives how long to wait before it looks for a verdict on its own.
+  a session derives how long to wait before it looks for a verdict on its own; that wait
+  starts again at every progress report of a verifier working on the block (a slow verifier
+  is not a dead one), so a session re-publishes or gives up only after silence.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class BrokerUnreachable(ConnectionError):
         super().__init__(f"no contact with the broker for {down_s:.0f} s (give-up bound "
                          f"{give_up_s:g} s){': ' + what if what else ''}")
         self.down_s, self.give_up_s = down_s, give_up_s
+
+
+# A verifier that announced it reports a held block every E seconds (schemas.Progress) is
+# taken to have lost it only after this many intervals of silence.
+PROGRESS_MISSES = 3
 
 
 @dataclass(frozen=True)
