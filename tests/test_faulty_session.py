@@ -7,6 +7,7 @@ redelivered; the worker stays up. Real nats-server, tiny float64 models."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -105,6 +106,8 @@ async def test_a_faulty_session_fails_alone(nats_server, tiny_pair):
     served = {sid for _, sids_, raised in same_step if not raised for sid in sids_}
     assert served == set(batch) - {BAD}
     assert [c[1] for c in same_step if c[2] and len(c[1]) == 1] == [[BAD]]
+    # found by halving: the batch, then two halves per level down to the bad one alone
+    assert len(same_step) <= 1 + 2 * math.ceil(math.log2(len(batch))), same_step
     # never again: its block was terminated, not redelivered
     assert all(BAD not in c[1] for c in calls if c[0] != step)
     assert w.stats.faulty == 1 and w.stats.failed_batches == 1
