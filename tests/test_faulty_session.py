@@ -165,3 +165,35 @@ def test_the_failed_forward_is_undone_for_the_others(tiny_pair):
     assert all(o.kv_hit and o.walk is not None for i, o in enumerate(step) if i != 1)
     assert got[0] == clean[0] and got[2] == clean[2]  # five rounds, the fault in the middle
     assert got[1] == clean[1][: len(got[1])] and len(got[1]) < len(clean[1])
+
+
+def test_a_fault_of_every_forward_is_nobodys(tiny_pair):
+    """A forward that fails whatever is in it (the device, the pool): every session fails alone
+    too, and every session's KV is back where it was (the worker then redelivers them all, as
+    a failed batch always was, instead of blaming one)."""
+    engine = Engine(tiny_pair[0], prefix_cache_tokens=0)
+    states = [SessionState.from_opened(f"anon.t{i}", SessionOpened(
+        v=SCHEMA_VERSION, prompt=pack_ids([3 + i, 1, 4, 1, 5] * (3 + i)), sampling=Sampling(),
+        seed=0, max_new_tokens=8, eos_ids=b"", target="t", draft="d", vocab_size=256))
+        for i in range(3)]
+    chain = [0, 1, 2]
+
+    def blocks(r):
+        return [CheckedBlock(r, [7, 8, 9], chain, depths_of(chain)) for _ in states]
+
+    for st, out in zip(states, engine.verify_isolating(list(zip(states, blocks(0),
+                                                                strict=True))), strict=True):
+        new = [7, 8, 9][: len(out.walk.accepted)] + [out.walk.next_token]
+        st.committed += new
+        st.round += 1
+    before = [(st.kv, st.kv.length) for st in states]
+    inner = engine.runner.forward_flat
+
+    def broken(segments):
+        inner(segments)
+        raise RuntimeError("device lost")
+
+    engine.runner.forward_flat = broken
+    outs = engine.verify_isolating(list(zip(states, blocks(1), strict=True)))
+    assert all(isinstance(o, RuntimeError) for o in outs)
+    assert [(st.kv, st.kv.length) for st in states] == before
