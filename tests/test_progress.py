@@ -20,6 +20,7 @@ from schemas import Progress, decode
 from specedge import broker, subjects
 from specedge.config import AdaptiveBudget, TreeShape
 from specedge.edge.drafter import Drafter
+from specedge.edge.link import Link
 from specedge.edge.session import EdgeSession, SessionParams
 from specedge.execution import PackedRunner
 from tests.procs import ProcWorker
@@ -166,3 +167,51 @@ async def test_killed_verifier_still_brings_the_give_up(nats_server, tiny_pair, 
     # did not cut them short
     every = s.progress.every_s
     assert every == 1.0 and 2 * 3 * every - 1.0 < waited < 20, waited
+
+
+@pytest.mark.asyncio
+async def test_sessions_on_one_connection_hear_their_own_progress(nats_server, tiny_pair):
+    """Two long prompts through one edge connection: one progress subscription for the edge
+    (the broker caps subscriptions per connection; verdicts already take one per session),
+    each report routed to its own session."""
+    target, draft = tiny_pair
+    ids = [prompt(200, 7), prompt(330, 8)]
+    w = Worker(target, nats_server.url, WorkerConfig(
+        prefill_chunk=16, probe_every=0, adaptive=AdaptiveBudget(batch_tokens=16)))
+    inner = w.engine.runner.forward_flat
+
+    def slow(segments):
+        time.sleep(0.05)
+        return inner(segments)
+
+    w.engine.runner.forward_flat = slow
+    task = asyncio.create_task(w.run())
+    await asyncio.wait_for(w.ready.wait(), 30)
+    nc = await broker.connect(nats_server.url, "two-session-edge")
+    ex = ThreadPoolExecutor(1)
+    try:
+        sessions = [edge_session(nc, draft, p, 6, ex, **SHORT_WAIT) for p in ids]
+        totals: list[set[int]] = [set(), set()]
+
+        def heard(i: int, s: EdgeSession):
+            inner_cb = s._on_progress
+
+            async def cb(m):
+                totals[i].add(decode(m.data).total)
+                await inner_cb(m)
+            return cb
+
+        for i, s in enumerate(sessions):
+            s._on_progress = heard(i, s)
+        results = await asyncio.gather(*(s.run() for s in sessions))
+        subs = Link.of(nc)._progress_subs
+    finally:
+        ex.shutdown()
+        await nc.close()
+        w.stop()
+        await asyncio.wait_for(task, 30)
+    for p, s, r in zip(ids, sessions, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 6)
+        assert s.progress_heard >= 1
+    assert [t - {0} for t in totals] == [{len(p)} for p in ids]  # each its own prompt's
+    assert list(subs) == [subjects.ANON]

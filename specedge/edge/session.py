@@ -488,8 +488,7 @@ class EdgeSession:
         t_start = time.perf_counter()
         self._check_link("opening the session")
         sub = await self.nc.subscribe(subjects.verdict(self.sid), cb=self._on_verdict)
-        # progress is advisory: an edge whose broker user may not read it waits as before
-        psub = await self.nc.subscribe(subjects.progress(self.sid), cb=self._on_progress)
+        unfollow = await self.link.follow_progress(self.sid, self._on_progress)
         unlisten = self.link.listen(self._wake)
         rounds = self.rounds
         t_first, t_last, itl = None, None, []
@@ -603,11 +602,11 @@ class EdgeSession:
         finally:
             unlisten()
             await asyncio.shield(self._release())
-            for s in (sub, psub):
-                try:
-                    await s.unsubscribe()
-                except Exception as exc:  # a closed connection: nothing to unsubscribe from
-                    self.log.debug("unsubscribe failed", error_type=type(exc).__name__)
+            unfollow()
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # a closed connection: nothing to unsubscribe from
+                self.log.debug("unsubscribe failed", error_type=type(exc).__name__)
         self._to(State.CLOSED)
         wall = time.perf_counter() - t_start
         self.log.info("session finished", tokens=len(self.generated), rounds=len(rounds),
