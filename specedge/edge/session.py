@@ -449,9 +449,10 @@ class EdgeSession:
             # A fresh id: the first copy is stored (its publish was acknowledged) but was lost
             # downstream (e.g. delivery attempts ran out during an outage), so the same id
             # would be dropped as a duplicate. A second copy is harmless: the verifier
-            # answers a round it has already answered with the same verdict.
-            if await self._publish(subjects.draft(self.sid), block, f"draft.{attempt}",
-                                   self.round):
+            # answers a round it has already answered with the same verdict. (Numbered per
+            # session: `attempt` starts again after progress, an id must not.)
+            if await self._publish(subjects.draft(self.sid), block,
+                                   f"draft.{self.republished}", self.round):
                 self._look_now = True
             deadline = time.monotonic() + self._patience(round_s, attempt)
 

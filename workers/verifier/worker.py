@@ -876,8 +876,7 @@ class Worker:
         self.stats.failed_batches += 1
         if len(failed) == len(work) > 1:
             log.error("every session of the batch failed alone; blocks will be redelivered",
-                      sids=[st.sid for _, st, _, _ in work],
-                      error=repr(outcomes[0]))
+                      sids=[st.sid for _, st, _, _ in work], exc_info=outcomes[0])
             for m, st, _, _ in work:
                 self.sessions.free_kv(st.sid)
                 await _quietly(m.nak(delay=1.0))
@@ -895,7 +894,8 @@ class Worker:
             await self._reject(m, st.sid, blk.round, "internal_error",
                                f"the verifier failed on this session: "
                                f"{type(exc).__name__}: {first_line}")
-        keep = [i for i in range(len(work)) if i not in set(failed)]
+        bad = set(failed)
+        keep = [i for i in range(len(work)) if i not in bad]
         return [work[i] for i in keep], [outcomes[i] for i in keep]
 
     async def _parse(self, m) -> tuple[str, DraftBlock] | None:
