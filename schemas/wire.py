@@ -171,7 +171,30 @@ class Rejected(msgspec.Struct, tag="rejected", frozen=True, forbid_unknown_field
     t: float = 0.0
 
 
-Message = SessionOpened | SessionClosed | DraftBlock | Verdict | Rejected
+class Progress(msgspec.Struct, tag="progress", frozen=True, forbid_unknown_fields=True,
+               omit_defaults=True):
+    """A verifier holding a session's block tells its edge that it is working on it (a core
+    message on specedge.progress.<edge>.<nonce>, never stored): the edge waits as long as
+    these keep coming instead of taking a slow verifier for a dead one. Sent when a block is
+    taken but gets no verdict in a forward, and every `every_s` while the block is held.
+
+    stage: queued (waits for a forward here), prefilling (the session's KV holds `done` of
+    the `total` committed tokens), verifying (in a forward now), waiting_room (the KV pool is
+    full), compiling (its grammar)."""
+
+    v: int
+    round: int
+    stage: str
+    every_s: float  # the verifier reports a held block at least this often
+    done: int = 0
+    total: int = 0
+    worker: str = ""
+    t: float = 0.0
+
+
+STAGES = ("queued", "prefilling", "verifying", "waiting_room", "compiling")
+
+Message = SessionOpened | SessionClosed | DraftBlock | Verdict | Rejected | Progress
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

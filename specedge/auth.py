@@ -34,13 +34,13 @@ SECURE_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "secure.
 ROLES = ("edge", "verifier", "operator")
 
 # Verifiers: the JetStream API (stream, consumers, KV leases and limits board, log reads),
-# acks, flow control, every session's open/close, verdicts, and the fleet's limits (answering
-# edges' queries: allow_responses lets them reply to an edge's own inbox); they never publish
-# drafts or session messages.
+# acks, flow control, every session's open/close, verdicts and progress, and the fleet's limits
+# (answering edges' queries: allow_responses lets them reply to an edge's own inbox); they never
+# publish drafts or session messages.
 VERIFIER_PERMISSIONS = {
     "publish": ["$JS.API.>", f"$JS.ACK.{subjects.STREAM}.>", "$JS.FC.>",
                 f"$KV.{subjects.LEASES}.>", f"$KV.{subjects.FLEET}.>", subjects.verdict("*.*"),
-                subjects.fleet_limits()],
+                subjects.progress("*.*"), subjects.fleet_limits()],
     "subscribe": [subjects.all_sessions(), "_INBOX.>", subjects.fleet_query()],
     "allow_responses": True,
 }

@@ -75,6 +75,12 @@ def verdict(sid: str) -> str:
     return f"{PREFIX}.verdict.{sid}"
 
 
+def progress(sid: str) -> str:
+    """A core subject (outside the stream: ephemeral) on which the verifier holding a
+    session's block tells its edge it is working on it (schemas.Progress)."""
+    return f"{PREFIX}.progress.{sid}"
+
+
 def stream_subjects() -> list[str]:
     """What the stream stores: exactly the three session subjects, so nothing else (e.g. a
     publish straight to a partition's stored subject) can enter a verifier's work queue."""
@@ -135,14 +141,14 @@ def msg_id(sid: str, round_no: int, kind: str) -> str:
 
 def edge_permissions(edge: str, inbox_prefix: str | None = None) -> dict[str, list[str]]:
     """What an edge may do on the broker: publish its own sessions' opens/closes and drafts,
-    receive its own verdicts and the replies on its own inbox (JetStream publish acks); ask for
-    the fleet's limits and hear their updates. Nothing else; in particular no `$JS.API` (no
-    streams, consumers, KV or log reads)."""
+    receive its own verdicts, its own sessions' progress and the replies on its own inbox
+    (JetStream publish acks); ask for the fleet's limits and hear their updates. Nothing else;
+    in particular no `$JS.API` (no streams, consumers, KV or log reads)."""
     if not valid_edge(edge):
         raise ValueError(f"bad edge name {edge!r}")
     return {"publish": [session(f"{edge}.*"), draft(f"{edge}.*"), fleet_query()],
-            "subscribe": [verdict(f"{edge}.*"), f"{inbox_prefix or edge_inbox(edge)}.>",
-                          fleet_limits()]}
+            "subscribe": [verdict(f"{edge}.*"), progress(f"{edge}.*"),
+                          f"{inbox_prefix or edge_inbox(edge)}.>", fleet_limits()]}
 
 
 def edge_inbox(edge: str) -> str:

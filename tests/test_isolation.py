@@ -90,20 +90,27 @@ async def test_edge_cannot_read_or_forge_another_edges_session(secure, tiny_pair
 
     #    Nor may she answer the fleet's limits queries (posing as a verifier) or read its board.
     for subj in (subjects.verdict(bob_sid), subjects.verdict("bob.*"), subjects.verdict("*.*"),
-                 "specedge.>", ">", f"{subjects.edge_inbox('bob')}.>", "_INBOX.>",
+                 subjects.progress(bob_sid), subjects.progress("bob.*"),
+                 subjects.progress("*.*"), "specedge.>", ">", f"{subjects.edge_inbox('bob')}.>", "_INBOX.>",
                  subjects.all_sessions(), "$JS.API.>", subjects.fleet_query(),
                  f"$KV.{subjects.FLEET}.>"):
         await alice.subscribe(subj, cb=leak)
         await errs.refused("subscription", subj)
 
     # 2. Publishing to bob's draft or session subjects is refused; nothing reaches the stream.
-    #    Forging the fleet's limits (a broadcast every edge believes) is refused too.
-    for subj in (subjects.draft(bob_sid), subjects.session(bob_sid),
+    #    Forging the fleet's limits (a broadcast every edge believes) or a verifier's progress
+    #    report (which would keep bob waiting) is refused too.
+    for subj in (subjects.draft(bob_sid), subjects.session(bob_sid), subjects.progress(bob_sid),
+                 subjects.progress(subjects.new_session_id("alice")),
                  subjects.verdict(bob_sid), subjects.verdict(subjects.new_session_id("alice")),
                  f"{subjects.PREFIX}.draft.3.{bob_sid}", subjects.fleet_limits(),
                  f"$KV.{subjects.FLEET}.verifier.fake"):
         await alice.publish(subj, opened([1, 2, 3]))
         await errs.refused("publish", subj)
+
+    #    Her own sessions' progress reports are hers to hear.
+    await alice.subscribe(subjects.progress("alice.*"), cb=leak)
+    await alice.flush()
 
     # 3. No JetStream API: creating a consumer, reading stream info or a message, binding a pull
     #    subscription are all refused (the request then times out at the client).
@@ -170,6 +177,8 @@ async def test_edge_cannot_read_or_forge_another_edges_session(secure, tiny_pair
     assert alice_res[0].session_id.startswith("alice.") and bob_res[0].session_id == bob_sid
     assert leaked == [], f"alice received {leaked}"
     assert not any("fleet" in s for s in errs.seen[refusals_before_run:]), errs.seen
+    own = f'subscription to "{subjects.progress("alice.*")}"'
+    assert not any(own in s for s in errs.seen), errs.seen
     # nothing alice published under bob's name was stored; the acks she aimed at bob's subjects
     # were (JSON, undecodable), and his log still rebuilds his exact sequence
     slog = await read_session(op_js, bob_sid)

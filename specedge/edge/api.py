@@ -38,6 +38,7 @@ from specedge.config import TreeShape
 from specedge.edge import structured, tools
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
+from specedge.edge.errors import rejection_status
 from specedge.edge.limits import EdgeLimits, LimitError, plan
 from specedge.edge.link import BrokerUnreachable, Link
 from specedge.edge.proactive import Mode
@@ -343,8 +344,7 @@ class EdgeService:
             except SessionRejected as exc:
                 outcome = "rejected"
                 r = exc.rejected
-                raise ApiError(400 if r.code.startswith("invalid")
-                               or r.code == "context_length_exceeded" else 502,
+                raise ApiError(rejection_status(r.code),
                                f"the verifier rejected the request: {r.reason}",
                                code=r.code) from None
             except BrokerUnreachable as exc:

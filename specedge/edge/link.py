@@ -10,7 +10,9 @@ Every session on one NATS connection shares it. Three things hang off it:
   publish that got no acknowledgement, until something gets through again; a session whose
   link has been down for `give_up_s` fails with BrokerUnreachable;
 * the verifier's round time as this edge measures it (block published -> verdict), from which
-  a session derives how long to wait before it looks for a verdict on its own.
+  a session derives how long to wait before it looks for a verdict on its own; that wait
+  starts again at every progress report of a verifier working on the block (a slow verifier
+  is not a dead one), so a session re-publishes or gives up only after silence.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
+
+from specedge import subjects
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +61,11 @@ class BrokerUnreachable(ConnectionError):
         self.down_s, self.give_up_s = down_s, give_up_s
 
 
+# A verifier that announced it reports a held block every E seconds (schemas.Progress) is
+# taken to have lost it only after this many intervals of silence.
+PROGRESS_MISSES = 3
+
+
 @dataclass(frozen=True)
 class WaitPolicy:
     """How long a session waits for a verdict before it looks on its own (then re-publishes):
@@ -87,6 +96,10 @@ class Link:
         self.round_s: float | None = None  # EMA of block published -> verdict, rounds >= 1
         self._listeners: set[Callable[[], None]] = set()
         self._up: asyncio.Future | None = None  # resolved at the next reconnect
+        # progress reports: one wildcard subscription per edge name on this connection (the
+        # broker caps subscriptions per connection), routed to each session by its id
+        self._progress_subs: dict[str, asyncio.Task] = {}
+        self._progress_to: dict[str, Callable[[object], Awaitable[None]]] = {}
 
     @classmethod
     def of(cls, nc) -> Link:
@@ -159,3 +172,25 @@ class Link:
         """Call fn at every reconnect; returns the function that stops it."""
         self._listeners.add(fn)
         return lambda: self._listeners.discard(fn)
+
+    async def follow_progress(self, sid: str,
+                              fn: Callable[[object], Awaitable[None]]) -> Callable[[], None]:
+        """Hand session `sid`'s progress reports (raw messages) to fn; returns the function
+        that stops it. Best effort: a connection that may not subscribe (an edge user whose
+        permissions predate the subject) just hears none."""
+        edge = subjects.edge_of(sid)
+        if edge not in self._progress_subs:
+            self._progress_subs[edge] = asyncio.ensure_future(
+                self.nc.subscribe(subjects.progress(f"{edge}.*"), cb=self._route_progress))
+        self._progress_to[sid] = fn
+        try:
+            await self._progress_subs[edge]
+        except Exception as exc:
+            log.debug("no progress subscription", edge=edge, error_type=type(exc).__name__)
+            self._progress_subs.pop(edge, None)  # the next session tries again
+        return lambda: self._progress_to.pop(sid, None)
+
+    async def _route_progress(self, m) -> None:
+        fn = self._progress_to.get(m.subject.split(".", 2)[-1])  # specedge.progress.<sid>
+        if fn is not None:
+            await fn(m)

@@ -23,6 +23,7 @@ from schemas import (
     SCHEMA_VERSION,
     DraftBlock,
     DraftTimings,
+    Progress,
     Rejected,
     Sampling,
     SessionClosed,
@@ -38,7 +39,7 @@ from schemas import (
 from specedge import subjects
 from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
-from specedge.edge.link import BrokerUnreachable, Link, WaitPolicy
+from specedge.edge.link import PROGRESS_MISSES, BrokerUnreachable, Link, WaitPolicy
 from specedge.edge.proactive import Mode, Proactive
 from specedge.execution.logprobs import TokenLogprob, from_wire
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from specedge.execution.grammar import Constraint
 
 log = structlog.get_logger(__name__)
+
+MAX_PROGRESS_EVERY_S = 60.0  # a reporting interval announced past this counts as this
 
 
 class SessionRejected(RuntimeError):
@@ -226,6 +229,13 @@ class EdgeSession:
         self._look_now = False  # a reconnect or a duplicate ack: look the verdict up at once
         self.waits = WaitPolicy(params.verdict_wait_factor, params.verdict_wait_min_s,
                                 params.verdict_timeout_s)
+        # the verifier's progress reports (schemas.Progress): the round last reported on and
+        # when, the longest reporting interval a verifier announced, the last report
+        self._heard: tuple[int, float] = (-1, 0.0)
+        self._every_s = 0.0
+        self.progress: Progress | None = None
+        self.progress_heard = 0
+        self.republished = 0  # blocks published again: nobody reported working on them
 
     def _to(self, state: State) -> None:
         self.log.debug("state", round=self.round, state=str(state), was=str(self.state))
@@ -246,6 +256,29 @@ class EdgeSession:
                 self._inbox[msg.round] = msg
                 self._arrival.setdefault(msg.round, time.perf_counter())
             self._arrived.set()
+
+    async def _on_progress(self, m) -> None:
+        """A verifier holding this round's block is working on it: the wait starts again."""
+        try:
+            msg = decode(m.data)
+        except WireError:
+            return
+        if not isinstance(msg, Progress) or msg.round != self.round:
+            return
+        self._heard = (msg.round, time.monotonic())
+        self._every_s = max(self._every_s, min(msg.every_s, MAX_PROGRESS_EVERY_S))
+        if self.progress is None or (self.progress.round, self.progress.stage) != (
+                msg.round, msg.stage):
+            self.log.debug("verifier working", round=msg.round, stage=msg.stage,
+                           done=msg.done, total=msg.total, worker=msg.worker)
+        self.progress = msg
+        self.progress_heard += 1
+
+    def _patience(self, round_s: float | None, attempt: int = 0) -> float:
+        """How long silence may last before the block counts as lost: the wait policy's, and
+        never less than a few of the reporting intervals a verifier announced (silence
+        shorter than that says nothing)."""
+        return max(self.waits.wait_s(round_s, attempt), PROGRESS_MISSES * self._every_s)
 
     def _wake(self) -> None:
         """The link came back: whatever we wait for may have been missed while it was down."""
@@ -368,11 +401,13 @@ class EdgeSession:
     async def _await_verdict(self, block: DraftBlock, t_sent: float) -> tuple[Verdict, float]:
         """Wait for this round's verdict. At a reconnect or a duplicate acknowledgement, look it
         up in the stream at once. If none arrives within the wait derived from the measured
-        round time (counted from the block's first publish), look it up, then re-publish the
-        block; with the link down, wait for it (up to the give-up bound) instead."""
+        round time (counted from the block's first publish, and again from every progress
+        report of a verifier working on it), look it up, then re-publish the block; with the
+        link down, wait for it (up to the give-up bound) instead. Only silence counts: the
+        re-publishes before TimeoutError are those with nobody reporting in between."""
         attempt = 0
         round_s = self.link.round_s if self.round > 0 else None  # round 0 includes the prefill
-        deadline = t_sent + self.waits.wait_s(round_s)
+        deadline = t_sent + self._patience(round_s)
         while True:
             if self.round in self._inbox:
                 msg = self._inbox.pop(self.round)
@@ -398,6 +433,11 @@ class EdgeSession:
             if not self.link.connected():  # a re-publish waits for the link anyway
                 deadline = time.monotonic() + 1.0
                 continue
+            heard_round, heard_at = self._heard
+            if heard_round == self.round and heard_at + self._patience(round_s) > time.monotonic():
+                # a verifier reported working on it since: slow, not lost; wait afresh
+                deadline, attempt = heard_at + self._patience(round_s), 0
+                continue
             await self._lookup_verdict()
             if self.round in self._inbox:
                 continue
@@ -405,16 +445,18 @@ class EdgeSession:
                 raise TimeoutError(f"session {self.sid}: no verdict for round {self.round} "
                                    f"after {attempt} re-publishes")
             attempt += 1
+            self.republished += 1
             self.log.warning("no verdict yet; re-publishing block", round=self.round,
                              attempt=attempt)
             # A fresh id: the first copy is stored (its publish was acknowledged) but was lost
             # downstream (e.g. delivery attempts ran out during an outage), so the same id
             # would be dropped as a duplicate. A second copy is harmless: the verifier
-            # answers a round it has already answered with the same verdict.
-            if await self._publish(subjects.draft(self.sid), block, f"draft.{attempt}",
-                                   self.round):
+            # answers a round it has already answered with the same verdict. (Numbered per
+            # session: `attempt` starts again after progress, an id must not.)
+            if await self._publish(subjects.draft(self.sid), block,
+                                   f"draft.{self.republished}", self.round):
                 self._look_now = True
-            deadline = time.monotonic() + self.waits.wait_s(round_s, attempt)
+            deadline = time.monotonic() + self._patience(round_s, attempt)
 
     async def _run_model(self, fn, *args):
         self._inflight = self.ex.submit(fn, *args)
@@ -449,6 +491,7 @@ class EdgeSession:
         t_start = time.perf_counter()
         self._check_link("opening the session")
         sub = await self.nc.subscribe(subjects.verdict(self.sid), cb=self._on_verdict)
+        unfollow = await self.link.follow_progress(self.sid, self._on_progress)
         unlisten = self.link.listen(self._wake)
         rounds = self.rounds
         t_first, t_last, itl = None, None, []
@@ -562,6 +605,7 @@ class EdgeSession:
         finally:
             unlisten()
             await asyncio.shield(self._release())
+            unfollow()
             try:
                 await sub.unsubscribe()
             except Exception as exc:  # a closed connection: nothing to unsubscribe from

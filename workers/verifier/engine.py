@@ -139,12 +139,16 @@ class Engine:
             st.kv = kv = None
         return (0 if kv is None else kv.length), kv is not None and kv.length == c - 1
 
-    def catching_up(self, st: SessionState, prefill_chunk: int | None) -> bool:
-        """Whether this session's next forward would only prefill a chunk (no verdict)."""
+    def prefilled(self, st: SessionState) -> int:
+        """Tokens of C this session's KV holds, or would adopt from the prefix cache."""
         have, _ = self._chain(st)
         if st.kv is None and self.pool.caching:  # what adopting would find, without adopting
             have += len(self.pool.cached_run(self._adoptable(st))) * self.pool.block_size
-        return bool(prefill_chunk) and len(st.committed) - have > prefill_chunk
+        return have
+
+    def catching_up(self, st: SessionState, prefill_chunk: int | None) -> bool:
+        """Whether this session's next forward would only prefill a chunk (no verdict)."""
+        return bool(prefill_chunk) and len(st.committed) - self.prefilled(st) > prefill_chunk
 
     def blocks_needed(self, work: list[tuple[SessionState, CheckedBlock]]) -> int:
         """Pool blocks this batch's forward will allocate."""
@@ -184,7 +188,12 @@ class Engine:
         walks = self._mask_pool().submit(
             lambda: [(i, self._grammar_rows(*work[i])) for i in constrained]
         ) if constrained else None
-        logits, off = self.runner.forward_flat(segments)
+        try:
+            logits, off = self.runner.forward_flat(segments)
+        except BaseException:
+            if walks is not None:  # the matchers are not touched again until it is done
+                concurrent.futures.wait([walks])
+            raise
         scorer = PathScorer(logits, {i: (off[i], off[i + 1]) for i, ((st, _), m)
                                      in enumerate(zip(work, metas, strict=True))
                                      if m[3] and st.logprobs >= 0})  # raw rows, copied now
@@ -198,7 +207,7 @@ class Engine:
         with applied(logits, groups) as x, grammars.masked(x, masks) as y:
             picks = pick(y, RowSampling.concat(rows)).tolist() if rows else []  # one transfer
         out = []
-        for (st, blk), a, (have, chain_len, kv_hit, verified) in zip(
+        for (st, blk), a, (_, chain_len, kv_hit, verified) in zip(
                 work, off, metas, strict=False):
             computed = 0 if kv_hit else chain_len
             if not verified:
@@ -206,10 +215,56 @@ class Engine:
                 continue
             res = walk(blk.tokens, blk.parents, picks[a : a + len(blk.tokens) + 1])
             scorer.add(len(out), res.accepted, blk.tokens, res.next_token, st.logprobs)
-            # keep the chain (all committed) and the accepted nodes, in path order
-            st.kv.keep(have, list(range(chain_len)) + [chain_len + i - 1 for i in res.accepted])
-            self._publish(st)
             out.append(Outcome(res, kv_hit, chain_len + len(blk.tokens), computed=computed))
         for i, scored in scorer.score().items():  # one batched call for the forward
             out[i].logprobs = scored
+        # Only now, with every session's outcome in hand, the KV moves past the forward: a
+        # failure before this point leaves nothing to undo but the appended tail (_restore).
+        for (st, _), (have, chain_len, _, verified), o in zip(work, metas, out, strict=True):
+            if verified:  # keep the chain (all committed) and the accepted nodes, in order
+                st.kv.keep(have, list(range(chain_len))
+                           + [chain_len + i - 1 for i in o.walk.accepted])
+                self._publish(st)
         return out
+
+    def verify_isolating(self, work: list[tuple[SessionState, CheckedBlock]],
+                         prefill_chunk: int | None = None) -> list[Outcome | Exception]:
+        """verify(), and when it raises: every session's KV rolled back to where it was, and
+        the batch retried in halves until the sessions at fault stand alone. Each item is the
+        session's Outcome or the exception it alone raised: one bad session costs the others
+        a few extra forwards in this step, never their verdicts."""
+        marks = [_mark(st) for st, _ in work]
+        try:
+            return list(self.verify(work, prefill_chunk))
+        except Exception as exc:
+            for (st, _), mark in zip(work, marks, strict=True):
+                _restore(st, mark)
+            if len(work) == 1:
+                return [exc]
+        half = len(work) // 2
+        return (self.verify_isolating(work[:half], prefill_chunk)
+                + self.verify_isolating(work[half:], prefill_chunk))
+
+
+def _mark(st: SessionState) -> tuple:
+    """What a forward may change in a session's state before its verdict: its KV (replaced,
+    or grown by the forward's tail) and the tokens it adopted from the prefix cache."""
+    return (st.kv, (st.kv.length if st.kv is not None else 0), st.cached_tokens,
+            st.cached_reported)
+
+
+def _restore(st: SessionState, mark: tuple) -> None:
+    """Back to the mark after a failed forward: the tail it appended is dropped (positions
+    below the mark are never written by a forward), a cache it made is freed. A cache that
+    was itself dropped meanwhile is rebuilt by the next forward, exactly."""
+    kv, length, cached, reported = mark
+    if st.kv is not None and st.kv is not kv:
+        st.kv.free()
+    if kv is not None and kv.length >= length > 0:
+        kv.truncate(length)
+        st.kv = kv
+    else:
+        if kv is not None:
+            kv.free()
+        st.kv = None
+    st.cached_tokens, st.cached_reported = cached, reported

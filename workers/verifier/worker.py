@@ -42,6 +42,7 @@ from workers.verifier.board import Board
 from workers.verifier.engine import Engine
 from workers.verifier.leases import Leases
 from workers.verifier.load import LoadMeter
+from workers.verifier.progress import DEFAULT_EVERY_S, ProgressReporter
 from workers.verifier.state import Openings, Reclaim, SessionState, SessionTable, kv_budget
 from workers.verifier.validate import (
     BlockError,
@@ -64,7 +65,8 @@ class WorkerStats:
     blocks: int = 0
     rejected: int = 0
     dropped: int = 0  # bad messages dropped with a log line (nowhere to answer)
-    failed_batches: int = 0
+    failed_batches: int = 0  # forwards that raised (their sessions then tried apart)
+    faulty: int = 0  # sessions answered internal_error: their block failed a forward alone
     kv_hits: int = 0
     kv_misses: int = 0
     tokens: int = 0  # committed by this worker's verdicts
@@ -134,6 +136,8 @@ class WorkerConfig:
     # growing one), and the SessionOpened.shared_prefix names every tenant may hit
     prefix_cache_tokens: int | None = None
     shared_prefixes: tuple[str, ...] = ()
+    # a held block's edge hears that it is being worked on at least this often (progress.py)
+    progress_every_s: float = DEFAULT_EVERY_S
 
 
 class Worker:
@@ -163,6 +167,10 @@ class Worker:
         self._deferred: list = []  # blocks held back because their session was already batched
         self._compiling: dict[str, float] = {}  # sid -> when its block first waited for its grammar
         self._publishing: set[asyncio.Future] = set()  # verdicts still being published
+        self.progress = ProgressReporter(self.cfg.name, self.cfg.progress_every_s)
+        # this step's sessions without a verdict yet: sid -> (stage, done, total) (Progress)
+        self._stage: dict[str, tuple[str, int, int]] = {}
+        self._outbox: list[tuple[str, bytes]] = []  # progress reports to publish
         self._chunked_last = False  # the last forward carried a prefill chunk beside others
         self._inbox: asyncio.Queue = asyncio.Queue()
         self.prefill_chunk = self.cfg.prefill_chunk or DEFAULT_PREFILL_CHUNK
@@ -320,7 +328,7 @@ class Worker:
         dev = self.engine.runner.device
         synchronize(dev)
         t0 = time.perf_counter()
-        out = self.engine.verify(work, chunk)
+        out = self.engine.verify_isolating(work, chunk)
         synchronize(dev)
         return out, time.perf_counter() - t0
 
@@ -355,7 +363,11 @@ class Worker:
             return
         self._since_probe = 0
         loop = asyncio.get_running_loop()
-        seconds = await loop.run_in_executor(self._executor, self._time_probe, n)
+        keepalive = asyncio.create_task(self._keep_alive([]))  # blocks arriving meanwhile
+        try:
+            seconds = await loop.run_in_executor(self._executor, self._time_probe, n)
+        finally:
+            keepalive.cancel()
         if seconds is not None:
             self.stats.probes += 1
             self.metrics.cost_probes.inc()
@@ -603,6 +615,7 @@ class Worker:
         t_pick = time.time()
         candidates = self._deferred + msgs
         self._deferred = []
+        self._stage = {}
         work: list[tuple[object, SessionState, CheckedBlock, float]] = []
         raw: dict[int, DraftBlock] = {}  # the decoded block of each message, should it wait
         seen: set[str] = set()
@@ -635,6 +648,9 @@ class Worker:
         work = await self._fit(work, raw)
         work = self._pace_chunks(work, raw)
         work = await self._compiled(work, raw)
+        for _, st, _, _ in work:
+            self._stage.setdefault(st.sid, ("verifying", 0, 0))
+        await self._send_progress()
         if not work:
             return
         self.load.observe([st.sid for _, st, _, _ in work],
@@ -643,7 +659,7 @@ class Worker:
         self.metrics.suggested_budget.set(budget)
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        keepalive = asyncio.create_task(self._keep_alive([m for m, *_ in work]))
+        keepalive = asyncio.create_task(self._keep_alive(work))
         done = asyncio.Event()
         if self._prepare_ahead:
             self._preparing = asyncio.create_task(self._prepare(done))
@@ -651,7 +667,7 @@ class Worker:
             outcomes, forward_s = await loop.run_in_executor(
                 self._executor, self._timed_verify, [(st, blk) for _, st, blk, _ in work],
                 self.prefill_chunk)
-        except Exception:
+        except Exception:  # outside any one session (verify_isolating catches theirs)
             self.stats.failed_batches += 1
             log.exception("batch forward failed; blocks will be redelivered",
                           sids=[st.sid for _, st, _, _ in work])
@@ -662,17 +678,24 @@ class Worker:
         finally:
             keepalive.cancel()
             done.set()  # the next batch's decoding ends with the message in hand
+        failed = [i for i, o in enumerate(outcomes) if isinstance(o, Exception)]
+        if failed:
+            work, outcomes = await self._isolate(work, outcomes, failed)
+            if not work:
+                return
+            forward_s = None  # retries inside: no measure of one forward's cost
         verify_s = time.perf_counter() - t0
         self.load.observe_verify(verify_s)
         self.stats.batches += 1
         self.stats.busy_s += verify_s
         self.stats.batch_sizes.append(len(work))
         batch_tokens = sum(o.new_tokens for o in outcomes)
-        self.metrics.batch(len(work), batch_tokens, verify_s, forward_s)
+        self.metrics.batch(len(work), batch_tokens, verify_s,
+                           verify_s if forward_s is None else forward_s)
         # cached: what the verdicts report (each reused prompt token once per session)
         self.metrics.prompt_cache(sum(st.cached_tokens for (_, st, _, _), o in zip(
             work, outcomes, strict=True) if o.walk is not None), sum(o.computed for o in outcomes))
-        if self.costs is not None:
+        if self.costs is not None and forward_s is not None:
             self.costs.observe(batch_tokens, forward_s)
             self._since_probe += 1
             self._apply_costs()
@@ -686,6 +709,8 @@ class Worker:
                 self.stats.prefill_chunks += 1
                 self.metrics.prefill_chunks.inc()
                 pubs.append(_quietly(m.in_progress()))
+                self._note(st.sid, blk.round, "prefilling", st.kv.length if st.kv else 0,
+                           len(st.committed))
                 continue
             new = [blk.tokens[i - 1] for i in res.accepted] + [res.next_token]
             toks, finished = commit(new, st.generated, st.max_new_tokens, st.eos_ids)
@@ -710,6 +735,7 @@ class Worker:
             st.remember(blk.round, data)
             if finished:
                 self.sessions.free_kv(st.sid)
+                self.progress.forget(st.sid)
             self.stats.blocks += 1
             self.stats.kv_hits += out.kv_hit
             self.stats.kv_misses += not out.kv_hit
@@ -725,6 +751,7 @@ class Worker:
             if st.sid in self._closed:  # gave it a cache again, which nobody else would free
                 SessionTable.release(st)
         self._deferred[:0] = prefilling
+        pubs.append(self._send_progress())
         # Publishing and acking run beside the next batch (each handles its own failure): the
         # next forward need not wait for the broker's acknowledgements of this one's verdicts.
         task = asyncio.ensure_future(asyncio.gather(*pubs))
@@ -759,6 +786,7 @@ class Worker:
                 continue
             waiting = True
             self._deferred.append((m, (st.sid, raw[id(m)])))
+            self._note(st.sid, blk.round, "compiling")
         if waiting and not ready:
             await asyncio.sleep(0.05)  # nothing else to run: do not spin on the deferred
         return ready
@@ -768,7 +796,11 @@ class Worker:
         verified. A running session's round meets at most two forwards (the one in progress
         when its block arrives and its own), so it pays for at most one chunk per round."""
         chunk = self.prefill_chunk
-        catching = [w for w in work if self.engine.catching_up(w[1], chunk)]
+        have = {st.sid: self.engine.prefilled(st) for _, st, _, _ in work}
+        catching = [w for w in work
+                    if chunk and len(w[1].committed) - have[w[1].sid] > chunk]
+        for _, st, blk, _ in catching:  # no verdict from this forward: say what it does
+            self._note(st.sid, blk.round, "prefilling", have[st.sid], len(st.committed))
         if catching and len(catching) < len(work) and self._chunked_last:
             for m, st, _, _ in catching:
                 self._deferred.append((m, (st.sid, raw[id(m)])))
@@ -794,14 +826,89 @@ class Worker:
                 continue
             m, st, blk, _ = work.pop()
             self._deferred.append((m, (st.sid, raw[id(m)])))
+            self._note(st.sid, blk.round, "waiting_room")
         return work
 
-    async def _keep_alive(self, msgs) -> None:
-        """A long forward (a long prompt's prefill on a CPU) must not look like a dead worker:
-        mark the batch in progress every third of the ack wait while it runs."""
+    async def _keep_alive(self, work: list) -> None:
+        """A long forward (a long prompt's prefill on a CPU, a probe) must not look like a dead
+        worker: while it runs, every block held here is marked in progress every third of the
+        ack wait (JetStream keeps it ours), and its edge hears that it is being worked on every
+        progress interval (its patience follows that, not a fixed wait)."""
+        third = self._ack_wait_s / 3
+        tick = min(self.progress.every_s, third)
+        marked = time.monotonic()
         while True:
-            await asyncio.sleep(self._ack_wait_s / 3)
-            await asyncio.gather(*(_quietly(m.in_progress()) for m in msgs))
+            await asyncio.sleep(tick)
+            held = self._held(work)
+            for _, sid, round_no in held:
+                self._note(sid, round_no, *self._stage.get(sid, ("queued", 0, 0)))
+            calls = [self._send_progress()]
+            if time.monotonic() - marked >= third - tick / 2:
+                marked = time.monotonic()
+                calls += [_quietly(m.in_progress()) for m, _, _ in held]
+            await asyncio.gather(*calls)
+
+    def _held(self, work: list) -> list[tuple[object, str, int]]:
+        """Every block this worker holds now, as (message, session, round): in the forward,
+        set aside for the next one, or pulled and waiting (the inbox: rounds read from bodies
+        not checked yet; a report for a wrong round is ignored by its edge)."""
+        held = [(m, st.sid, blk.round) for m, st, blk, _ in work]
+        held += [(m, sid, blk.round) for m, (sid, blk) in self._deferred + self._ready]
+        for m in list(self._inbox._queue):  # asyncio.Queue has no peek
+            try:
+                sid = subjects.sid_of(m.subject)
+                check_size(m.data, self.cfg.limits)
+                block = decode(m.data)
+            except ValueError:  # WireError and BlockError are ValueErrors
+                continue
+            if isinstance(block, DraftBlock):
+                held.append((m, sid, block.round))
+        return held
+
+    def _note(self, sid: str, round_no: int, stage: str, done: int = 0, total: int = 0) -> None:
+        """What a held block without a verdict is doing; its edge is told (rate-limited)."""
+        self._stage[sid] = (stage, done, total)
+        if (report := self.progress.report(sid, round_no, stage, done, total)) is not None:
+            self._outbox.append(report)
+
+    async def _send_progress(self) -> None:
+        """Publish the reports noted: core messages, best effort (a lost one costs its edge
+        nothing but patience)."""
+        out, self._outbox = self._outbox, []
+        if out:
+            await asyncio.gather(*(_quietly(self.nc.publish(subject, data))
+                                   for subject, data in out))
+
+    async def _isolate(self, work: list, outcomes: list, failed: list[int]) -> tuple[list, list]:
+        """A forward raised and verify_isolating tried the sessions apart: those that failed
+        alone are at fault. Each gets an internal_error rejection and its block is terminated
+        (never redelivered to fail again), its state forgotten; the others keep their
+        outcomes. If every session of a batch of several failed alone, the fault is not
+        theirs (the device, the pool): they are redelivered, as a failed batch always was."""
+        self.stats.failed_batches += 1
+        if len(failed) == len(work) > 1:
+            log.error("every session of the batch failed alone; blocks will be redelivered",
+                      sids=[st.sid for _, st, _, _ in work], exc_info=outcomes[0])
+            for m, st, _, _ in work:
+                self.sessions.free_kv(st.sid)
+                await _quietly(m.nak(delay=1.0))
+            return [], []
+        for i in failed:
+            m, st, blk, _ = work[i]
+            exc = outcomes[i]
+            self.stats.faulty += 1
+            log.error("session failed its forward alone; rejected", sid=st.sid,
+                      round=blk.round, batch=len(work), exc_info=exc)
+            self._closed[st.sid] = None  # over for its edge: its copies still queued go too
+            if (gone := self.sessions.pop(st.sid)) is not None:
+                self._release_on_forward_thread(gone)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            await self._reject(m, st.sid, blk.round, "internal_error",
+                               f"the verifier failed on this session: "
+                               f"{type(exc).__name__}: {first_line}")
+        bad = set(failed)
+        keep = [i for i in range(len(work)) if i not in bad]
+        return [work[i] for i in keep], [outcomes[i] for i in keep]
 
     async def _parse(self, m) -> tuple[str, DraftBlock] | None:
         try:
@@ -902,6 +1009,7 @@ class Worker:
 
     async def _reject(self, m, sid: str, round_no: int, code: str, reason: str) -> None:
         self.stats.rejected += 1
+        self.progress.forget(sid)
         self.metrics.rejects.labels(code).inc()
         r = Rejected(v=SCHEMA_VERSION, round=round_no, code=code, reason=reason,
                      worker=self.cfg.name, t=time.time())
