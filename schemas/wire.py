@@ -158,6 +158,9 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     # prompt tokens whose KV the verifier took from its prefix cache when it built this
     # session's KV in this round (its first round, or a rebuild), instead of computing them
     cached_tokens: int = 0
+    # the target's number format on the worker that judged this round (specedge/precision.py;
+    # "" unknown): what the replay's --check loads the target in to compare bits
+    dtype: str = ""
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True, forbid_unknown_fields=True):
