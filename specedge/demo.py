@@ -173,10 +173,10 @@ def truth(summary: dict, alone_s: float | None, how: str, cores: int, dtype: str
         head = (f"[speculation: {n} tokens in {wall:.1f}s; the target alone, greedy, {how}: "
                 f"{alone_s:.1f}s for the same {n} tokens here ({dtype}, {wall / alone_s:.2f}x "
                 f"its time)")
-    return (f"{head}.\n Edge and verifier share this machine's {cores} cores, so each round's "
-            f"draft and verification take turns on them: one machine gains little from "
-            f"speculation or loses. The design's gain is a server's capacity across many "
-            f"edges, each drafting on its own device: `make bench`, docs/results.md.]")
+    return (f"{head}.\n Here the edge and the verifier take turns on this machine's {cores} "
+            f"cores, so one machine shows little of the design's gain: a server's capacity "
+            f"across many edges, each drafting on its own device (`make bench`, "
+            f"docs/results.md).]")
 
 
 async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:

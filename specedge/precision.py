@@ -91,22 +91,28 @@ def layer_shape(config: dict) -> tuple[int, int]:
     return hidden, inter
 
 
-def time_mlp(dtype: torch.dtype, hidden: int, inter: int, tokens: int = PROBE_TOKENS,
-             reps: int = 3) -> float:
-    """Seconds of the up and down projections of one layer on `tokens` tokens (CPU; the best
-    of `reps`, after one warm-up). The weights outsize the caches as the model's do, so the
-    timing streams memory as a forward does."""
+def time_mlps(dtypes: list[str], hidden: int, inter: int, tokens: int = PROBE_TOKENS,
+              reps: int = 3) -> dict[str, float]:
+    """Seconds of a layer's up and down projections on `tokens` tokens in each dtype (CPU; the
+    best of `reps` each, after a warm-up). The candidates take turns, so a neighbour's load
+    slows them alike; the weights outsize the caches as the model's do, so each timing
+    streams memory as a forward does."""
     g = torch.Generator().manual_seed(0)
-    up = (torch.randn(inter, hidden, generator=g) * 0.02).to(dtype)
-    down = (torch.randn(hidden, inter, generator=g) * 0.02).to(dtype)
-    x = torch.randn(tokens, hidden, generator=g).to(dtype)
-    best = float("inf")
+    up = torch.randn(inter, hidden, generator=g) * 0.02
+    down = torch.randn(hidden, inter, generator=g) * 0.02
+    x = torch.randn(tokens, hidden, generator=g)
+    args = {d: (x.to(getattr(torch, d)), up.to(getattr(torch, d)), down.to(getattr(torch, d)))
+            for d in dtypes}
+    del up, down
+    best = dict.fromkeys(dtypes, float("inf"))
+    linear = torch.nn.functional.linear
     with torch.inference_mode():
         for i in range(reps + 1):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(torch.nn.functional.linear(x, up), down)
-            if i:  # the first is the warm-up (kernel selection, page faults)
-                best = min(best, time.perf_counter() - t0)
+            for d, (xd, ud, dd) in args.items():
+                t0 = time.perf_counter()
+                linear(linear(xd, ud), dd)
+                if i:  # the first round is the warm-up (kernel selection, page faults)
+                    best[d] = min(best[d], time.perf_counter() - t0)
     return best
 
 
@@ -126,7 +132,7 @@ def resolve(name: str, device: str | torch.device, shape: tuple[int, int] | None
         return _logged(Choice(fallback, "flags"))
     hidden, inter = shape
     try:
-        times = {c: time_mlp(getattr(torch, c), hidden, inter, tokens) for c in CANDIDATES}
+        times = time_mlps(list(CANDIDATES), hidden, inter, tokens)
     except Exception as exc:  # a build without a kernel for one of them: the flags decide
         log.warning("dtype probe failed; the CPU flags decide", error=str(exc)[:200])
         return _logged(Choice(fallback, "flags"))

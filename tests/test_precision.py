@@ -128,3 +128,40 @@ def test_demo_threads_default_to_every_core_each():
     assert demo.threads(2, None, None) == (2, 2)
     assert demo.threads(16, 4, None) == (4, 16)
     assert demo.threads(1, 0, 0) == (1, 1)
+
+
+def test_demo_terminal_shows_the_answer_and_the_figures_only(model_dirs):
+    """A clean `python -m specedge.demo` run (tiny pair, float64): stdout is the answer, the
+    terminal's stderr only the closing figures (the target alone beside them, and why) and
+    where the logs are; the logs, `started` with the dtype, are in the run's files."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.procs import ROOT
+
+    target, draft = model_dirs
+    env = {k: v for k, v in os.environ.items() if k != "SPECEDGE_LOG"}
+    p = subprocess.run(
+        [sys.executable, "-m", "specedge.demo", "--target", target, "--draft", draft,
+         "--dtype", "float64", "--prompt", "Hello there", "--max-new-tokens", "24",
+         "--no-chat"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.endswith("\n")  # the answer, streamed
+    lines = p.stderr.strip().splitlines()
+    assert all(line.startswith(("[", " ")) for line in lines), p.stderr
+    assert not re.search(r"warn|error|Traceback|Loading weights", p.stderr, re.I), p.stderr
+    figures = p.stderr[p.stderr.index("[speculation:"):]
+    assert "the target alone, greedy" in figures and "make bench" in figures
+    assert "float64" in figures
+    logs = Path(lines[-1].removeprefix("[logs: ").removesuffix("]"))
+    events = [json.loads(x) for x in (logs / "demo.log").read_text().splitlines()]
+    started = next(e for e in events if e["event"] == "started")
+    assert started["dtype"] == "float64" and started["dtype_how"] == "given"
+    assert started["verifier_threads"] == started["edge_threads"] == (os.cpu_count() or 2)
+    assert '"verifier ready"' in (logs / "verifier.log").read_text()
+    alone = next(e for e in events if e["event"] == "target alone")
+    assert alone["seconds"] > 0

@@ -114,7 +114,8 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
         await fleet.start()  # the verifiers' limits, so requests they would refuse get a 400 now
         await server.start()
         log.info("serving", url=f"{server.url}/v1", model=service.cfg.model_id,
-                 draft=a.model, broker=settings.mask("nats", a.nats))
+                 draft=a.model, dtype=str(draft.dtype).removeprefix("torch."),
+                 broker=settings.mask("nats", a.nats))
         if started is not None:
             started.set_result(server)
         await stop.wait()
