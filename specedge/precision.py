@@ -123,7 +123,9 @@ def resolve(name: str, device: str | torch.device, shape: tuple[int, int] | None
     `shape` (layer_shape; the flags' choice without one, or if the timing fails)."""
     if name != AUTO:
         return Choice(name, "given")
-    dev = torch.device(device)
+    from specedge.devices import pick
+
+    dev = torch.device(pick(str(device)))
     if dev.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return _logged(Choice(by_flags("cuda", frozenset(), native), "device"))
@@ -137,7 +139,7 @@ def resolve(name: str, device: str | torch.device, shape: tuple[int, int] | None
         log.warning("dtype probe failed; the CPU flags decide", error=str(exc)[:200])
         return _logged(Choice(fallback, "flags"))
     ms = {c: round(t * 1000, 2) for c, t in times.items()}
-    return _logged(Choice(choose(times, fallback), "measured", ms))
+    return _logged(Choice(choose(ms, fallback), "measured", ms))
 
 
 def _logged(c: Choice) -> Choice:
