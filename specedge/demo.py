@@ -33,13 +33,12 @@ from pathlib import Path
 
 import structlog
 
+# Light imports only up to the verifier's start: the edge's (the model code, transformers)
+# come after it, so that both processes' imports run side by side (see main).
 from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
 from specedge.config import TreeShape
-from specedge.edge.__main__ import EXIT_REFUSED, add_generation_args
-from specedge.edge.args import LONE_PREFILL_CHUNK
-from specedge.edge.limits import LimitError
-from specedge.execution.support import UnsupportedModel
+from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args
 from specedge.orphan import tied_to_parent
 
 log = structlog.get_logger("specedge.demo")
@@ -100,6 +99,16 @@ class VerifierExited(RuntimeError):
 
 
 async def amain(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> dict:
+    from specedge.edge.limits import LimitError
+    from specedge.execution.support import UnsupportedModel
+
+    try:
+        return await answer(a, url, verifier)
+    except (LimitError, UnsupportedModel) as exc:
+        raise Refusal() from exc
+
+
+async def answer(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> dict:
     from specedge.edge.__main__ import run_edge
 
     a.model = a.draft
@@ -295,6 +304,25 @@ def stop_child(proc: subprocess.Popen, what: str, timeout_s: float = 30.0,
     log.info("child stopped", child=what, pid=proc.pid, returncode=proc.returncode)
 
 
+class Refusal(Exception):
+    """Raised for the edge's refusals (LimitError, UnsupportedModel), which the demo imports
+    only after its verifier started (see main)."""
+
+
+def refused(exc: Refusal) -> int:
+    """Say why, in one line; the exit status of the refusal."""
+    from specedge.edge.__main__ import EXIT_REFUSED
+    from specedge.edge.limits import LimitError
+
+    err = exc.__cause__
+    if isinstance(err, LimitError):
+        print(f"specedge.demo: refused before any work ({err.code}): {err.message}",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"specedge.demo: {err}", file=sys.stderr)  # the draft, refused at load
+    return err.exit_code
+
+
 def threads(cores: int, verifier: int | None, edge: int | None) -> tuple[int, int]:
     """Torch threads of the verifier and of the edge. Every core for each by default: the
     demo runs one forward at a time (the edge waits for each verdict, the verifier for each
@@ -400,13 +428,8 @@ def main(argv=None) -> int:
     except lifecycle.Interrupted as exc:
         print(f"\n{exc}; stopping the verifier and the broker", file=sys.stderr)
         rc = exc.exit_code
-    except LimitError as exc:
-        print(f"specedge.demo: refused before any work ({exc.code}): {exc.message}",
-              file=sys.stderr)
-        rc = EXIT_REFUSED
-    except UnsupportedModel as exc:  # the draft, refused at load
-        print(f"specedge.demo: {exc}", file=sys.stderr)
-        rc = exc.exit_code
+    except Refusal as exc:
+        rc = refused(exc)
     except VerifierExited as exc:  # its last line says why (a refused target: one line)
         vlog.flush()
         lines = (state / "verifier.log").read_text(errors="replace").strip().splitlines()

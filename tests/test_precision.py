@@ -165,3 +165,27 @@ def test_demo_terminal_shows_the_answer_and_the_figures_only(model_dirs):
     assert '"verifier ready"' in (logs / "verifier.log").read_text()
     alone = next(e for e in events if e["event"] == "target alone")
     assert alone["seconds"] > 0
+
+
+def test_the_edge_flags_name_every_proactive_mode():
+    from specedge.edge.args import PROACTIVE_MODES
+    from specedge.edge.proactive import Mode
+
+    assert PROACTIVE_MODES == tuple(m.value for m in Mode)
+
+
+def test_the_demo_starts_its_verifier_before_importing_the_model_code():
+    """Its module and its flags import neither transformers nor the execution code, so the
+    verifier process's imports run beside the demo's rather than after them."""
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    code = ("import sys, specedge.demo as d; d.parse(['--prompt', 'x']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers', "
+            "'specedge.execution', 'specedge.edge.proactive'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
