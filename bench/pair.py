@@ -16,7 +16,7 @@ import torch
 
 from specedge import devices, synthetic
 from specedge.cli import DTYPES
-from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer
+from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET, load_model, load_tokenizer, pick_dtype
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +31,9 @@ def add_args(p: argparse.ArgumentParser, *, device: str = "cpu") -> None:
     p.add_argument("--device", default=device,
                    help="where the verifier and the edges run the models: cpu, cuda, cuda:N, "
                         "auto (cuda when there is one)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="the models' number format (auto: resolved once, on the target's "
+                        "shape, for the verifier and the edges alike: specedge/precision.py)")
     p.add_argument("--synthetic", default=None, metavar="SHAPE", choices=synthetic.SHAPES,
                    help="random weights of this shape instead of the fetched pair "
                         f"({', '.join(synthetic.SHAPES)}; see specedge/synthetic.py)")
@@ -85,6 +87,12 @@ def synthetic_pair(shape_or_ref: str, agreement: float, device: str, dtype: str,
 def resolve(a: argparse.Namespace) -> tuple[Pair, torch.nn.Module, object]:
     """The pair the flags name, with its draft loaded on the device and the tokenizer."""
     device = devices.pick(a.device)
+    if a.dtype == "auto":  # once here: the verifier process and the edges run the same
+        ref = a.target or DEFAULT_TARGET
+        if a.synthetic:
+            ref = (a.synthetic if synthetic.is_synthetic(a.synthetic)
+                   else synthetic.PREFIX + a.synthetic)
+        a.dtype = pick_dtype(ref, a.dtype, device).dtype
     if a.synthetic:
         if a.target or a.draft:
             raise SystemExit("--synthetic chooses the pair: leave out --target and --draft")

@@ -118,12 +118,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--out", default="bench/results/scaling")
     p.add_argument("--device", default="cpu", help="where the workers run the tiny target")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
     a = p.parse_args(argv)
     a.device = devices.pick(a.device)
     logs.configure("warning")
     vocab = 512
     model = tiny_target_dir(vocab)
+    if a.dtype == "auto":  # once: every worker runs the same (specedge/precision.py)
+        from specedge.models import pick_dtype
+
+        a.dtype = pick_dtype(model, a.dtype, a.device).dtype
     rows = []
     for n in a.workers:
         stack = Stack(vcores=sorted(os.sched_getaffinity(0)), model=model, device=a.device,

@@ -207,14 +207,13 @@ def main(argv=None) -> int:
 
     from bench.report import summarize
     from specedge import logs
-    from specedge.cli import DTYPES
     from specedge.models import load_model
 
     spec_path, out_path = (argv or sys.argv[1:])[:2]
     spec = json.loads(open(spec_path).read())
     logs.configure("warning")
     torch.set_num_threads(spec["threads"])
-    kw = {"dtype": DTYPES[spec.get("dtype", "bfloat16")], "device": spec.get("device", "cpu")}
+    kw = {"dtype": spec.get("dtype", "auto"), "device": spec.get("device", "cpu")}
     target, draft = load_model(spec["target"], **kw), load_model(spec["draft"], **kw)
     eos = tuple(spec["eos"])
     # warm-up, excluded: a short run of each kind

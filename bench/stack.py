@@ -54,7 +54,7 @@ class Stack:
     broker_cores: list[int] | None = None  # default: the cores the verifier does not use
     model: str | None = None  # the verifier's target (default: its own default)
     device: str = "cpu"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # specedge/precision.py
     srv: broker.EmbeddedNats | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None

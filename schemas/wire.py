@@ -160,6 +160,9 @@ class Verdict(msgspec.Struct, tag="verdict", frozen=True, forbid_unknown_fields=
     # less those an earlier verdict reported: the sum over a session's verdicts counts each
     # reused prompt token once
     cached_tokens: int = 0
+    # the target's number format on the worker that judged this round (specedge/precision.py;
+    # "" unknown): what the replay's --check loads the target in to compare bits
+    dtype: str = ""
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True, forbid_unknown_fields=True):

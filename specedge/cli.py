@@ -16,8 +16,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="broker URL (default: $SPECEDGE_NATS)")
     add_auth(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                   help="model dtype; bfloat16 uses the CPU's AMX units")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="model dtype (auto: bfloat16 on a GPU that computes it natively; on a "
+                        "CPU the faster of bfloat16 and float32, timed at start-up: bfloat16 "
+                        "wins only where the CPU computes it natively, AVX512-BF16 or AMX)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default=os.environ.get("SPECEDGE_LOG", "info"))
     p.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",

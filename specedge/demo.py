@@ -5,28 +5,40 @@ verifier drains, then the broker stops, and both are waited for.
 
 --api: the edge runs as `specedge.edge serve` and the official openai client streams the
 answer from it (--check: then compare with the target model alone, greedy). --serve: keep
-the OpenAI-compatible endpoint up until Ctrl-C."""
+the OpenAI-compatible endpoint up until Ctrl-C.
+
+Edge and verifier share this machine's cores, so the demo runs them as a single-box install
+should: one model forward at a time (no drafting ahead, no idle cost probes, no start-up cost
+calibration: each only takes the other's cores), and at the end it says what the target alone
+would take here for the same answer. The terminal shows the answer and those figures; the logs
+go to files in the run's directory (--log-level or $SPECEDGE_LOG: to the terminal instead)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
+import io
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+# Light imports only up to the verifier's start: the edge's (the model code, transformers)
+# come after it, so that both processes' imports run side by side (see main).
 from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
-from specedge.edge.__main__ import EXIT_REFUSED, add_generation_args
-from specedge.edge.limits import LimitError
-from specedge.execution.support import UnsupportedModel
+from specedge.config import TreeShape
+from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args
 from specedge.orphan import tied_to_parent
 
 log = structlog.get_logger("specedge.demo")
@@ -39,10 +51,18 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--draft", default=DEFAULT_DRAFT)
     add_common(p)
-    p.set_defaults(log_level=os.environ.get("SPECEDGE_LOG", "warning"))  # the answer is the show
+    # None: the answer is the show, the logs go to files (configure_logs)
+    p.set_defaults(log_level=os.environ.get("SPECEDGE_LOG"))
     add_generation_args(p)
+    # one machine: a draft of the next round while this one is verified takes the verifier's
+    # cores (--proactive single to try it anyway)
+    p.set_defaults(proactive="off")
     p.add_argument("--verifier-threads", type=int, default=None,
-                   help="torch threads for the verifier (default: half the cores)")
+                   help="torch threads for the verifier (default: every core, as the edge's: "
+                        "one forward runs at a time)")
+    p.add_argument("--compare", action="store_true",
+                   help="after the answer, stop the stack and time the target alone (greedy, "
+                        "every core) for as many tokens")
     p.add_argument("--api", action="store_true",
                    help="answer through `edge serve` with the openai client")
     p.add_argument("--check", action="store_true",
@@ -79,20 +99,93 @@ class VerifierExited(RuntimeError):
 
 
 async def amain(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> dict:
+    from specedge.edge.limits import LimitError
+    from specedge.execution.support import UnsupportedModel
+
+    try:
+        return await answer(a, url, verifier)
+    except (LimitError, UnsupportedModel) as exc:
+        raise Refusal() from exc
+
+
+async def answer(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> dict:
     from specedge.edge.__main__ import run_edge
-    from specedge.models import load_model, load_tokenizer
 
     a.model = a.draft
     loop = asyncio.get_running_loop()
-    # Load the draft while the verifier process loads the target. One thread: transformers'
-    # lazy imports are not safe to race.
-    tok, draft = await loop.run_in_executor(None, lambda: (
-        load_tokenizer(a.draft), load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)))
+    # Load the draft (and check it on its packed path) while the verifier process loads the
+    # target. One thread: transformers' lazy imports are not safe to race.
+    tok, draft, runner = await loop.run_in_executor(None, load_draft, a)
     await wait_verifier(url, verifier)
     if a.api or a.serve:
         return await api_demo(a, url, draft, tok)
     log.info("stack ready; answering", prompt=a.prompt[:60])
-    return await run_edge(a, url, draft=draft, tokenizer=tok)
+    summary = await run_edge(a, url, draft=draft, tokenizer=tok, runner=runner)
+    if not a.json and summary["token_ids"]:
+        summary["one_token_s"] = await one_token_cost(a, url, draft, tok, runner)
+    return summary
+
+
+def load_draft(a: argparse.Namespace) -> tuple:
+    """The draft's tokenizer, model and PackedRunner (whose construction checks the model
+    against its own attention: a second of forwards, done here before the verifier is up)."""
+    from specedge.cli import runner_opts
+    from specedge.execution import PackedRunner
+    from specedge.models import load_model, load_tokenizer
+    from specedge.vocab import token_count
+
+    tok = load_tokenizer(a.draft)
+    draft = load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)
+    runner = None
+    if not (a.api or a.serve):  # edge serve builds its own
+        runner = PackedRunner(draft, vocab_limit=token_count(tok), **runner_opts(a))
+    return tok, draft, runner
+
+
+PLAIN_ROUNDS = 4  # one-token forwards timed after the answer (the first, a prefill, not counted)
+
+
+async def one_token_cost(a: argparse.Namespace, url: str, draft, tok, runner) -> float | None:
+    """Seconds of the target's one-token forward on this verifier: a few rounds of plain
+    decoding of the same prompt (no tree; its prefill comes from the prefix cache), each
+    verdict's forward time as the verifier measured it. None if it could not be measured."""
+    from specedge.edge.__main__ import run_edge
+
+    b = copy.copy(a)
+    b.tree_budget, b.chain, b.adaptive, b.json = 0, None, False, True
+    b.max_new_tokens, b.proactive = PLAIN_ROUNDS + 1, "off"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its JSON line is not the answer
+            s = await run_edge(b, url, draft=draft, tokenizer=tok, runner=runner)
+    except Exception as exc:
+        log.warning("could not time the target's one-token forward", error=str(exc)[:200])
+        return None
+    times = [r["verify_s"] for r in s["round_records"][1:] if r["verify_s"] > 0]
+    return statistics.median(times) if times else None
+
+
+def target_alone_s(summary: dict, one_token_s: float) -> float:
+    """The target alone, greedy, for the same answer on this machine: its prompt's prefill
+    (the first round's forward, which also held the first tree: an overestimate by that
+    much) and a one-token forward per further token."""
+    rounds = summary["round_records"]
+    prefill = rounds[0]["verify_s"] if rounds else 0.0
+    return prefill + max(0, len(summary["token_ids"]) - 1) * one_token_s
+
+
+def truth(summary: dict, alone_s: float | None, how: str, cores: int, dtype: str) -> str:
+    """The closing lines: the demo's own wall beside the target alone's, and why."""
+    n, wall = len(summary["token_ids"]), summary["wall_s"]
+    if alone_s is None:
+        head = f"[speculation: {n} tokens in {wall:.1f}s on this machine ({dtype})"
+    else:
+        head = (f"[speculation: {n} tokens in {wall:.1f}s; the target alone, greedy, {how}: "
+                f"{alone_s:.1f}s for the same {n} tokens here ({dtype}, {wall / alone_s:.2f}x "
+                f"its time)")
+    return (f"{head}.\n Here the edge and the verifier take turns on this machine's {cores} "
+            f"cores, so one machine shows little of the design's gain: a server's capacity "
+            f"across many edges, each drafting on its own device (`make bench`, "
+            f"docs/results.md).]")
 
 
 async def api_demo(a: argparse.Namespace, url: str, draft, tok) -> dict:
@@ -211,51 +304,132 @@ def stop_child(proc: subprocess.Popen, what: str, timeout_s: float = 30.0,
     log.info("child stopped", child=what, pid=proc.pid, returncode=proc.returncode)
 
 
+class Refusal(Exception):
+    """Raised for the edge's refusals (LimitError, UnsupportedModel), which the demo imports
+    only after its verifier started (see main)."""
+
+
+def refused(exc: Refusal) -> int:
+    """Say why, in one line; the exit status of the refusal."""
+    from specedge.edge.__main__ import EXIT_REFUSED
+    from specedge.edge.limits import LimitError
+
+    err = exc.__cause__
+    if isinstance(err, LimitError):
+        print(f"specedge.demo: refused before any work ({err.code}): {err.message}",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"specedge.demo: {err}", file=sys.stderr)  # the draft, refused at load
+    return err.exit_code
+
+
+def threads(cores: int, verifier: int | None, edge: int | None) -> tuple[int, int]:
+    """Torch threads of the verifier and of the edge. Every core for each by default: the
+    demo runs one forward at a time (the edge waits for each verdict, the verifier for each
+    block), so a split would only leave half the cores idle in every forward."""
+    return max(1, verifier or cores), max(1, edge or cores)
+
+
+def configure_logs(a: argparse.Namespace, state: Path) -> Path | None:
+    """--log-level (or $SPECEDGE_LOG): the logs go to the terminal, as every command's. Else
+    the answer is the show: this process's log (info) goes to demo.log in the run's directory
+    (the verifier's to verifier.log), python's and transformers' warnings and progress bars
+    with it, and the terminal shows the answer, the figures and any error."""
+    if a.log_level:
+        logs.configure(a.log_level)
+        return None
+    path = state / "demo.log"
+    logs.configure("info", json=True)
+    out = open(path, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=out))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    def to_log(message, category, filename, lineno, file=None, line=None) -> None:
+        log.warning("python warning", category=category.__name__, message=str(message),
+                    where=f"{filename}:{lineno}")
+
+    warnings.showwarning = to_log
+    return path
+
+
+def quiet_transformers() -> None:
+    """Its progress bars and advice off the terminal (imported here, after the verifier
+    process started: the import takes seconds)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def time_target_alone(a: argparse.Namespace, n: int) -> float:
+    """--compare: seconds of the target alone, greedy, writing n tokens for the prompt here
+    with every core (the stack stopped first: its memory and cores are free)."""
+    import torch
+
+    from specedge.edge.text import prompt_ids
+    from specedge.models import load_model, load_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids = prompt_ids(load_tokenizer(a.draft), a.prompt, a.chat)
+    target = load_model(a.target, dtype=DTYPES[a.dtype], device=a.device)
+    x = torch.tensor([ids], device=target.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                        min_new_tokens=n, do_sample=False)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     a = parse(argv)
-    logs.configure(a.log_level)
+    state = Path(tempfile.mkdtemp(prefix="specedge-demo-"))
+    log_file = configure_logs(a, state)
     log.info("config", command="demo", **settings.effective(a))
-    from specedge.models import resolve
+    from specedge.models import pick_dtype, resolve
 
     for ref in (a.target, a.draft):
         resolve(ref)  # a clear error now rather than inside a child process
     cores = os.cpu_count() or 2
-    vthreads = a.verifier_threads or max(1, cores // 2)
-    # Separate cores for the verifier and the edge, as the deployment would have.
+    vthreads, ethreads = threads(cores, a.verifier_threads, a.threads)
     import torch
 
-    torch.set_num_threads(a.threads or max(1, cores - vthreads))
-    state = Path(tempfile.mkdtemp(prefix="specedge-demo-"))
+    torch.set_num_threads(vthreads)  # the dtype probe times what the verifier will run
+    choice = pick_dtype(a.target, a.dtype, a.device)
+    a.dtype = choice.dtype  # one choice for both processes
+    torch.set_num_threads(ethreads)
     # From here on a signal unwinds through the finally below, which stops the children.
     lifecycle.raise_on_signals()
     nats_srv = broker.EmbeddedNats(store_dir=state / "nats")
     verifier: subprocess.Popen | None = None
     vlog = open(state / "verifier.log", "wb")  # noqa: SIM115
-    rc = 0
+    rc, result = 0, None
     try:
         nats_srv.start()
         broker.run_setup(nats_srv.url)
-        env = dict(os.environ, SPECEDGE_LOG=a.log_level)
+        env = dict(os.environ, SPECEDGE_LOG=a.log_level or "info")
+        # No start-up cost calibration and so no idle probes: on one machine they only take
+        # the cores the edge drafts on, and delay the first answer by a dozen forwards. The
+        # knee is the default tree's, the prefill chunk a lone session's.
         verifier = subprocess.Popen(tied_to_parent(
             [sys.executable, "-m", "workers.verifier", "--nats", nats_srv.url, "--model",
              a.target, "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads),
-             "--attention", a.attention,
+             "--attention", a.attention, "--adaptive-batch-tokens", str(TreeShape().budget),
+             "--prefill-chunk", str(LONE_PREFILL_CHUNK),
              *({True: ["--cuda-graphs"], False: ["--no-cuda-graphs"]}.get(a.cuda_graphs, []))]),
             stdout=vlog, stderr=subprocess.STDOUT, env=env)
         log.info("started", broker=nats_srv.url, broker_pid=nats_srv.proc.pid,
-                 verifier_pid=verifier.pid, verifier_log=str(state / "verifier.log"))
+                 verifier_pid=verifier.pid, verifier_log=str(state / "verifier.log"),
+                 verifier_threads=vthreads, edge_threads=ethreads, **choice.fields())
+        if log_file is not None:
+            quiet_transformers()
         logs.install_uvloop()
-        lifecycle.run(amain(a, nats_srv.url, verifier))
+        result = lifecycle.run(amain(a, nats_srv.url, verifier))
     except lifecycle.Interrupted as exc:
         print(f"\n{exc}; stopping the verifier and the broker", file=sys.stderr)
         rc = exc.exit_code
-    except LimitError as exc:
-        print(f"specedge.demo: refused before any work ({exc.code}): {exc.message}",
-              file=sys.stderr)
-        rc = EXIT_REFUSED
-    except UnsupportedModel as exc:  # the draft, refused at load
-        print(f"specedge.demo: {exc}", file=sys.stderr)
-        rc = exc.exit_code
+    except Refusal as exc:
+        rc = refused(exc)
     except VerifierExited as exc:  # its last line says why (a refused target: one line)
         vlog.flush()
         lines = (state / "verifier.log").read_text(errors="replace").strip().splitlines()
@@ -264,6 +438,7 @@ def main(argv=None) -> int:
         rc = exc.code or 1
     except Exception as exc:
         log.error("demo failed", error=str(exc), verifier_log=str(state / "verifier.log"))
+        print(f"specedge.demo: failed: {exc} (logs in {state})", file=sys.stderr)
         rc = 1
     finally:
         lifecycle.ignore_signals()  # the cleanup runs to its end; each wait is bounded
@@ -273,7 +448,29 @@ def main(argv=None) -> int:
         vlog.close()
         nats_srv.cleanup()
         log.info("demo stopped", returncode=rc)
+    if rc == 0 and result and "one_token_s" in result:
+        rc = report(a, result, cores)
+        if log_file is not None:
+            print(f"[logs: {state}]", file=sys.stderr)
     return rc
+
+
+def report(a: argparse.Namespace, summary: dict, cores: int) -> int:
+    """The closing figures: the target alone beside the demo's own wall, measured with
+    --compare, else estimated from the verifier's own one-token forward."""
+    alone, how = None, ""
+    if a.compare:
+        try:
+            alone, how = time_target_alone(a, len(summary["token_ids"])), "measured"
+        except Exception as exc:  # the answer stands; only the comparison failed
+            print(f"specedge.demo: --compare failed: {exc}", file=sys.stderr)
+    elif summary["one_token_s"]:
+        alone = target_alone_s(summary, summary["one_token_s"])
+        how = (f"estimated from the verifier's one-token forward "
+               f"({summary['one_token_s'] * 1000:.0f} ms, timed after the answer)")
+    log.info("target alone", seconds=alone, how=how, wall_s=summary["wall_s"])
+    print(truth(summary, alone, how, cores, a.dtype), file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,11 +29,23 @@ _SMALL_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 _FILL = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
+def dtype_gauge(prefix: str, registry: CollectorRegistry) -> Gauge:
+    """1 for the number format the model runs in (`--dtype auto` picks it at start-up:
+    specedge/precision.py), labelled by it."""
+    return Gauge(prefix + "model_dtype", "The model's number format (label dtype; value 1)",
+                 ["dtype"], registry=registry)
+
+
+def set_dtype(gauge: Gauge, dtype: object) -> None:
+    gauge.labels(str(dtype).removeprefix("torch.")).set(1)
+
+
 class VerifierMetrics:
     def __init__(self, max_batch: int, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.max_batch = max_batch
         p = "specedge_verifier_"
+        self.model_dtype = dtype_gauge(p, r)
         self.rounds = Counter(p + "rounds", "Draft blocks verified (one verdict each)",
                               registry=r)
         self.batches = Counter(p + "batches", "Batched target forwards", registry=r)
@@ -192,6 +204,7 @@ class EdgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         p = "specedge_edge_"
+        self.model_dtype = dtype_gauge(p, r)  # the draft model's
         self.itl = Histogram(p + "inter_token_seconds", "Time between streamed tokens (a "
                              "verdict's tokens share its interval)", buckets=_LATENCY, registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Request start to first token",

@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # torch/transformers are slow to import; the CLI's `list`/`pa
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from specedge.precision import Choice
+
 log = structlog.get_logger(__name__)
 
 MARKER = ".complete"  # written last: a directory without it is a crashed or partial conversion
@@ -332,13 +334,50 @@ def dir_size(path: Path) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def load_model(ref: str, *, dtype: torch.dtype | None = None, device: str = "cpu"
+def config_of(ref: str):
+    """A model's config without its weights: a `synthetic:` reference names its shape's config
+    (shipped in specedge/assets), anything else is read by transformers."""
+    from specedge import synthetic
+
+    if synthetic.is_synthetic(ref):
+        return synthetic.config(synthetic.parse(ref).shape)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve(ref))
+
+
+def layer_shape(ref: str) -> tuple[int, int]:
+    """(hidden, intermediate) of model `ref`, from its config.json where it has one (no
+    transformers import: the demo times dtypes before it needs that)."""
+    import json
+
+    from specedge import precision, synthetic
+
+    path = None if synthetic.is_synthetic(ref) else Path(resolve(ref)) / "config.json"
+    if path is not None and path.is_file():
+        return precision.layer_shape(json.loads(path.read_text()))
+    return precision.layer_shape(config_of(ref).to_dict())
+
+
+def pick_dtype(ref: str, name: str, device: str = "cpu") -> Choice:
+    """`--dtype` resolved for model `ref` on `device` (specedge.precision: `auto` is timed on
+    the model's layer shape where that decides)."""
+    from specedge import precision
+
+    return precision.resolve(name, device, layer_shape(ref) if name == precision.AUTO else None)
+
+
+def load_model(ref: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu"
                ) -> PreTrainedModel:
+    """`dtype`: a torch dtype, a `--dtype` name (`auto` resolved by pick_dtype), or None
+    (bfloat16, the checkpoints' own)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from specedge import synthetic
 
+    if isinstance(dtype, str):
+        dtype = getattr(torch, pick_dtype(ref, dtype, device).dtype)
     if synthetic.is_synthetic(ref):
         return synthetic.build(ref, dtype=dtype or torch.bfloat16, device=device)
     model = AutoModelForCausalLM.from_pretrained(resolve(ref), dtype=dtype or torch.bfloat16)

@@ -62,6 +62,7 @@ class RoundView:
     # prompt tokens the verifier first took from its prefix cache in this round (a first
     # round, a rebuild that found more), instead of computing them (Verdict.cached_tokens)
     cached_tokens: int = 0
+    dtype: str = ""  # the target's number format on the worker that judged it ("" unknown)
 
 
 @dataclass
@@ -79,6 +80,11 @@ class SessionView:
     @property
     def tokens(self) -> int:
         return sum(len(r.tokens) for r in self.rounds)
+
+    @property
+    def dtype(self) -> str:
+        """The target's number format on the verifiers ("" where no verdict says)."""
+        return next((r.dtype for r in self.rounds if r.dtype), "")
 
     @property
     def cached_tokens(self) -> int:
@@ -114,7 +120,7 @@ def view(slog: SessionLog, now: float | None = None) -> SessionView:
             in_flight_s=(v.t - d.t) if d else 0.0, queued_s=v.timings.queued_s,
             verify_s=v.timings.verify_s, batch_size=v.timings.batch_size,
             kv_hit=v.timings.kv_hit, worker=v.worker, t_draft=d.t if d else 0.0,
-            t_verdict=v.t, cached_tokens=v.cached_tokens))
+            t_verdict=v.t, cached_tokens=v.cached_tokens, dtype=v.dtype))
     now = now or time.time()
     last = max([o.t] + [r.t_verdict for r in rounds])
     if slog.closed is not None or (rounds and slog.verdicts()[-1].finished):
@@ -302,7 +308,8 @@ def plot(views: list[SessionView], path: str) -> None:
 
 def print_session(sv: SessionView, tokenizer, out=sys.stdout) -> None:
     prompt = tokenizer.decode(sv.prompt) if tokenizer else str(sv.prompt)
-    print(f"session {sv.sid} ({sv.state}) target={sv.target} draft={sv.draft} "
+    dtype = f" ({sv.dtype})" if sv.dtype else ""
+    print(f"session {sv.sid} ({sv.state}) target={sv.target}{dtype} draft={sv.draft} "
           f"sampling={sv.sampling} seed={sv.seed}", file=out)
     print(f"prompt ({len(sv.prompt)} tokens, {sv.cached_tokens} reused from the verifier's "
           f"prefix cache):\n{prompt}\n", file=out)
@@ -347,7 +354,8 @@ async def amain(a: argparse.Namespace) -> int:
         from specedge.devices import pick
         from specedge.models import load_model
 
-        model = load_model(a.model or views[0].target, dtype=DTYPES[a.dtype],
+        dtype = a.dtype if a.dtype != "logged" else views[0].dtype or "bfloat16"
+        model = load_model(a.model or views[0].target, dtype=DTYPES[dtype],
                            device=pick(a.device))
         rc = 0
         for sl in logs_:
@@ -362,7 +370,7 @@ async def amain(a: argparse.Namespace) -> int:
         attach_text(sv, tok)
         if a.json:
             head = {k: val for k, val in asdict(sv).items() if k != "rounds"}
-            print(json.dumps({"session": head} | {"tokens": sv.tokens,
+            print(json.dumps({"session": head | {"dtype": sv.dtype}} | {"tokens": sv.tokens,
                                                   "cached_tokens": sv.cached_tokens,
                                                   "speculation": sv.speculation}))
             for r in sv.rounds:
@@ -387,8 +395,9 @@ def parse(argv=None) -> argparse.Namespace:
     from specedge.cli import DTYPES
 
     p.add_argument("--device", default="cpu", help="where --check runs the target: cpu, cuda")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                   help="the target's dtype for --check (the verifiers' own, to compare bits)")
+    p.add_argument("--dtype", default="logged", choices=["logged", *sorted(DTYPES)],
+                   help="the target's dtype for --check (logged: the verifiers' own, which "
+                        "their verdicts carry, to compare bits; bfloat16 for older logs)")
     p.add_argument("--tokenizer", default=None, help="for the text (default: the logged draft)")
     p.add_argument("--no-text", action="store_true", help="skip decoding text")
     p.add_argument("--plot", default=None, metavar="FILE", help="timeline: .png or .html")

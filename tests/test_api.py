@@ -173,6 +173,9 @@ async def test_concurrent_requests_lossless_and_metrics_consistent(nats_server, 
     # Tokens and rounds counted on the edge equal those in the verifier's verdicts.
     total = n * len(prompts)
     assert edge["specedge_edge_tokens_total"] == total == ver["specedge_verifier_tokens_total"]
+    # the number format each side's model runs in (--dtype auto's choice, shown)
+    assert ver["specedge_verifier_model_dtype{dtype=float64}"] == 1
+    assert edge["specedge_edge_model_dtype{dtype=float64}"] == 1
     rounds = ver["specedge_verifier_rounds_total"]
     assert edge["specedge_edge_rounds_total"] == rounds > 0
     assert edge["specedge_edge_tokens_per_round_sum"] == total

@@ -77,7 +77,7 @@ def test_demo_cli_answers_like_the_target(qwen, tmp_path):
     tok, target, _ = qwen
     prompt = "Write a Python function that returns the n-th Fibonacci number."
     out = subprocess.run(
-        [sys.executable, "-m", "specedge.demo", "--json", "--prompt", prompt,
+        [sys.executable, "-m", "specedge.demo", "--json", "--dtype", "bfloat16", "--prompt", prompt,
          "--max-new-tokens", str(NEW)],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, SPECEDGE_LOG="warning"))
     assert out.returncode == 0, out.stderr[-3000:]

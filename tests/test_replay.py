@@ -56,6 +56,7 @@ async def test_replay_reproduces_text_and_rounds(nats_server, tiny_pair, tokeniz
         assert len(sv.rounds) == len(res.rounds)
         assert [r.accepted for r in sv.rounds] == [r.accepted for r in res.rounds]
         assert all(r.verify_s > 0 and r.in_flight_s >= r.verify_s for r in sv.rounds)
+        assert sv.dtype == str(target.dtype).removeprefix("torch.")  # the verdicts carry it
 
 
 async def replay_cli(*args: str) -> subprocess.CompletedProcess:

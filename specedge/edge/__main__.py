@@ -13,7 +13,7 @@ import structlog
 
 from schemas import Sampling
 from specedge import broker, fleet, lifecycle, logs, settings, subjects
-from specedge.cli import DTYPES, add_common, apply_threads, connect_opts, runner_opts
+from specedge.cli import add_common, apply_threads, connect_opts, runner_opts
 from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args, shape_from
 from specedge.edge.limits import EdgeLimits, LimitError, Plan, plan
 from specedge.edge.proactive import Mode
@@ -41,17 +41,10 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def model_config(ref: str):
-    """A model's config without its weights: a `synthetic:` reference names its shape's config
-    (shipped in specedge/assets), anything else is read by transformers."""
-    from specedge import synthetic
+    """A model's config without its weights (specedge.models.config_of)."""
+    from specedge.models import config_of
 
-    if synthetic.is_synthetic(ref):
-        return synthetic.config(synthetic.parse(ref).shape)
-    from transformers import AutoConfig
-
-    from specedge.models import resolve
-
-    return AutoConfig.from_pretrained(resolve(ref))
+    return config_of(ref)
 
 
 def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits | None,
@@ -69,7 +62,10 @@ def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits |
                 tokenizer=tokenizer, draft_name=f"the draft {a.model}")
 
 
-async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) -> dict:
+async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
+                   runner=None) -> dict:
+    """One session, streamed. `runner`: the draft's PackedRunner, built (and its model checked)
+    beforehand; the demo builds it while the verifier loads, and reuses it."""
     from specedge.edge.drafter import Drafter
     from specedge.edge.link import connect
     from specedge.edge.session import EdgeSession, SessionParams
@@ -101,7 +97,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
         if limits is None:
             log.warning("no verifier answered the limits query; checked against this edge's own "
                         "limits only", prompt_tokens=len(ids))
-        draft = draft or load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+        draft = draft or load_model(a.model, dtype=a.dtype, device=a.device)
         params = SessionParams(
             prompt_ids=ids, max_new_tokens=p.max_new_tokens,
             sampling=Sampling(a.temperature, a.top_p, a.top_k), seed=a.seed,
@@ -112,7 +108,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK,
             give_up_s=getattr(a, "give_up_s", 60.0),
             verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0), tokenizer=fp)
-        drafter = Drafter(PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
+        drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge))
         result = await session.run()

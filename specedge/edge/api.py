@@ -187,6 +187,7 @@ class EdgeService:
             pool.enable_cache(-(-cfg.draft_cache_tokens // pool.block_size))
         self.routes = Routes(pool.block_size)
         self.metrics = edge_metrics or metrics.EdgeMetrics()
+        metrics.set_dtype(self.metrics.model_dtype, draft_model.dtype)
         self.slots = asyncio.Semaphore(cfg.max_sessions)
         self.draining = False
         self._warned_shape = False

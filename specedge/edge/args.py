@@ -9,7 +9,11 @@ import os
 
 from specedge import subjects
 from specedge.config import TreeShape
-from specedge.edge.proactive import Mode
+
+# specedge.edge.proactive.Mode's values (a test keeps them equal): that module pulls in the
+# model code, and the demo parses these flags before it starts its verifier, whose own imports
+# then run beside the demo's
+PROACTIVE_MODES = ("off", "single", "multi")
 
 # A lone session's prefill chunk: nobody shares its draft model, so chunks only bound how long
 # a stop signal waits for the forward in progress.
@@ -41,7 +45,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-topk", type=int, default=d.topk, help="children considered per node")
     p.add_argument("--chain", type=int, default=None,
                    help="draft a chain of this length instead of a tree")
-    p.add_argument("--proactive", choices=[m.value for m in Mode], default=Mode.SINGLE.value,
+    p.add_argument("--proactive", choices=PROACTIVE_MODES, default="single",
                    help="draft the next round while this one is verified: off, single guess, "
                         "or multi (the top few guesses)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,

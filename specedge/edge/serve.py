@@ -15,7 +15,7 @@ from pathlib import Path
 import structlog
 
 from specedge import broker, lifecycle, logs, settings, subjects
-from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
+from specedge.cli import add_common, apply_threads, connect_opts
 from specedge.edge.args import add_generation_args, shape_from
 from specedge.edge.proactive import Mode
 
@@ -102,7 +102,7 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
     loop = asyncio.get_running_loop()
     if draft is None:  # one thread: transformers' lazy imports are not safe to race
         tokenizer, draft = await loop.run_in_executor(None, lambda: (
-            load_tokenizer(a.model), load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)))
+            load_tokenizer(a.model), load_model(a.model, dtype=a.dtype, device=a.device)))
     edge = getattr(a, "edge_name", subjects.ANON)
     nc = await connect(a.nats, f"edge-api-{edge}", a.give_up_s,
                        **connect_opts(a, subjects.edge_inbox(edge)))
@@ -114,7 +114,8 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
         await fleet.start()  # the verifiers' limits, so requests they would refuse get a 400 now
         await server.start()
         log.info("serving", url=f"{server.url}/v1", model=service.cfg.model_id,
-                 draft=a.model, broker=settings.mask("nats", a.nats))
+                 draft=a.model, dtype=str(draft.dtype).removeprefix("torch."),
+                 broker=settings.mask("nats", a.nats))
         if started is not None:
             started.set_result(server)
         await stop.wait()

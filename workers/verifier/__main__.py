@@ -12,7 +12,7 @@ import structlog
 
 from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.broker import ConsumerSettings, StreamSettings
-from specedge.cli import DTYPES, add_common, apply_threads, connect_opts
+from specedge.cli import add_common, apply_threads, connect_opts
 from specedge.config import AdaptiveBudget, Limits, add_limit_args
 from specedge.execution.support import UnsupportedModel
 from workers.verifier.state import Reclaim
@@ -133,7 +133,7 @@ async def amain(a: argparse.Namespace) -> int:
         from specedge.models import load_model, tokenizer_identity
 
         # a signal while loading raises lifecycle.Interrupted here: the finally stops the broker
-        model = load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+        model = load_model(a.model, dtype=a.dtype, device=a.device)
         tokenizer, vocab_limit = tokenizer_identity(a.model)
         limits = Limits.from_args(a)
         adaptive = AdaptiveBudget(a.adaptive_batch_tokens, AdaptiveBudget.lo,

@@ -158,6 +158,8 @@ class Worker:
                         longest_session=longest)
         self.stats = WorkerStats()
         self.metrics = metrics.VerifierMetrics(self.cfg.max_batch)
+        self.dtype = str(model.dtype).removeprefix("torch.")  # in every verdict, for the replay
+        metrics.set_dtype(self.metrics.model_dtype, self.dtype)
         # read at scrape time: summing every session's KV is no work for the batch step
         self.metrics.watch_kv(self.sessions.kv_bytes, lambda: len(self.sessions))
         self.http: HttpServer | None = None
@@ -228,6 +230,7 @@ class Worker:
         follow = asyncio.create_task(self._follow_leases())
         observers = await self._start_observability()
         log.info("verifier ready", worker=self.cfg.name, max_batch=self.cfg.max_batch,
+                 dtype=self.dtype,
                  vocab=self.engine.vocab_size, partitions=sorted(self.leases.owned))
         self.ready.set()
         self.stats.ready_at = time.monotonic()
@@ -723,6 +726,7 @@ class Worker:
                                       batch_tokens=batch_tokens, kv_hit=out.kv_hit),
                 # prompt tokens first reused since the last verdict (prefill chunks too)
                 cached_tokens=st.cached_tokens,
+                dtype=self.dtype,
                 # exactly the committed tokens' (the round may be cut at EOS or the limit)
                 **(to_wire(out.logprobs, len(toks)) if out.logprobs is not None else {}),
             )
