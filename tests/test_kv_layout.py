@@ -184,3 +184,34 @@ def test_a_model_whose_discovery_forward_fails_is_refused_in_one_line(models):
     with pytest.raises(UnsupportedModel, match="key/value shapes") as exc:
         discover(model)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.timeout(300)
+async def test_a_checkpoint_transformers_cannot_build_is_refused_at_load(nats_server, tmp_path):
+    """A config with no causal-LM class (a multimodal model's): load_model refuses it in one
+    line, and the verifier exits 2 with that line, no traceback (it used to exit 1)."""
+    import asyncio
+    import os
+    import sys
+
+    import transformers as tf
+
+    from specedge.models import load_model
+    from tests.procs import ROOT
+    from tests.tokens import char_tokenizer
+
+    d = tmp_path / "neomme"
+    tf.NeoMMEConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2).save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    with pytest.raises(UnsupportedModel, match="cannot build it as a causal LM") as exc:
+        load_model(str(d))
+    assert "\n" not in str(exc.value) and str(d) in str(exc.value)
+    p = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "workers.verifier", "--model", str(d), "--nats", nats_server.url,
+        "--threads", "1", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), SPECEDGE_LOG="error"))
+    _, err = await asyncio.wait_for(p.communicate(), 240)
+    text = err.decode()
+    assert p.returncode == 2, text
+    assert [ln for ln in text.splitlines() if "not supported" in ln] and "Traceback" not in text
