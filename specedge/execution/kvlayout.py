@@ -152,7 +152,8 @@ def discover(model) -> KVLayout:
             model.set_attn_implementation(RECORD)
             model(input_ids=torch.tensor([[0, 1]], device=dev), use_cache=False,
                   logits_to_keep=1, specedge_record=calls)
-            found = layout_from_calls(config.num_hidden_layers, calls)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            found = layout_from_calls(text.num_hidden_layers, calls)
         except Exception as exc:  # whatever breaks, it is this model on this path
             raise refuse(config, f"the forward that finds its layers' key/value shapes fails "
                                  f"({type(exc).__name__}: {str(exc)[:200]})") from exc

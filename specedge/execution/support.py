@@ -43,8 +43,11 @@ TOLERANCE = {torch.float64: 2e-6, torch.float32: 1e-3, torch.bfloat16: 6e-2,
 
 def check_config(config) -> dict[int, MaskKind]:
     """Each layer's mask kind as the config declares it (layer types); raises
-    UnsupportedModel for what the config shows cannot be run exactly."""
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_causal", True) is False:
+    UnsupportedModel for what the config shows cannot be run exactly. A multimodal model's
+    text config is what its layers read."""
+    outer, config = config, text_config(config)  # (refusals name the text model)
+    if any(getattr(c, "is_encoder_decoder", False) or getattr(c, "is_causal", True) is False
+           for c in (outer, config)):
         raise refuse(config, "not a causal decoder (bidirectional or encoder-decoder attention)")
     types = list(getattr(config, "layer_types", None) or [])
     sparse = sorted(set(types) & SPARSE_LAYERS)
@@ -80,6 +83,12 @@ def check_config(config) -> dict[int, MaskKind]:
         elif t == "chunked_attention":
             kinds[i] = (None, getattr(c, "attention_chunk_size", None))
     return kinds
+
+
+def text_config(config):
+    """The config a causal LM's layers read (a multimodal model's text config)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
 
 
 def layer_configs(config) -> list:
@@ -138,7 +147,7 @@ def probe_model(runner) -> dict[int, LayerAttention]:
     """Run the probe through `runner` (see the module doc); each layer's attention as its
     calls asked for it. Raises UnsupportedModel."""
     cfg = runner.model.config
-    n_layers = cfg.num_hidden_layers
+    n_layers = text_config(cfg).num_hidden_layers
     ids, decoy = _probe_ids(runner.vocab_size)
     p = PROBE_PROMPT
     runner._seen = seen = []
