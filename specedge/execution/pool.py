@@ -4,12 +4,12 @@ Each layer keeps what its attention call receives (kvlayout.py): layers of one s
 tensor [layers, 2, heads, slots, dim] (keys and values of one width), or a pair
 [layers, 1, heads, slots, key_dim] and [layers, 1, heads, slots, value_dim] (MLA's keys and
 values differ); a layer that reads another's KV (shared KV) has none of its own. Every tensor
-has its slots on dimension 3; slot = block * block_size + offset, the same in all of them, so
-a block table holds for every layer. A sequence (`KVSeq`) owns a block table, so writing a forward's new tokens is one
-scatter per layer for the whole batch, and rollback, forking and truncation are block-table
-edits plus copies that are queued and run as one batched copy before the next forward
-(`flush`, one copy per tensor). Blocks are reference counted: a fork shares its parent's full blocks and copies a
-shared block only when one side writes into it.
+has its slots on dimension 3, slot = block * block_size + offset in all of them, so one block
+table holds for every layer. A sequence (`KVSeq`) owns a block table, so writing a forward's
+new tokens is one scatter per layer for the whole batch, and rollback, forking and truncation
+are block-table edits plus copies that are queued and run as one batched copy per tensor
+before the next forward (`flush`). Blocks are reference counted: a fork shares its parent's
+full blocks and copies a shared block only when one side writes into it.
 
 An opt-in prefix cache (`cache_blocks`) keeps finished sequences' full blocks under chained
 hashes of their tokens (prefix.py): `KVSeq.publish` registers a sequence's blocks, and a new
