@@ -370,17 +370,33 @@ def pick_dtype(ref: str, name: str, device: str = "cpu") -> Choice:
 def load_model(ref: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu"
                ) -> PreTrainedModel:
     """`dtype`: a torch dtype, a `--dtype` name (`auto` resolved by pick_dtype), or None
-    (bfloat16, the checkpoints' own)."""
+    (bfloat16, the checkpoints' own). Raises UnsupportedModel (one line, exit 2 in the
+    commands) for a checkpoint that transformers cannot build as a causal LM: no such class
+    for its config, an architecture it does not know, or modeling code that reads a per-layer
+    attribute globally."""
     import torch
     from transformers import AutoModelForCausalLM
+    try:  # transformers releases before per-layer configs have no such error
+        from transformers.integrations.heterogeneity.configuration_utils import (
+            AmbiguousGlobalPerLayerAttributeError,
+        )
+    except ImportError:
+        AmbiguousGlobalPerLayerAttributeError = ValueError  # noqa: N806
 
     from specedge import synthetic
+    from specedge.execution.unsupported import UnsupportedModel
 
     if isinstance(dtype, str):
         dtype = getattr(torch, pick_dtype(ref, dtype, device).dtype)
     if synthetic.is_synthetic(ref):
         return synthetic.build(ref, dtype=dtype or torch.bfloat16, device=device)
-    model = AutoModelForCausalLM.from_pretrained(resolve(ref), dtype=dtype or torch.bfloat16)
+    path = resolve(ref)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.bfloat16)
+    except (ValueError, KeyError, AmbiguousGlobalPerLayerAttributeError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        raise UnsupportedModel(f"model {path} is not supported: transformers cannot build it "
+                               f"as a causal LM ({type(exc).__name__}: {why})") from exc
     return model.to(device).eval()
 
 

@@ -15,6 +15,13 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 HEAD16 = dict(COMMON, head_dim=16)
+# Gemma 4: global (full) layers with heads twice as wide as the sliding ones; per-layer inputs
+GEMMA4 = dict(HEAD16, sliding_window=WINDOW, global_head_dim=32, hidden_size_per_layer_input=16,
+              vocab_size_per_layer_input=VOCAB)
+# MLA (multi-head latent attention): keys qk_nope + qk_rope wide, values v_head_dim wide, as
+# many KV heads as query heads; dense layers (their experts' matmul takes at most float32)
+MLA = dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
+           qk_nope_head_dim=16)
 LLAMA4 = dict(HEAD16, attention_chunk_size=WINDOW, num_local_experts=2, num_experts_per_tok=1,
               intermediate_size_mlp=128, no_rope_layers=[1, 0], interleave_moe_layer_step=1,
               layer_types=["chunked_attention", "full_attention"])
@@ -120,6 +127,34 @@ ARCHS = [
          dict(LLAMA4, attn_temperature_tuning=False),
          "chunked attention, NoPE layer, mixture of experts", model="Llama4ForCausalLM",
          dtype=torch.float32),
+    Arch("gemma4", "Gemma4TextConfig",
+         dict(GEMMA4, num_hidden_layers=3, attention_k_eq_v=True, num_global_key_value_heads=1,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+         "per-layer KV shapes (global heads 32 wide, one KV head, keys as values), sliding "
+         "and full layers"),
+    Arch("gemma4-shared-kv", "Gemma4TextConfig",
+         dict(GEMMA4, num_hidden_layers=4, num_kv_shared_layers=2,
+              layer_types=["sliding_attention", "full_attention"] * 2),
+         "per-layer KV shapes, layers reusing earlier layers' KV, sliding and full layers"),
+    Arch("gemma4-multimodal", "Gemma4Config",
+         dict(text_config=dict(GEMMA4, num_hidden_layers=4, num_kv_shared_layers=2,
+                               pad_token_id=0,
+                               layer_types=["sliding_attention", "full_attention"] * 2),
+              vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16),
+              audio_config=None),
+         "Gemma 4 as its checkpoints ship (the multimodal class, text in): per-layer KV shapes, "
+         "shared KV"),
+    Arch("deepseek-v3", "DeepseekV3Config",
+         dict(MLA, q_lora_rank=24, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=32, first_k_dense_replace=2),
+         "MLA: per-layer KV shapes (keys 24 wide, values 12; Kimi K2's too)"),
+    Arch("minicpm3", "MiniCPM3Config", dict(MLA, q_lora_rank=24, v_head_dim=12),
+         "MLA: per-layer KV shapes, scaled embeddings and residuals"),
+    Arch("glm4-moe-lite", "Glm4MoeLiteConfig",
+         dict(MLA, q_lora_rank=None, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=32, mlp_layer_types=["dense", "dense"]),
+         "MLA: per-layer KV shapes (values wider than keys)"),
     # refused, each with the reason it must name
     Arch("qwen3-next", "Qwen3NextConfig",
          dict(HEAD16, layer_types=["linear_attention", "full_attention"], num_experts=2,
@@ -138,6 +173,11 @@ ARCHS = [
               rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
                             "long_factor": [4.0] * 8, "original_max_position_embeddings": 64}),
          "RoPE frequencies from the sequence length", refused="RoPE scaling 'longrope'"),
+    Arch("deepseek-v3.2", "DeepseekV32Config",
+         dict(MLA, q_lora_rank=24, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2,
+              moe_intermediate_size=32, first_k_dense_replace=2, index_head_dim=16,
+              index_n_heads=2, index_topk=8),
+         "sparse attention (DSA indexer)", refused="DSA"),
     Arch("bloom", "BloomConfig",
          dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, bos_token_id=None,
               eos_token_id=None, pad_token_id=None), "ALiBi", refused="ALiBi"),

@@ -38,7 +38,7 @@ SHAPE = TreeShape(budget=6, depth=4, width=2, topk=2)
 BACKENDS = {"sdpa": dict(attention="sdpa"), "flex": dict(attention="flex"),
             "graphs": dict(attention="flex", kv_budget_tokens=2048, cuda_graphs=True)}
 FEATURED = [a for a in SUPPORTED if a.kwargs.get("sliding_window") or "soft" in a.features
-            or "chunk" in a.features or "sinks" in a.features]
+            or "chunk" in a.features or "sinks" in a.features or "KV shapes" in a.features]
 
 
 def prompt_ids(seed: int, n: int = PROMPT) -> list[int]:
@@ -139,16 +139,19 @@ def test_matrix_covers_what_the_issue_names():
     assert len(SUPPORTED) >= 20
     for need in ("llama", "mistral-window", "mixtral", "qwen2-window", "qwen3", "qwen3-moe",
                  "gemma", "gemma2", "gemma3", "cohere2", "phi3", "olmo2", "gpt2", "gpt-neox",
-                 "granite", "starcoder2", "gpt-oss", "qwen3-next"):
+                 "granite", "starcoder2", "gpt-oss", "qwen3-next", "gemma4", "gemma4-shared-kv",
+                 "deepseek-v3", "minicpm3", "glm4-moe-lite", "deepseek-v3.2"):
         assert need in names
 
 
-async def test_a_windowed_soft_capped_model_end_to_end_through_the_broker(nats_server):
-    """Gemma 2's shape (sliding-window and full layers, soft-capped attention) through a real
-    nats-server: edge sessions and a verifier worker, prompts four windows long."""
+@pytest.mark.parametrize("name", ["gemma2", "gemma4-shared-kv"])
+async def test_windowed_models_end_to_end_through_the_broker(name, nats_server):
+    """Gemma 2's shape (sliding-window and full layers, soft-capped attention) and Gemma 4's
+    (per-layer KV shapes, layers reusing others' KV) through a real nats-server: edge sessions
+    and a verifier worker, prompts four windows long."""
     from tests.stack import generate, running_worker
 
-    target = BY_NAME["gemma2"].build(1)
+    target = BY_NAME[name].build(1)
     draft = noisy_copy(target, 0.2, seed=2)
     prompts = [prompt_ids(10 + i, 4 * WINDOW + 3 * i) for i in range(3)]
     async with running_worker(target, nats_server.url, max_batch=4):
@@ -173,14 +176,22 @@ def sampled_pair(name: str, **changes):
     return target, noisy_copy(target, 0.5, seed=3)
 
 
-@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+# Gemma 4 on two layers (a sliding one, a global one of its own KV shape): 2000 trials of three
+# are slow on a shared CPU
+SAMPLED = {"gpt-oss": {}, "gemma2": {},
+           "gemma4": dict(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])}
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("name", sorted(SAMPLED))
 def test_sampled_output_follows_the_targets_distribution(name):
     """At T=1 with top-p 0.9, the joint law of the first two tokens is the target's own (its
-    eager attention: window, sinks or soft-capping), by chi-square."""
+    eager attention: window, sinks, soft-capping or Gemma 4's per-layer KV shapes), by
+    chi-square."""
     from specedge.execution.sampling import probs
     from tests.test_sampled_lossless import PROMPT, S, V, chi2_p, run_trials
 
-    target, draft = sampled_pair(name)
+    target, draft = sampled_pair(name, **SAMPLED[name])
     counts = run_trials(target, draft)
     p1 = probs(reference_logits(target, PROMPT)[-1], S)
     p2 = torch.stack([probs(reference_logits(target, PROMPT + [t])[-1], S) for t in range(V)])

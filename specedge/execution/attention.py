@@ -1,8 +1,9 @@
 """Attention over the KV pool: one call per layer for every segment of a packed forward.
 
 Each backend takes one layer's query [1, q_heads, N, dim] and the new tokens' key and value
-[1, kv_heads, N, dim] (after RoPE), writes the new K/V into the pool with one scatter, and
-returns the attention output [1, N, q_heads, dim] for the N packed rows.
+[1, kv_heads, N, dim] and [1, kv_heads, N, value_dim] (after RoPE; MLA's values are narrower
+than its keys), writes the new K/V into the pool with one scatter, and returns the attention
+output [1, N, q_heads, value_dim] for the N packed rows.
 
 - `sdpa` (the reference and the fallback, every device): gather the short segments' (draft
   trees, catch-ups) keys and values into a padded batch [S, kv_heads, L, dim] and make one
@@ -87,21 +88,22 @@ def _short_mask(plan: ForwardPlan, n_keys: int, group: int, dtype: torch.dtype,
     return plan.cache[key]
 
 
-def _attend_short(kv: torch.Tensor, query: torch.Tensor, scale: float | None,
-                  plan: ForwardPlan, layer: LayerAttention, out: torch.Tensor) -> None:
+def _attend_short(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor,
+                  scale: float | None, plan: ForwardPlan, layer: LayerAttention,
+                  out: torch.Tensor) -> None:
     """Every short segment in one SDPA call: queries padded to M rows, the query heads of a
     KV head folded into the rows, keys gathered and padded to the longest short segment."""
     s, m = plan.short_segs.numel(), plan.short_max_rows
-    hq, dim = query.shape[1], query.shape[3]
-    hkv = kv.shape[1]
+    hq, dim, vdim = query.shape[1], query.shape[3], values.shape[2]
+    hkv = keys.shape[0]
     group = hq // hkv
     n_keys = max(plan.host_kv_len[i] for i in range(plan.segments)
                  if plan.host_rows[i] <= plan.short_max_rows)
     if "short_keys" not in plan.cache:
         plan.cache["short_keys"] = plan.key_index(plan.short_segs, n_keys).reshape(-1)
     kidx = plan.cache["short_keys"]
-    k = kv[0].index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
-    v = kv[1].index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
+    k = keys.index_select(1, kidx).view(hkv, s, n_keys, dim).transpose(0, 1)
+    v = values.index_select(1, kidx).view(hkv, s, n_keys, vdim).transpose(0, 1)
     q = query[0].index_select(1, plan.q_index)  # [hq, s * m, dim]
     q = q.view(hkv, group, s, m, dim).permute(2, 0, 1, 3, 4).reshape(s, hkv, group * m, dim)
     sinks = None
@@ -111,17 +113,18 @@ def _attend_short(kv: torch.Tensor, query: torch.Tensor, scale: float | None,
     mask = _short_mask(plan, n_keys, group, q.dtype if layer.plain_scores else torch.float32,
                        layer.mask)
     o = attend(q, k, v, mask, scale, layer, sinks)
-    o = o.view(s, hkv, group, m, dim).permute(0, 3, 1, 2, 4).reshape(s * m, hq, dim)
+    o = o.view(s, hkv, group, m, vdim).permute(0, 3, 1, 2, 4).reshape(s * m, hq, vdim)
     out.index_copy_(0, plan.short_rows, o.index_select(0, plan.out_index))
 
 
-def _attend_long(kv: torch.Tensor, query: torch.Tensor, scale: float | None, plan: ForwardPlan,
-                 seg: int, first: int, m: int, layer: LayerAttention, out: torch.Tensor) -> None:
+def _attend_long(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor,
+                 scale: float | None, plan: ForwardPlan, seg: int, first: int, m: int,
+                 layer: LayerAttention, out: torch.Tensor) -> None:
     """One long segment (a prefill) alone: K/V repeated per query head (small next to the
     quadratic attention), and no mask at all for a pure causal run of a plain layer (a
     lower-right causal bias), else one [m, L] mask shared by the heads."""
-    hq, dim = query.shape[1], query.shape[3]
-    hkv = kv.shape[1]
+    hq, dim, vdim = query.shape[1], query.shape[3], values.shape[2]
+    hkv = keys.shape[0]
     group = hq // hkv
     n_keys = plan.host_kv_len[seg]
     bias = plan.chain_only[seg] and layer.mask == PLAIN and layer.plain_scores
@@ -139,11 +142,11 @@ def _attend_long(kv: torch.Tensor, query: torch.Tensor, scale: float | None, pla
             mask = mask.masked_fill_(~vis, float("-inf"))[None, None]
         plan.cache[key] = (kidx, mask)
     kidx, mask = plan.cache[key]
-    k = kv[0].index_select(1, kidx)  # [hkv, L, dim]
-    v = kv[1].index_select(1, kidx)
+    k = keys.index_select(1, kidx)  # [hkv, L, dim]
+    v = values.index_select(1, kidx)
     if group > 1:
         k = k[:, None].expand(hkv, group, n_keys, dim).reshape(hq, n_keys, dim)
-        v = v[:, None].expand(hkv, group, n_keys, dim).reshape(hq, n_keys, dim)
+        v = v[:, None].expand(hkv, group, n_keys, vdim).reshape(hq, n_keys, vdim)
     sinks = None if layer.sinks is None else layer.sinks.view(1, hq, 1, 1)
     o = attend(query[:, :, first : first + m], k[None], v[None], mask, scale, layer, sinks)
     out[first : first + m] = o[0].transpose(0, 1)
@@ -152,14 +155,15 @@ def _attend_long(kv: torch.Tensor, query: torch.Tensor, scale: float | None, pla
 def gather_sdpa(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 scale: float | None, plan: ForwardPlan,
                 attn: LayerAttention = PLAIN_LAYER) -> torch.Tensor:
-    plan.pool.write(layer, key[0], value[0], plan.slots)
-    kv = plan.pool.kv[layer]
-    out = torch.empty(query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype,
+    pool = plan.pool
+    pool.write(layer, key[0], value[0], plan.slots)
+    keys, values = pool.keys(layer), pool.values(layer)
+    out = torch.empty(query.shape[2], query.shape[1], values.shape[2], dtype=query.dtype,
                       device=query.device)
     if plan.short_max_rows:
-        _attend_short(kv, query, scale, plan, attn, out)
+        _attend_short(keys, values, query, scale, plan, attn, out)
     for seg, first, m in plan.long:
-        _attend_long(kv, query, scale, plan, seg, first, m, attn, out)
+        _attend_long(keys, values, query, scale, plan, seg, first, m, attn, out)
     return out.unsqueeze(0)
 
 

@@ -202,7 +202,7 @@ def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
         plan.cache["src"], plan.cache["qpos"] = x["src"], x["qpos"]
     src, qpos = plan.cache["src"], plan.cache["qpos"]
     q = query.index_select(2, src)  # one segment per query block (see qblocks)
-    kv = pool.kv[layer]
+    keys, values = pool.keys(layer), pool.values(layer)  # the layer's own shapes
     opts = None
     if query.device.type == "cuda":
         opts = {"BLOCK_M": Q_BLOCK, "BLOCK_N": pool.block_size, "FORCE_USE_FLEX_ATTENTION": True}
@@ -211,7 +211,7 @@ def flex_pool_attention(layer: int, query: torch.Tensor, key: torch.Tensor,
     compile_ = query.device.type in COMPILE_ON
     try:
         with strict() if compile_ else contextlib.nullcontext():
-            res = _flex(query.device)(q, kv[0].unsqueeze(0), kv[1].unsqueeze(0),
+            res = _flex(query.device)(q, keys.unsqueeze(0), values.unsqueeze(0),
                                       score_mod=score_mod, block_mask=bm, scale=scale,
                                       enable_gqa=query.shape[1] != key.shape[1],
                                       kernel_options=opts, **lse)

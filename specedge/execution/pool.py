@@ -1,11 +1,15 @@
 """One paged KV pool per model: every session's keys and values in fixed-size blocks.
 
-The pool is one tensor [layers, 2, kv_heads, slots, head_dim]; slot = block * block_size +
-offset. A sequence (`KVSeq`) owns a block table, so writing a forward's new tokens is one
-scatter per layer for the whole batch, and rollback, forking and truncation are block-table
-edits plus copies that are queued and run as one batched copy before the next forward
-(`flush`). Blocks are reference counted: a fork shares its parent's full blocks and copies a
-shared block only when one side writes into it.
+Each layer keeps what its attention call receives (kvlayout.py): layers of one shape share a
+tensor [layers, 2, heads, slots, dim] (keys and values of one width), or a pair
+[layers, 1, heads, slots, key_dim] and [layers, 1, heads, slots, value_dim] (MLA's keys and
+values differ); a layer that reads another's KV (shared KV) has none of its own. Every tensor
+has its slots on dimension 3, slot = block * block_size + offset in all of them, so one block
+table holds for every layer. A sequence (`KVSeq`) owns a block table, so writing a forward's
+new tokens is one scatter per layer for the whole batch, and rollback, forking and truncation
+are block-table edits plus copies that are queued and run as one batched copy per tensor
+before the next forward (`flush`). Blocks are reference counted: a fork shares its parent's
+full blocks and copies a shared block only when one side writes into it.
 
 An opt-in prefix cache (`cache_blocks`) keeps finished sequences' full blocks under chained
 hashes of their tokens (prefix.py): `KVSeq.publish` registers a sequence's blocks, and a new
@@ -27,30 +31,43 @@ from collections.abc import Sequence
 
 import torch
 
+from specedge.execution.kvlayout import KVLayout, LayerKV, discover
+
 
 class PoolFull(RuntimeError):
     """No free block and the pool may not grow (its budget is spent)."""
 
 
 class KVPool:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, *, block_size: int = 16,
-                 capacity_tokens: int | None = None, initial_tokens: int = 1024,
-                 cache_blocks: int | None = 0):
-        """capacity_tokens: a fixed budget (rounded up to whole blocks), allocated now; None:
-        start with initial_tokens, double when full and halve (or more) once at most a
-        quarter is used (`shrink`). cache_blocks: unused blocks the prefix cache may keep (0:
-        no cache, None: as many as the pool holds)."""
+    def __init__(self, layers: int | KVLayout, kv_heads: int = 0, head_dim: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                 block_size: int = 16, capacity_tokens: int | None = None,
+                 initial_tokens: int = 1024, cache_blocks: int | None = 0):
+        """layers: a KVLayout (each layer's shape), or a layer count with every layer
+        kv_heads x head_dim in `dtype`. capacity_tokens: a fixed budget (rounded up to whole
+        blocks), allocated now; None: start with initial_tokens, double when full and halve
+        (or more) once at most a quarter is used (`shrink`). cache_blocks: unused blocks the
+        prefix cache may keep (0: no cache, None: as many as the pool holds)."""
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if isinstance(layers, int):
+            layers = KVLayout.uniform(layers, kv_heads, head_dim, dtype)
+        self.layout = layers
         self.block_size = block_size
         self.fixed = capacity_tokens is not None
         tokens = capacity_tokens if capacity_tokens is not None else initial_tokens
         blocks = max(1, -(-tokens // block_size))
-        self.dims = (layers, 2, kv_heads, head_dim)
-        self.dtype, self.device = dtype, torch.device(device)
-        self.kv = torch.zeros((layers, 2, kv_heads, blocks * block_size, head_dim),
-                              dtype=dtype, device=self.device)
+        shapes = list(layers.shapes.values())
+        self.dtype = shapes[0].dtype if shapes else dtype
+        self.device = torch.device(device)
+        # the tensors (`store`) and, per storing layer, where its keys and values are in them:
+        # (tensor, row, channel) each
+        self.store: list[torch.Tensor] = []
+        self._where: dict[int, tuple[tuple[int, int, int], tuple[int, int, int]]] = {}
+        for shape, members in layers.groups().items():
+            self._add_group(shape, members, blocks * block_size)
+        for layer, src in layers.shares.items():
+            self._where[layer] = self._where[src]
         self.refs = [0] * blocks
         self._free = list(range(blocks - 1, -1, -1))  # a stack: low block ids first
         # One lock for the pool and the forward that uses it: sessions on an edge fork and roll
@@ -73,13 +90,24 @@ class KVPool:
         self.cache_hit_tokens = 0
         self.cache_evictions = 0  # cached blocks given back to make room (or past the cap)
 
+    def _add_group(self, shape: LayerKV, members: list[int], slots: int) -> None:
+        n, t = len(members), len(self.store)
+        if shape.key_dim == shape.value_dim:  # keys and values in one tensor
+            self.store.append(self._zeros((n, 2, shape.heads, slots, shape.key_dim), shape))
+            where = [((t, r, 0), (t, r, 1)) for r in range(n)]
+        else:
+            self.store.append(self._zeros((n, 1, shape.heads, slots, shape.key_dim), shape))
+            self.store.append(self._zeros((n, 1, shape.heads, slots, shape.value_dim), shape))
+            where = [((t, r, 0), (t + 1, r, 0)) for r in range(n)]
+        self._where.update(zip(members, where, strict=True))
+
+    def _zeros(self, shape: tuple[int, ...], like: LayerKV | torch.Tensor) -> torch.Tensor:
+        return torch.zeros(shape, dtype=like.dtype, device=self.device)
+
     @classmethod
     def for_model(cls, model, **kw) -> KVPool:
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        p = next(model.parameters())
-        return cls(cfg.num_hidden_layers, kv_heads, head_dim, p.dtype, p.device, **kw)
+        """A pool for each layer's KV as the model's attention receives it (kvlayout.py)."""
+        return cls(discover(model), device=next(model.parameters()).device, **kw)
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -112,12 +140,21 @@ class KVPool:
 
     @property
     def bytes_per_token(self) -> int:
-        layers, two, heads, dim = self.dims
-        return layers * two * heads * dim * self.kv.element_size()
+        """Every storing layer's keys and values of one token (the layout's sum)."""
+        return sum(t.numel() // t.shape[3] * t.element_size() for t in self.store)
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(t.numel() * t.element_size() for t in self.store)
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The one tensor [layers, 2, heads, slots, dim] of a model whose layers all have one
+        shape and none shares (tests and tools; the forward path uses keys/values)."""
+        if len(self.store) != 1 or self.store[0].shape[1] != 2 or \
+                len(self.layout.shapes) != self.layout.layers:
+            raise AttributeError("a pool of several layer shapes has no single KV tensor")
+        return self.store[0]
 
     def can_take(self, blocks: int) -> bool:
         """Whether `blocks` more blocks can be had (a growable pool always can)."""
@@ -208,10 +245,10 @@ class KVPool:
         if self.fixed:
             raise PoolFull(f"KV pool full: {self.blocks} blocks of {self.block_size} tokens")
         old = self.blocks
-        new = torch.zeros((*self.kv.shape[:3], 2 * old * self.block_size, self.kv.shape[4]),
-                          dtype=self.dtype, device=self.device)
-        new[:, :, :, : old * self.block_size] = self.kv
-        self.kv = new
+        for i, t in enumerate(self.store):
+            new = self._zeros((*t.shape[:3], 2 * old * self.block_size, t.shape[4]), t)
+            new[:, :, :, : old * self.block_size] = t
+            self.store[i] = new
         self.refs.extend([0] * old)
         self._free = list(range(2 * old - 1, old - 1, -1)) + self._free
 
@@ -240,13 +277,13 @@ class KVPool:
             live = [blk for blk, r in enumerate(self.refs) if r > 0] + list(self._lru)
             renum = {old: new for new, old in enumerate(live)}
             b = self.block_size
-            kv = torch.zeros((*self.kv.shape[:3], target * b, self.kv.shape[4]),
-                             dtype=self.dtype, device=self.device)
-            if live:
-                src = torch.tensor([blk * b + o for blk in live for o in range(b)],
-                                   dtype=torch.long).to(self.device, non_blocking=True)
-                kv[:, :, :, : len(live) * b] = self.kv.index_select(3, src)
-            self.kv = kv
+            src = torch.tensor([blk * b + o for blk in live for o in range(b)],
+                               dtype=torch.long).to(self.device, non_blocking=True)
+            for i, t in enumerate(self.store):
+                new = self._zeros((*t.shape[:3], target * b, t.shape[4]), t)
+                if live:
+                    new[:, :, :, : len(live) * b] = t.index_select(3, src)
+                self.store[i] = new
             self.refs = [self.refs[blk] for blk in live] + [0] * (target - len(live))
             self._free = list(range(target - 1, len(live) - 1, -1))
             for seq in list(self._seqs):
@@ -280,17 +317,33 @@ class KVPool:
                 return
             src = torch.tensor(self._src, dtype=torch.long).to(self.device, non_blocking=True)
             dst = torch.tensor(self._dst, dtype=torch.long).to(self.device, non_blocking=True)
-            self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
+            for t in self.store:
+                t.index_copy_(3, dst, t.index_select(3, src))
             self._src, self._dst, self._pending_dst = [], [], set()
             self.copies_flushed += 1
 
     # -- layer access (inside a forward) ----------------------------------------------------
 
+    def keys(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s keys over every slot [heads, slots, key_dim] (a view; a layer
+        that shares KV gets its source's)."""
+        t, row, ch = self._where[layer][0]
+        return self.store[t][row, ch]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s values over every slot [heads, slots, value_dim] (a view)."""
+        t, row, ch = self._where[layer][1]
+        return self.store[t][row, ch]
+
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor,
               slots: torch.Tensor) -> None:
-        """key/value [kv_heads, n, dim] of n new tokens into their slots: one scatter each."""
-        self.kv[layer, 0].index_copy_(1, slots, key)
-        self.kv[layer, 1].index_copy_(1, slots, value)
+        """key/value [heads, n, dim] of n new tokens into their slots: one scatter each. A
+        layer that shares another's KV writes nothing: it was handed the very keys and
+        values its source wrote earlier in this forward (kvlayout.py)."""
+        if layer in self.layout.shares:
+            return
+        self.keys(layer).index_copy_(1, slots, key)
+        self.values(layer).index_copy_(1, slots, value)
 
     def new_seq(self) -> KVSeq:
         return KVSeq(self)
@@ -434,12 +487,17 @@ class KVSeq:
             self._release_beyond(0)
             self.length = 0
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, length): [layers, kv_heads, length, dim] each (a
-        gathered copy; for tests and inspection, not the forward path)."""
-        with self.pool.lock:
-            self.pool.flush()
-            idx = torch.tensor(self.slots(0, self.length), dtype=torch.long,
-                               device=self.pool.device)
-            kv = self.pool.kv.index_select(3, idx)
-            return kv[:, 0], kv[:, 1]
+    def view(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
+        """Keys and values of positions [0, length), per storing layer in layer order:
+        [heads, length, dim] each, stacked into [layers, heads, length, dim] when the layers
+        have one shape (a gathered copy; for tests and inspection, not the forward path)."""
+        pool = self.pool
+        with pool.lock:
+            pool.flush()
+            idx = torch.tensor(self.slots(0, self.length), dtype=torch.long, device=pool.device)
+            layers = sorted(pool.layout.shapes)
+            k = [pool.keys(i).index_select(1, idx) for i in layers]
+            v = [pool.values(i).index_select(1, idx) for i in layers]
+            if len(set(pool.layout.shapes.values())) == 1:
+                return torch.stack(k), torch.stack(v)
+            return k, v

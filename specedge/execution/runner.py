@@ -21,6 +21,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from specedge.execution import compiling, flex
 from specedge.execution.attention import Backend, backend_for
 from specedge.execution.graphs import GraphRunner
+from specedge.execution.kvlayout import discover
 from specedge.execution.plan import (
     PLAIN,
     ForwardPlan,
@@ -31,7 +32,7 @@ from specedge.execution.plan import (
 )
 from specedge.execution.pool import KVPool, KVSeq
 from specedge.execution.qblocks import LADDER, Q_BLOCK, split
-from specedge.execution.support import check_config, probe_model
+from specedge.execution.support import check_config, check_modules, probe_model
 
 ATTN_NAME = "specedge_packed"
 log = structlog.get_logger(__name__)
@@ -43,16 +44,15 @@ GPU_DEFAULT_SHARE = 0.25
 AUTO = {"cuda": "flex"}
 
 
-def gpu_share_tokens(model, share: float) -> int:
-    """Tokens of KV that `share` of the device's free memory holds for this model, rounded
-    down to a coarse grid: the pool's size is part of every compiled kernel's shape, and free
-    memory differs a little from one start to the next, so an unrounded pool would never
-    reuse the kernels compiled by the last run."""
+def gpu_share_tokens(model, share: float, block_size: int = 16) -> int:
+    """Tokens of KV that `share` of the device's free memory holds for this model (each
+    layer's real size, kvlayout.py), rounded down to a coarse grid: the pool's size is part of
+    every compiled kernel's shape, and free memory differs a little from one start to the
+    next, so an unrounded pool would never reuse the kernels compiled by the last run."""
     p = next(model.parameters())
     free, _ = torch.cuda.mem_get_info(p.device)
-    probe = KVPool.for_model(model, capacity_tokens=1)  # one block: just the sizes
-    tokens = max(probe.block_size, int(free * share) // probe.bytes_per_token)
-    return round_capacity(tokens, probe.block_size)
+    tokens = max(block_size, int(free * share) // max(1, discover(model).bytes_per_token))
+    return round_capacity(tokens, block_size)
 
 
 def round_capacity(tokens: int, block_size: int) -> int:
@@ -101,6 +101,7 @@ class PackedRunner:
         self.model = model
         # refused here, before anything is allocated, when the config says it cannot be exact
         self.layers: dict[int, MaskKind] = check_config(model.config)
+        check_modules(model)
         model.set_attn_implementation(ATTN_NAME)
         rows = model.get_input_embeddings().weight.shape[0]
         self.vocab_size = min(rows, vocab_limit) if vocab_limit else rows
@@ -108,7 +109,7 @@ class PackedRunner:
         self._no_mask = torch.zeros(1, 1, 1, 1, dtype=next(model.parameters()).dtype,
                                     device=self.device)
         if pool is None and kv_budget_tokens is None and self.device.type == "cuda":
-            kv_budget_tokens = gpu_share_tokens(model, GPU_DEFAULT_SHARE)
+            kv_budget_tokens = gpu_share_tokens(model, GPU_DEFAULT_SHARE, block_size)
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
                                              block_size=block_size)
         self.forward_calls = 0  # one per forward(); tests assert batching with it

@@ -21,9 +21,15 @@ import structlog
 import torch
 
 from specedge.execution.plan import LayerAttention, MaskKind, Segment
+from specedge.execution.unsupported import UnsupportedModel, model_name, refuse
 
 log = structlog.get_logger(__name__)
 ATTENTION_LAYERS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# attention whose keys an indexer or compressor picks per query, from state of its own
+SPARSE_LAYERS = frozenset({"indexed_attention", "compressed_sparse_attention",
+                           "heavily_compressed_attention"})
+SPARSE_WHY = ("an indexer picks each query's keys from a key cache of its own (sparse "
+              "attention such as DeepSeek V3.2's DSA), which the packed KV cache does not keep")
 PROBE_PROMPT = 10
 PROBE_CHAIN = 5  # tree nodes on the prompt's own continuation (plus one decoy branch)
 PROBE_ROWS = 3  # the prompt's last rows compared (logits cost a vocabulary-wide matmul each)
@@ -35,55 +41,72 @@ TOLERANCE = {torch.float64: 2e-6, torch.float32: 1e-3, torch.bfloat16: 6e-2,
              torch.float16: 2e-2}
 
 
-class UnsupportedModel(ValueError):
-    """A model the packed execution cannot run exactly; the message is one line."""
-
-    exit_code = 2
-
-
-def model_name(config) -> str:
-    path = getattr(config, "_name_or_path", "") or ""
-    kind = getattr(config, "model_type", "?")
-    return f"{path} ({kind})" if path else kind
-
-
-def refuse(config, why: str) -> UnsupportedModel:
-    text = " ".join(why.split())  # one line, whatever the cause's text holds
-    return UnsupportedModel(f"model {model_name(config)} is not supported: {text}")
-
-
 def check_config(config) -> dict[int, MaskKind]:
     """Each layer's mask kind as the config declares it (layer types); raises
-    UnsupportedModel for what the config shows cannot be run exactly."""
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_causal", True) is False:
+    UnsupportedModel for what the config shows cannot be run exactly. A multimodal model's
+    text config is what its layers read."""
+    outer, config = config, text_config(config)  # (refusals name the text model)
+    if any(getattr(c, "is_encoder_decoder", False) or getattr(c, "is_causal", True) is False
+           for c in (outer, config)):
         raise refuse(config, "not a causal decoder (bidirectional or encoder-decoder attention)")
     types = list(getattr(config, "layer_types", None) or [])
+    sparse = sorted(set(types) & SPARSE_LAYERS)
+    if sparse:
+        raise refuse(config, f"its {', '.join(sparse)} layers: {SPARSE_WHY}")
     other = sorted(set(types) - ATTENTION_LAYERS)
     if other:
         raise refuse(config, f"it has {', '.join(other)} layers, whose recurrent or "
                              "convolution state the packed KV cache does not keep")
-    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+    layers = layer_configs(config)  # what transformers keeps per layer is read per layer
+    if getattr(config, "model_type", "") in ("bloom", "mpt") or any(
+            getattr(c, "alibi", False) for c in layers):
         raise refuse(config, "ALiBi position biases are applied outside the attention interface")
-    if getattr(config, "attn_temperature_tuning", False) and 0 in (
-            getattr(config, "no_rope_layers", None) or []):
+    if any(getattr(c, "attn_temperature_tuning", False) and 0 in (
+            getattr(c, "no_rope_layers", None) or []) for c in layers):
         raise refuse(config, "position-dependent attention scaling (attn_temperature_tuning on "
                              "its NoPE layers) is computed from the row's place in the batch")
-    for params in _rope_parameters(config):
-        kind = params.get("rope_type") or params.get("type")
-        switch = params.get("original_max_position_embeddings") or getattr(
-            config, "original_max_position_embeddings", None)
-        if kind in ("dynamic", "longrope") and switch and \
-                switch < getattr(config, "max_position_embeddings", 0):
-            raise refuse(config, f"its RoPE scaling '{kind}' takes its frequencies from the "
-                                 f"longest sequence in a forward (past {switch} positions), so "
-                                 "sessions packed together would change each other's")
+    for c in {id(c): c for c in layers}.values():  # each distinct config once
+        for params in _rope_parameters(c):
+            kind = params.get("rope_type") or params.get("type")
+            switch = params.get("original_max_position_embeddings") or getattr(
+                c, "original_max_position_embeddings", None)
+            if kind in ("dynamic", "longrope") and switch and \
+                    switch < (getattr(c, "max_position_embeddings", 0) or 0):
+                raise refuse(config, f"its RoPE scaling '{kind}' takes its frequencies from the "
+                                     f"longest sequence in a forward (past {switch} positions), "
+                                     "so sessions packed together would change each other's")
     kinds: dict[int, MaskKind] = {}
     for i, t in enumerate(types):
+        c = layers[i] if i < len(layers) else config
         if t == "sliding_attention":
-            kinds[i] = (getattr(config, "sliding_window", None), None)
+            kinds[i] = (getattr(c, "sliding_window", None), None)
         elif t == "chunked_attention":
-            kinds[i] = (None, getattr(config, "attention_chunk_size", None))
+            kinds[i] = (None, getattr(c, "attention_chunk_size", None))
     return kinds
+
+
+def text_config(config):
+    """The config a causal LM's layers read (a multimodal model's text config)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def layer_configs(config) -> list:
+    """Each layer's config. transformers keeps some attributes per layer (a heterogeneous
+    config: Gemma 4's head sizes, per-layer windows) and refuses a read of those on the
+    global config; elsewhere every layer's config is the global one."""
+    if getattr(config, "is_heterogeneous", False):
+        return list(config.per_layer_config)
+    return [config] * (getattr(config, "num_hidden_layers", None) or 1)
+
+
+def check_modules(model) -> None:
+    """Raises UnsupportedModel for a model with a module the config does not declare but
+    the packed forward cannot keep exact: a sparse-attention indexer (it picks keys from its
+    own cache; a short probe, where it picks every key, would not see it)."""
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Indexer"):
+            raise refuse(model.config, f"{type(module).__name__} at {name}: {SPARSE_WHY}")
 
 
 def _rope_parameters(config) -> list[dict]:
@@ -124,7 +147,7 @@ def probe_model(runner) -> dict[int, LayerAttention]:
     """Run the probe through `runner` (see the module doc); each layer's attention as its
     calls asked for it. Raises UnsupportedModel."""
     cfg = runner.model.config
-    n_layers = cfg.num_hidden_layers
+    n_layers = text_config(cfg).num_hidden_layers
     ids, decoy = _probe_ids(runner.vocab_size)
     p = PROBE_PROMPT
     runner._seen = seen = []
@@ -161,11 +184,14 @@ def probe_model(runner) -> dict[int, LayerAttention]:
     if sorted(layers) != list(range(n_layers)):
         raise refuse(cfg, f"its attention layers report indices {sorted(layers)[:8]}..., not "
                           f"0..{n_layers - 1}")
-    dims = runner.pool.dims
+    layout = runner.pool.layout
     for layer, _, kshape, vshape in seen:
-        if kshape[0] != dims[2] or kshape[2] != dims[3] or vshape != kshape:
-            raise refuse(cfg, f"layer {layer}'s keys/values {kshape}/{vshape} do not fit the KV "
-                              f"pool's {dims[2]} heads x {dims[3]} (per-layer shapes differ)")
+        want = layout.shape_of(layer)
+        if want is None or (kshape[0], kshape[2], vshape[0], vshape[2]) != (
+                want.heads, want.key_dim, want.heads, want.value_dim):
+            raise refuse(cfg, f"layer {layer}'s keys/values {kshape}/{vshape} are not the "
+                              f"shapes its first forward showed ({want}): they change from "
+                              "one forward to the next")
     if not bool(torch.isfinite(ref).all()):
         raise refuse(cfg, "its own forward gives non-finite logits on the start-up probe")
     v = runner.vocab_size  # past it (embedding padding) the packed rows are -inf by design

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from schemas import DIGEST_SIZE, Sampling, SessionOpened, pack_ids, unpack_ids
 from schemas.wire import GrammarSpec
 from specedge.execution import KVPool, KVSeq
+from specedge.execution.kvlayout import discover
 from specedge.execution.prefix import Chain
+from specedge.execution.runner import gpu_share_tokens
+from specedge.execution.support import check_config
 
 
 @dataclass
@@ -238,14 +241,11 @@ GPU_DEFAULT_FRACTION = 0.5
 def kv_budget(model, cfg) -> int | None:
     """The KV pool's size in tokens from a worker config's budget (tokens, bytes, or a
     fraction of free device memory); None: a pool that grows (the CPU default)."""
-    from specedge.execution import KVPool
-    from specedge.execution.runner import gpu_share_tokens
-
     if cfg.kv_budget_tokens is not None:
         return cfg.kv_budget_tokens
-    if cfg.kv_budget_bytes is not None:
-        per_token = KVPool.for_model(model, capacity_tokens=1).bytes_per_token
-        return max(1, cfg.kv_budget_bytes // per_token)
+    check_config(model.config)  # its refusal says more than a failing discovery forward
+    if cfg.kv_budget_bytes is not None:  # every layer's real size (kvlayout.py)
+        return max(1, cfg.kv_budget_bytes // max(1, discover(model).bytes_per_token))
     on_gpu = next(model.parameters()).device.type == "cuda"
     fraction = cfg.kv_budget_fraction
     if fraction is None and on_gpu:
