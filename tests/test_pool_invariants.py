@@ -49,7 +49,7 @@ def write(pool: KVPool, seq: KVSeq, toks: list[int]) -> None:
     pool.flush()
     slots = torch.tensor(seq.slots(n, n + len(toks)), dtype=torch.long)
     val = torch.tensor(toks, dtype=pool.dtype).reshape(1, -1, 1)
-    for layer in range(pool.dims[0]):
+    for layer in sorted(pool.layout.shapes):
         pool.write(layer, val, val, slots)
     seq.length += len(toks)
 
