@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from specedge.execution.statepool import SeqState, StatePool
+
 
 class PoolFull(RuntimeError):
     """No free block and the pool may not grow (its budget is spent)."""
@@ -72,6 +74,9 @@ class KVPool:
         self.cache_hit_blocks = 0  # blocks adopted from the cache
         self.cache_hit_tokens = 0
         self.cache_evictions = 0  # cached blocks given back to make room (or past the cap)
+        # recurrent state beside the KV (statepool.py), set by a runner whose model has
+        # stateful layers: every sequence then carries its state through the verbs below
+        self.states: StatePool | None = None
 
     @classmethod
     def for_model(cls, model, **kw) -> KVPool:
@@ -303,6 +308,7 @@ class KVSeq:
         self.pool = pool
         self.blocks: list[int] = []
         self.length = 0
+        self.rec: SeqState | None = pool.states.new() if pool.states is not None else None
         with pool.lock:  # `shrink` may be walking the set from another thread
             pool._seqs.add(self)
 
@@ -352,6 +358,8 @@ class KVSeq:
         with pool.lock:
             if self.blocks or self.length:
                 raise ValueError("adopt needs an empty sequence")
+            if self.rec is not None:  # no state is checkpointed with the blocks: compute all
+                return 0
             self.blocks = pool.cached_run(hashes)
             for blk in self.blocks:
                 pool.incref(blk)
@@ -365,7 +373,7 @@ class KVSeq:
         [0, length) only); the number newly registered."""
         pool = self.pool
         with pool.lock:
-            if not pool.caching:
+            if not pool.caching or self.rec is not None:
                 return 0
             full = min(len(hashes), self.length // pool.block_size)
             return sum(pool.register(self.blocks[i], hashes[i]) for i in range(full))
@@ -391,6 +399,8 @@ class KVSeq:
                                      [self.slot(d) for _, d in moves])
             self.length = base + len(keep)
             self._release_beyond(self.length)
+            if self.rec is not None:
+                self.rec.keep(base, keep)
 
     def fork(self, base: int, keep: Sequence[int] = ()) -> KVSeq:
         """A new sequence holding positions [0, base) plus tail entries base + keep[i]. Full
@@ -405,6 +415,8 @@ class KVSeq:
                 pool.incref(blk)
             new.blocks = list(self.blocks[:full])
             new.length = base + len(keep)
+            if self.rec is not None:
+                new.rec = self.rec.fork(base, keep)
             start = full * b
             if new.length > start:
                 new.prepare_write(start, new.length)
@@ -413,14 +425,22 @@ class KVSeq:
             return new
 
     def truncate(self, length: int) -> None:
+        """Drop positions from `length` on. With recurrent state, a length whose state is not
+        held (inside a chunked run) empties the sequence: the caller's next forward rebuilds
+        it from the tokens, exactly, instead of going on from a wrong state."""
         with self.pool.lock:
             self.length = min(self.length, length)
+            if self.rec is not None and not self.rec.truncate(self.length):
+                self.pool.states.rebuilds += 1
+                self.length = 0
             self._release_beyond(self.length)
 
     def free(self) -> None:
         with self.pool.lock:
             self._release_beyond(0)
             self.length = 0
+            if self.rec is not None:
+                self.rec.clear()
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [0, length): [layers, kv_heads, length, dim] each (a
