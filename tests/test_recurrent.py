@@ -116,16 +116,22 @@ def test_a_truncation_without_its_state_rebuilds_from_the_tokens(built):
 
 
 def speculate(target, draft, prompt: list[int], n: int, *, prefill_chunk: int | None = None,
-              failover: bool = False, fork: bool = False) -> tuple[list[int], int]:
+              failover: bool = False, fork: bool = False, engine: Engine | None = None,
+              runner: PackedRunner | None = None) -> tuple[list[int], int, int]:
     """The edge's drafter and the verifier's engine in one process. prefill_chunk: the
     verifier prefills at most that many tokens per forward. failover: every round on the
     other of two verifiers, whose session state is rebuilt from the log (its committed
     tokens only). fork: each round drafts on a fork of the draft state taken on the tree's
-    favourite path (proactive drafting's guess), kept when the verdict took that path."""
-    engines = [Engine(target, attention="sdpa") for _ in range(2 if failover else 1)]
-    dr = Drafter(PackedRunner(draft, attention="sdpa"))
+    favourite path (proactive drafting's guess), kept when the verdict took that path.
+    engine, runner: the verifier's engine and the draft's runner to use (their pools' caches
+    outlive the session); the drafter reuses what the draft pool's cache holds. Returns the
+    tokens, the draft tokens accepted and the tokens the verifier took from its cache."""
+    engines = [engine] if engine else [Engine(target, attention="sdpa")
+                                       for _ in range(2 if failover else 1)]
+    dr = Drafter(runner or PackedRunner(draft, attention="sdpa"))
+    dr.reuse(prompt)
     dr.catch_up(prompt[:-1])
-    committed, rnd, finished, accepted, st = list(prompt), 0, False, 0, None
+    committed, rnd, finished, accepted, cached, st = list(prompt), 0, False, 0, 0, None
     while not finished:
         if st is None or failover:
             if st is not None:
@@ -149,6 +155,7 @@ def speculate(target, draft, prompt: list[int], n: int, *, prefill_chunk: int | 
         new = [tree.tokens[i - 1] for i in out.walk.accepted] + [out.walk.next_token]
         toks, finished = commit(new, len(committed) - len(prompt), n, frozenset())
         accepted += len(out.walk.accepted)
+        cached = st.cached_tokens if rnd == 0 else cached
         if guess is not None and guess[0] == out.walk.accepted:
             dr.close()
             dr = guess[1]  # the guess came true: its fork already holds the accepted path
@@ -159,9 +166,10 @@ def speculate(target, draft, prompt: list[int], n: int, *, prefill_chunk: int | 
         committed += toks
         st.committed = list(committed)
         st.round = rnd = rnd + 1
+    dr.remember(committed)
     st.kv.free()
     dr.close()
-    return committed[len(prompt):], accepted
+    return committed[len(prompt):], accepted, cached
 
 
 @pytest.mark.parametrize("arch", KINDS, ids=lambda a: a.name)
@@ -169,11 +177,41 @@ def test_chunked_prefill_failover_and_forks_stay_exact(arch, built):
     target, draft = built(arch)
     prompt = ids(11, 70)
     want = greedy_reference(target, prompt, NEW)
-    got, accepted = speculate(target, draft, prompt, NEW, prefill_chunk=16)
+    got, accepted, _ = speculate(target, draft, prompt, NEW, prefill_chunk=16)
     assert got == want, "chunked prefill"
     assert accepted >= 3
     assert speculate(target, draft, prompt, NEW, failover=True)[0] == want, "failover"
     assert speculate(target, draft, prompt, NEW, fork=True)[0] == want, "forked drafts"
+
+
+@pytest.mark.parametrize("arch", KINDS, ids=lambda a: a.name)
+def test_a_follow_up_turn_starts_from_a_state_checkpoint(arch, built):
+    """With the prefix cache on, a session's state is checkpointed every few blocks of its
+    committed tokens (prefill and accepted nodes alike) under the blocks' hashes: a follow-up
+    turn (the history plus a new message) adopts the KV and the state up to the last
+    checkpoint on both sides, computes only the rest, and its output is the target's own."""
+    from specedge.execution.recurrent import checkpoint_every
+
+    target, draft = built(arch)
+    engine = Engine(target, attention="sdpa", prefix_cache_tokens=None)
+    runner = PackedRunner(draft, attention="sdpa")
+    runner.pool.enable_cache(None)
+    every = checkpoint_every(engine.pool)
+    first = ids(30, 70)
+    out1, _, cached = speculate(target, draft, first, NEW, engine=engine, runner=runner)
+    assert out1 == greedy_reference(target, first, NEW)
+    assert cached == 0
+    follow = first + out1 + ids(31, 9)
+    reused = runner.pool.cache_hit_tokens
+    out2, _, cached = speculate(target, draft, follow, NEW, engine=engine, runner=runner)
+    assert out2 == greedy_reference(target, follow, NEW)
+    # both sides adopted up to the last checkpoint before the follow-up's last token
+    assert cached == (len(follow) - 1) // every * every > 0
+    assert runner.pool.cache_hit_tokens - reused == cached
+    assert engine.pool.states.checkpoints and runner.pool.states.checkpoints
+    # evicting the cached blocks drops their checkpoints: nothing left to adopt from
+    engine.pool.enable_cache(0)
+    assert not engine.pool.states.checkpoints
 
 
 async def test_a_hybrid_end_to_end_through_the_broker(nats_server, built):

@@ -136,6 +136,8 @@ class KVPool:
             if max_blocks == 0:
                 self._by_hash.clear()
                 self._hash_of.clear()
+                if self.states is not None:
+                    self.states.checkpoints.clear()
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -194,6 +196,8 @@ class KVPool:
         h = self._hash_of.pop(block, None)
         if h is not None:
             del self._by_hash[h]
+            if self.states is not None:  # a state checkpoint goes with its block
+                self.states.checkpoints.pop(h, None)
         if block in self._lru:  # it was unused: now simply free
             del self._lru[block]
             self._free.append(block)
@@ -358,9 +362,14 @@ class KVSeq:
         with pool.lock:
             if self.blocks or self.length:
                 raise ValueError("adopt needs an empty sequence")
-            if self.rec is not None:  # no state is checkpointed with the blocks: compute all
-                return 0
-            self.blocks = pool.cached_run(hashes)
+            run = pool.cached_run(hashes)
+            if self.rec is not None:  # up to the last block whose state is checkpointed
+                cps = pool.states.checkpoints
+                while run and hashes[len(run) - 1] not in cps:
+                    run.pop()
+                if run:
+                    self.rec.adopt(len(run) * pool.block_size - 1, cps[hashes[len(run) - 1]])
+            self.blocks = run
             for blk in self.blocks:
                 pool.incref(blk)
             self.length = len(self.blocks) * pool.block_size
@@ -373,10 +382,17 @@ class KVSeq:
         [0, length) only); the number newly registered."""
         pool = self.pool
         with pool.lock:
-            if not pool.caching or self.rec is not None:
+            if not pool.caching:
                 return 0
             full = min(len(hashes), self.length // pool.block_size)
-            return sum(pool.register(self.blocks[i], hashes[i]) for i in range(full))
+            n = sum(pool.register(self.blocks[i], hashes[i]) for i in range(full))
+            if self.rec is not None:  # the state checkpoints, under their blocks' hashes
+                b = pool.block_size
+                for pos, state in self.rec.marks.items():
+                    i = (pos + 1) // b - 1
+                    if (pos + 1) % b == 0 and i < full and hashes[i] in pool._by_hash:
+                        pool.states.checkpoints.setdefault(hashes[i], state)
+            return n
 
     def _release_beyond(self, length: int) -> None:
         keep = -(-length // self.pool.block_size)

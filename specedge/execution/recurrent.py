@@ -38,6 +38,15 @@ _STATE_CALLS = ("get_conv_state", "get_recurrent_state", "causal_conv1d_forward"
 # attention
 RECURRENT_TYPES = frozenset({"linear_attention", "conv", "hybrid"})
 STATELESS_TYPES = frozenset({"mlp", "moe"})
+# the prefix cache's state checkpoints: one every this many KV blocks of committed tokens (a
+# causal run is cut there, one more kernel call each; a follow-up adopts up to the last one)
+CHECKPOINT_BLOCKS = 4
+
+
+def checkpoint_every(pool) -> int | None:
+    """Positions between the state checkpoints a pool with a prefix cache keeps (every
+    CHECKPOINT_BLOCKS blocks), or None when it caches nothing."""
+    return pool.block_size * CHECKPOINT_BLOCKS if pool.caching else None
 
 
 def keeps_state(module: torch.nn.Module) -> bool:
@@ -149,12 +158,15 @@ Source = tuple
 
 @dataclass
 class RecurrentPlan:
-    """Per packed forward, shared by the stateful layers: the causal runs, the other rows by
-    level with their predecessors, and which rows' states the sequences keep."""
+    """Per packed forward, shared by the stateful layers: the causal runs (each from the
+    sequence's state or the run before it), the other rows by level with their predecessors,
+    which rows' states the sequences keep, and which are checkpoints of committed tokens at
+    block boundaries (for the prefix cache)."""
 
-    runs: list[tuple[int, int, SeqState, int]] = field(default_factory=list)  # first, end, ...
+    runs: list[tuple[int, int, Source]] = field(default_factory=list)  # first, end, start
     levels: list[list[tuple[int, Source]]] = field(default_factory=list)
     save: list[tuple[int, SeqState, int]] = field(default_factory=list)  # row, seq, position
+    marks: list[tuple[int, SeqState, int]] = field(default_factory=list)
 
 
 def _tree_pred(bits, r: int, col: int, window: int) -> int | None:
@@ -166,22 +178,29 @@ def _tree_pred(bits, r: int, col: int, window: int) -> int | None:
     return window + int(above[-1]) if len(above) else window - 1
 
 
-def build(segments) -> RecurrentPlan:
+def build(segments, every: int | None = None) -> RecurrentPlan:
+    """every: checkpoint the state after each committed position p with (p + 1) % every == 0
+    (causal runs are cut there); None: no checkpoints."""
     plan = RecurrentPlan()
     level_of: dict[int, int] = {}  # level rows' level; causal runs' rows: -1
     first = 0
     for seg in segments:
         st: SeqState = seg.seq.rec
+        st.every = every
         n, m = seg.seq.length, len(seg.tokens)
         bits = seg.bits.numpy() if seg.bits is not None else None
         preds = [_tree_pred(bits, r, n + r - seg.window, seg.window) for r in range(m)]
-        k = 0  # the causal rows before the tree's nodes
+        k = 0  # the causal rows before the tree's nodes (committed tokens)
         while k < m and preds[k] is None:
             k += 1
         if any(p is None for p in preds[k:]):
             raise ValueError("a segment's causal rows must come before its tree nodes")
         if k >= 2:
-            plan.runs.append((first, first + k, st, n - 1))
+            cuts = [r + 1 for r in range(k - 1) if every and (n + r + 1) % every == 0]
+            src: Source = ("pos", st, n - 1)
+            for a, b in zip([0, *cuts], [*cuts, k], strict=True):
+                plan.runs.append((first + a, first + b, src))
+                src = ("row", first + b - 1)
             for r in range(first, first + k):
                 level_of[r] = -1
         elif k == 1:
@@ -189,16 +208,18 @@ def build(segments) -> RecurrentPlan:
         for r in range(k, m):
             q = preds[r]
             if q >= n:
-                src = first + q - n
-                if level_of[src] == -1 and src != first + k - 1:
+                parent = first + q - n
+                if level_of[parent] == -1 and parent != first + k - 1:
                     raise ValueError("a tree node's parent inside a causal run")
-                _add_level(plan, level_of, first + r, ("row", src), level_of[src] + 1)
+                _add_level(plan, level_of, first + r, ("row", parent), level_of[parent] + 1)
             else:
                 _add_level(plan, level_of, first + r, ("pos", st, q), 0)
         # kept: the last causal row (the tree's root, or the sequence's new end) and every
-        # tree node
+        # tree node; checkpoints: the causal rows at block boundaries (ends of cut runs)
         for r in range(max(0, k - 1), m):
             plan.save.append((first + r, st, n + r))
+        if every:
+            plan.marks += [(first + r, st, n + r) for r in range(k) if (n + r + 1) % every == 0]
         first += m
     return plan
 
@@ -216,7 +237,8 @@ def packed_state_forward(module, orig, hidden_states: torch.Tensor, plan, kw: di
     """`module`'s output for the packed rows [1, N, H], each row from its path's state."""
     rp = plan.cache.get("recurrent")
     if rp is None:
-        rp = plan.cache["recurrent"] = build(plan.cache["segments"])
+        rp = plan.cache["recurrent"] = build(plan.cache["segments"],
+                                             checkpoint_every(plan.pool))
     layer = int(module.layer_idx)
     # per-row keywords of the packed batch (positions, ...) do not fit the groups' shapes
     kw = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
@@ -230,8 +252,9 @@ def packed_state_forward(module, orig, hidden_states: torch.Tensor, plan, kw: di
             out = y.new_empty((h.shape[0], y.shape[-1]))
         out[rows] = y
 
-    for a, b, st, pred in rp.runs:
-        cache = StateCache(layer, [st.get(pred, layer)])
+    for a, b, src in rp.runs:
+        start = after[src[1]] if src[0] == "row" else src[1].get(src[2], layer)
+        cache = StateCache(layer, [start])
         y = orig(h[a:b].unsqueeze(0), cache=cache, attention_mask=None, **kw)
         place(slice(a, b), y[0])
         after[b - 1] = cache.state(0)
@@ -246,4 +269,6 @@ def packed_state_forward(module, orig, hidden_states: torch.Tensor, plan, kw: di
             after[r] = cache.state(i)
     for r, st, pos in rp.save:
         st.put(pos, layer, after[r])
+    for r, st, pos in rp.marks:
+        st.marks.setdefault(pos, {})[layer] = after[r]
     return out.unsqueeze(0)

@@ -13,6 +13,12 @@ The verbs mirror `KVSeq`'s (pool.py calls them from its own): keep, fork, trunca
 truncate to a position whose state is not held (inside a chunked prefill, where only the
 chunk's end state exists) answers False: the caller then rebuilds the sequence from its
 tokens rather than continue from a wrong state.
+
+With the prefix cache on, a sequence also keeps checkpoints (`marks`): its state after the
+committed positions at block boundaries (every recurrent.CHECKPOINT_BLOCKS blocks). Publishing
+its KV blocks files each checkpoint under its block's hash (`StatePool.checkpoints`, salted
+like the block, dropped when the block leaves the cache), and a sequence adopting cached
+blocks takes them up to the last one with a checkpoint, whose state it starts from.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class StatePool:
     def __init__(self, layers: Sequence[int]):
         self.layers = list(layers)  # the recurrent layers' indices
         self.rebuilds = 0  # truncations that could not keep a state: rebuilt from tokens
+        # block hash -> the state after that block's last token (its KV block is cached)
+        self.checkpoints: dict[bytes, dict[int, LayerState]] = {}
 
     def new(self) -> SeqState:
         return SeqState(self)
@@ -40,6 +48,8 @@ class SeqState:
     def __init__(self, pool: StatePool):
         self.pool = pool
         self.states: dict[int, dict[int, LayerState]] = {}
+        self.marks: dict[int, dict[int, LayerState]] = {}  # checkpoints of committed tokens
+        self.every: int | None = None  # the checkpoints' spacing, set by the forward
 
     def get(self, pos: int, layer: int) -> LayerState | None:
         """The state after `pos` (None: before the first token, a zero state)."""
@@ -65,18 +75,26 @@ class SeqState:
         end = base + len(keep) - 1
         src = base + keep[-1] if keep else base - 1
         kept = self.states.get(src)
+        # accepted nodes at checkpoint positions become checkpoints (now committed)
+        self.marks = {p: s for p, s in self.marks.items() if p <= end}
+        for i, k in enumerate(keep):
+            if self.every and (base + i + 1) % self.every == 0 and base + k in self.states:
+                self.marks.setdefault(base + i, self.states[base + k])
         self.states = {} if kept is None else {end: kept}
 
     def fork(self, base: int, keep: Sequence[int]) -> SeqState:
         """Mirror of KVSeq.fork: a new state holding what the fork's last position needs."""
         new = SeqState(self.pool)
+        new.every = self.every
         src = base + keep[-1] if keep else base - 1
         if src in self.states:
             new.states[base + len(keep) - 1] = self.states[src]
+        new.marks = {p: s for p, s in self.marks.items() if p < base}
         return new
 
     def truncate(self, length: int) -> bool:
         """Hold only the state after length - 1; False if it is not held."""
+        self.marks = {p: s for p, s in self.marks.items() if p < length}
         if length <= 0:
             self.states = {}
             return True
@@ -86,13 +104,18 @@ class SeqState:
         return True
 
     def clear(self) -> None:
-        self.states = {}
+        self.states, self.marks = {}, {}
+
+    def adopt(self, end: int, state: dict[int, LayerState]) -> None:
+        """Start an empty sequence from a checkpoint: the state after position `end`."""
+        self.states = {end: state}
+        self.marks = {end: state}
 
     @property
     def nbytes(self) -> int:
         seen: set[int] = set()
         total = 0
-        for per_layer in self.states.values():
+        for per_layer in [*self.states.values(), *self.marks.values()]:
             for st in per_layer.values():
                 for t in st.values():
                     if id(t) not in seen:
