@@ -14,6 +14,9 @@ only the rest. Registered blocks nobody uses wait in a least-recently-used list,
 `cache_blocks` of them; a fixed pool also takes them back when no free block is left, so the
 cache never makes a live sequence fail (a growing pool grows instead).
 
+A model with recurrent or convolution state (hybrids) also gets a `StatePool` (statepool.py):
+each sequence then carries its state, and the verbs below carry it along.
+
 Freed blocks keep finite values (the pool starts zeroed): padded attention reads them with
 zero weight, and zero times a NaN would not be zero.
 """
