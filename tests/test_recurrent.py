@@ -229,3 +229,27 @@ async def test_a_hybrid_end_to_end_through_the_broker(nats_server, built):
     for p, r in zip(prompts, results, strict=True):
         assert r.token_ids == greedy_reference(target, p, NEW)
     assert sum(len(r.token_ids) for r in results) > sum(len(r.rounds) for r in results)
+
+
+def test_the_state_verbs_follow_the_kv_verbs():
+    """keep renames the accepted node's state to the new end and drops the rest (checkpoints
+    for accepted nodes on a boundary), fork takes the state its end needs, truncate answers
+    whether the state is held (and drops checkpoints past it)."""
+    from specedge.execution.statepool import StatePool
+
+    def st(v: float) -> dict:
+        return {0: {("rec", 0): torch.full((2,), v)}}
+
+    s = StatePool([0]).new()
+    s.every = 4
+    s.states = {5: st(5), 6: st(6), 7: st(7), 8: st(8), 9: st(9)}  # end 5, tree nodes 6..9
+    f = s.fork(6, [1, 3])  # positions 0..5, then nodes at 7 and 9 -> 6, 7
+    assert list(f.states) == [7] and float(f.states[7][0][("rec", 0)][0]) == 9
+    s.keep(6, [0, 2])  # nodes at 6 and 8 accepted -> positions 6 and 7
+    assert list(s.states) == [7] and float(s.states[7][0][("rec", 0)][0]) == 8
+    assert list(s.marks) == [7]  # (7 + 1) % 4 == 0: a checkpoint of committed tokens
+    assert s.truncate(8) and not s.truncate(5)  # held at 7; nothing at 4
+    assert s.marks == {}
+    empty = StatePool([0]).new()
+    empty.keep(0, [])
+    assert empty.states == {} and empty.truncate(0)
