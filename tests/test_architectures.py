@@ -175,7 +175,8 @@ def sampled_pair(name: str, dtype: torch.dtype | None = None, **changes):
     return target, noisy_copy(target, 0.5, seed=3)
 
 
-@pytest.mark.parametrize("name", ["gpt-oss", "gemma2", "qwen3.5"])
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2", pytest.param(
+    "qwen3.5", marks=pytest.mark.timeout(2400))])  # 24 minutes on a shared 2-core machine
 def test_sampled_output_follows_the_targets_distribution(name):
     """At T=1 with top-p 0.9, the joint law of the first two tokens is the target's own (its
     eager attention: window, sinks or soft-capping; Qwen3.5's recurrent state on the draft

@@ -21,6 +21,9 @@ from workers.verifier.engine import Engine
 from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
 
+# the models' reference state kernels (float64 depthwise convolutions above all) are slow on a
+# CPU: a test here takes up to 10 minutes on a shared 2-core machine
+pytestmark = pytest.mark.timeout(1200)
 HYBRIDS = [a for a in SUPPORTED if a.features.startswith("hybrid")]
 # one of each kind of state: gated delta rule, short convolution, Mamba-2
 KINDS = [a for a in HYBRIDS if a.name in ("qwen3.5", "lfm2", "nemotron-h")]
