@@ -1,4 +1,4 @@
-"""python -m bench.kernels [--device cpu|cuda] [--shape tiny|0.5b|1.5b|7b] [--out DIR]: the
+"""python -m bench.kernels [--device cpu|cuda] [--shape tiny|0.5b|1.5b|7b|hybrid-tiny] [--out DIR]: the
 verifier's packed forward against the same tokens as a padded dense batch through stock
 transformers (a KV cache per row, the cached length of every row the same) and against the
 weights alone (every token in one row, no cache), for sessions x new tokens per session over
@@ -7,6 +7,10 @@ hidden 256, 4 layers, the real vocabulary); every forward timed with CUDA events
 (perf_counter and a device sync elsewhere), median of --reps. Each cell is appended to
 DIR/results.jsonl the moment it is measured (a run cut short keeps what it measured; --budget-s
 stops it and says what was left); DIR/results.json and DIR/table.md at the end.
+
+hybrid-tiny is a Qwen3.5-like model (three gated-delta-rule layers to one attention layer,
+random weights): its rows add the share of the forward spent in the stateful layers, packed
+(the tree level by level, recurrent.py) and dense (stock transformers' own cache).
 
 Packed: each session's new tokens are a draft tree (the root, which the cache lacks, plus
 tokens-1 nodes) hanging off its cached context in the KV pool, as the verifier runs them.
@@ -43,7 +47,13 @@ from specedge.execution.tree import depths_of
 from specedge.synthetic import build
 
 SHAPES = ("tiny", "0.5b", "1.5b", "7b")  # the vendored Qwen2.5 configs (specedge.synthetic)
-CACHED = {"tiny": 256}  # cached tokens per session; 512 for the others
+# a hybrid of Qwen3.5's make (three gated-delta-rule layers to one attention layer), tiny
+HYBRID = {"hybrid-tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=768,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=64, linear_num_value_heads=8, linear_num_key_heads=4,
+                              linear_key_head_dim=32, linear_value_head_dim=32,
+                              layer_types=["linear_attention"] * 3 + ["full_attention"])}
+CACHED = {"tiny": 256, "hybrid-tiny": 256}  # cached tokens per session; 512 for the others
 SESSIONS = (1, 4, 16, 64)
 TOKENS = (1, 4, 8, 16)
 PREFILL_GROUP = 8  # sessions per prefill forward: one padded size per context length
@@ -232,7 +242,52 @@ def make_runner(model, mode: str, kv_tokens: int, journal: Journal, what: str,
 
 def random_model(shape: str, dtype: torch.dtype, device: str):
     """Random weights of the shape's real config (deterministic, built on the device)."""
+    if shape in HYBRID:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.Qwen3_5TextConfig(**HYBRID[shape], tie_word_embeddings=False)
+        return transformers.AutoModelForCausalLM.from_config(cfg).to(device, dtype).eval()
     return build(f"synthetic:{shape}", dtype=dtype, device=device)
+
+
+def recurrent_share(model, device: str, fn: Callable[[], object],
+                    setup: Callable[[], object] | None = None, reps: int = 3) -> float | None:
+    """The share of one call of `fn` spent inside the model's stateful layers (their whole
+    module call: projections, conv, state kernel; device synced at each edge), median of
+    reps; None for a model without such layers."""
+    from specedge.execution.recurrent import keeps_state
+
+    mods = [m for m in model.modules() if keeps_state(m)]
+    if not mods:
+        return None
+    spent, t0 = [0.0], [0.0]
+
+    def pre(*_):
+        synchronize(device)
+        t0[0] = time.perf_counter()
+
+    def post(*_):
+        synchronize(device)
+        spent[0] += time.perf_counter() - t0[0]
+
+    hooks = [h for m in mods for h in (m.register_forward_pre_hook(pre),
+                                        m.register_forward_hook(post))]
+    shares = []
+    try:
+        for _ in range(reps):
+            if setup:
+                setup()
+            spent[0] = 0.0
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            shares.append(spent[0] / (time.perf_counter() - start))
+    finally:
+        for h in hooks:
+            h.remove()
+    return round(statistics.median(shares), 3)
 
 
 def tree_parents(n: int) -> list[int]:
@@ -315,6 +370,16 @@ def cell(model, runners: dict[str, PackedRunner], device: str, sessions: int, to
     row: dict = {"sessions": sessions, "tokens_each": tokens, "cached": cached}
     for mode, runner in runners.items():
         row[f"packed_{mode}_ms"] = round(packed_ms(runner, device, b.ctx, b.new, reps), 3)
+    first = next(iter(runners.values()))
+    if first.recurrent_layers:  # the stateful layers' share of the packed forward
+        seqs = load_contexts(first, b)
+        segs = tree_segments(seqs, b)
+        try:
+            row["packed_recurrent_share"] = recurrent_share(
+                model, device, lambda: first.forward(segs),
+                lambda: rewind(seqs, cached - 1))
+        finally:
+            free(seqs)
 
     # dense: stock transformers, a KV cache of `cached` tokens per row, one forward of T tokens
     arg = _cache_kwarg(model)
@@ -331,6 +396,9 @@ def cell(model, runners: dict[str, PackedRunner], device: str, sessions: int, to
         model(input_ids=step, attention_mask=mask, use_cache=True, **{arg: state["cache"]})
 
     row["dense_ms"] = time_ms(dense, device, reps, prefill)["ms"]
+    share = recurrent_share(model, device, dense, prefill)
+    if share is not None:
+        row["dense_recurrent_share"] = share
     state.clear()
     flat_ids = step.reshape(1, -1)
     row["flat_ms"] = time_ms(lambda: model(input_ids=flat_ids, use_cache=False), device,
@@ -684,7 +752,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="tiny", choices=SHAPES)
+    p.add_argument("--shape", default="tiny", choices=SHAPES + tuple(HYBRID),
+                   help="hybrid-tiny: a Qwen3.5-like hybrid (gated delta rule and attention)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--sessions", type=int, nargs="*", default=list(SESSIONS))
     p.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
@@ -734,6 +803,8 @@ def main(argv=None) -> int:
         return 1
     cols = (["sessions", "tokens_each"] + [f"packed_{m}_ms" for m in modes]
             + ["dense_ms", "flat_ms"] + [f"{m}_x_dense" for m in modes] + ["packed_x_flat"])
+    if "packed_recurrent_share" in rows[0]:
+        cols += ["packed_recurrent_share", "dense_recurrent_share"]
     table = (f"# bench.kernels: {a.shape} on {rows[0]['device']} ({a.dtype}, {cached} cached "
              f"tokens, median of {a.reps}; packed: {', '.join(modes)})\n\n"
              + markdown_table(rows, cols) + "\n")

@@ -22,6 +22,10 @@ GEMMA4 = dict(HEAD16, sliding_window=WINDOW, global_head_dim=32, hidden_size_per
 # many KV heads as query heads; dense layers (their experts' matmul takes at most float32)
 MLA = dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
            qk_nope_head_dim=16)
+DELTA = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+             linear_value_head_dim=16, linear_conv_kernel_dim=4)
+MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=2,
+              mamba_chunk_size=16)
 LLAMA4 = dict(HEAD16, attention_chunk_size=WINDOW, num_local_experts=2, num_experts_per_tok=1,
               intermediate_size_mlp=128, no_rope_layers=[1, 0], interleave_moe_layer_step=1,
               layer_types=["chunked_attention", "full_attention"])
@@ -155,16 +159,42 @@ ARCHS = [
          dict(MLA, q_lora_rank=None, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
               moe_intermediate_size=32, mlp_layer_types=["dense", "dense"]),
          "MLA: per-layer KV shapes (values wider than keys)"),
-    # refused, each with the reason it must name
+    # hybrids: layers with recurrent or convolution state (gated delta rule, Mamba-2, short
+    # convolutions), state chunks of 16 so that the prompts run across several
+    Arch("qwen3.5", "Qwen3_5TextConfig",
+         dict(HEAD16, layer_types=["linear_attention", "full_attention"], **DELTA),
+         "hybrid: gated delta rule (grouped value heads), conv state"),
     Arch("qwen3-next", "Qwen3NextConfig",
          dict(HEAD16, layer_types=["linear_attention", "full_attention"], num_experts=2,
               num_experts_per_tok=1, moe_intermediate_size=32,
-              shared_expert_intermediate_size=32, linear_num_value_heads=2,
-              linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
-         "hybrid: linear attention", refused="linear_attention layers"),
+              shared_expert_intermediate_size=32, **DELTA),
+         "hybrid: gated delta rule, mixture of experts", dtype=torch.float32),
+    Arch("olmo-hybrid", "OlmoHybridConfig",
+         dict(COMMON, layer_types=["linear_attention", "full_attention"], **DELTA),
+         "hybrid: gated delta rule"),
     Arch("lfm2", "Lfm2Config",
          dict(COMMON, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
-         "hybrid: convolution layers", refused="conv layers"),
+         "hybrid: short convolution layers"),
+    Arch("nemotron-h", "NemotronHConfig",
+         dict(HEAD16, num_hidden_layers=3, layers_block_type=["mamba", "attention", "mlp"],
+              mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+              mamba_d_conv=4, chunk_size=16),
+         "hybrid: Mamba-2, an MLP-only layer"),
+    Arch("falcon-h1", "FalconH1Config",
+         dict(HEAD16, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, mamba_d_state=16,
+              mamba_n_groups=2, mamba_chunk_size=16),
+         "hybrid: Mamba-2 beside attention in every layer"),
+    Arch("bamba", "BambaConfig", dict(COMMON, attn_layer_indices=[1], **MAMBA2),
+         "hybrid: Mamba-2"),
+    Arch("granite-hybrid", "GraniteMoeHybridConfig",
+         dict(COMMON, layer_types=["mamba", "attention"], num_local_experts=2,
+              num_experts_per_tok=1, shared_intermediate_size=64, **MAMBA2),
+         "hybrid: Mamba-2, mixture of experts", dtype=torch.float32),
+    # refused, each with the reason it must name
+    Arch("jamba", "JambaConfig",
+         dict(COMMON, attn_layer_period=2, attn_layer_offset=1, num_experts=1,
+              mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False),
+         "hybrid: Mamba-1 (its scan drops a past state)", refused="recurrent-state"),
     Arch("llama4-tuned", "Llama4TextConfig",
          dict(LLAMA4, attn_temperature_tuning=True), "attention temperature tuning", refused="attention scaling",
          model="Llama4ForCausalLM", dtype=torch.float32),

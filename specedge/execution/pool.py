@@ -18,6 +18,9 @@ only the rest. Registered blocks nobody uses wait in a least-recently-used list,
 `cache_blocks` of them; a fixed pool also takes them back when no free block is left, so the
 cache never makes a live sequence fail (a growing pool grows instead).
 
+A model with recurrent or convolution state (hybrids) also gets a `StatePool` (statepool.py):
+each sequence then carries its state, and the verbs below carry it along.
+
 Freed blocks keep finite values (the pool starts zeroed): padded attention reads them with
 zero weight, and zero times a NaN would not be zero.
 """
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from specedge.execution.kvlayout import KVLayout, LayerKV, discover
+from specedge.execution.statepool import SeqState, StatePool
 
 
 class PoolFull(RuntimeError):
@@ -89,6 +93,9 @@ class KVPool:
         self.cache_hit_blocks = 0  # blocks adopted from the cache
         self.cache_hit_tokens = 0
         self.cache_evictions = 0  # cached blocks given back to make room (or past the cap)
+        # recurrent state beside the KV (statepool.py), set by a runner whose model has
+        # stateful layers: every sequence then carries its state through the verbs below
+        self.states: StatePool | None = None
 
     def _add_group(self, shape: LayerKV, members: list[int], slots: int) -> None:
         n, t = len(members), len(self.store)
@@ -168,6 +175,8 @@ class KVPool:
             if max_blocks == 0:
                 self._by_hash.clear()
                 self._hash_of.clear()
+                if self.states is not None:
+                    self.states.checkpoints.clear()
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -226,6 +235,8 @@ class KVPool:
         h = self._hash_of.pop(block, None)
         if h is not None:
             del self._by_hash[h]
+            if self.states is not None:  # a state checkpoint goes with its block
+                self.states.checkpoints.pop(h, None)
         if block in self._lru:  # it was unused: now simply free
             del self._lru[block]
             self._free.append(block)
@@ -356,6 +367,7 @@ class KVSeq:
         self.pool = pool
         self.blocks: list[int] = []
         self.length = 0
+        self.rec: SeqState | None = pool.states.new() if pool.states is not None else None
         with pool.lock:  # `shrink` may be walking the set from another thread
             pool._seqs.add(self)
 
@@ -409,7 +421,14 @@ class KVSeq:
         with pool.lock:
             if self.blocks or self.length:
                 raise ValueError("adopt needs an empty sequence")
-            self.blocks = pool.cached_run(hashes)
+            run = pool.cached_run(hashes)
+            if self.rec is not None:  # up to the last block whose state is checkpointed
+                cps = pool.states.checkpoints
+                while run and hashes[len(run) - 1] not in cps:
+                    run.pop()
+                if run:
+                    self.rec.adopt(len(run) * pool.block_size - 1, cps[hashes[len(run) - 1]])
+            self.blocks = run
             for blk in self.blocks:
                 pool.incref(blk)
             self.length = len(self.blocks) * pool.block_size
@@ -425,7 +444,14 @@ class KVSeq:
             if not pool.caching:
                 return 0
             full = min(len(hashes), self.length // pool.block_size)
-            return sum(pool.register(self.blocks[i], hashes[i]) for i in range(full))
+            n = sum(pool.register(self.blocks[i], hashes[i]) for i in range(full))
+            if self.rec is not None:  # the state checkpoints, under their blocks' hashes
+                b = pool.block_size
+                for pos, state in self.rec.marks.items():
+                    i = (pos + 1) // b - 1
+                    if (pos + 1) % b == 0 and i < full and hashes[i] in pool._by_hash:
+                        pool.states.checkpoints.setdefault(hashes[i], state)
+            return n
 
     def _release_beyond(self, length: int) -> None:
         keep = -(-length // self.pool.block_size)
@@ -448,6 +474,8 @@ class KVSeq:
                                      [self.slot(d) for _, d in moves])
             self.length = base + len(keep)
             self._release_beyond(self.length)
+            if self.rec is not None:
+                self.rec.keep(base, keep)
 
     def fork(self, base: int, keep: Sequence[int] = ()) -> KVSeq:
         """A new sequence holding positions [0, base) plus tail entries base + keep[i]. Full
@@ -466,6 +494,8 @@ class KVSeq:
                 pool.incref(blk)
             new.blocks = list(self.blocks[:full])
             new.length = length
+            if self.rec is not None:
+                new.rec = self.rec.fork(base, keep)
             start = full * b
             try:
                 if new.length > start:
@@ -478,14 +508,22 @@ class KVSeq:
             return new
 
     def truncate(self, length: int) -> None:
+        """Drop positions from `length` on. With recurrent state, a length whose state is not
+        held (inside a chunked run) empties the sequence: the caller's next forward rebuilds
+        it from the tokens, exactly, instead of going on from a wrong state."""
         with self.pool.lock:
             self.length = min(self.length, length)
+            if self.rec is not None and not self.rec.truncate(self.length):
+                self.pool.states.rebuilds += 1
+                self.length = 0
             self._release_beyond(self.length)
 
     def free(self) -> None:
         with self.pool.lock:
             self._release_beyond(0)
             self.length = 0
+            if self.rec is not None:
+                self.rec.clear()
 
     def view(self) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor]]:
         """Keys and values of positions [0, length), per storing layer in layer order:

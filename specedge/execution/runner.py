@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from specedge.execution import compiling, flex
+from specedge.execution import compiling, flex, recurrent
 from specedge.execution.attention import Backend, backend_for
 from specedge.execution.graphs import GraphRunner
 from specedge.execution.kvlayout import discover
@@ -32,7 +32,8 @@ from specedge.execution.plan import (
 )
 from specedge.execution.pool import KVPool, KVSeq
 from specedge.execution.qblocks import LADDER, Q_BLOCK, split
-from specedge.execution.support import check_config, check_modules, probe_model
+from specedge.execution.statepool import StatePool
+from specedge.execution.support import check_config, check_modules, check_recurrent, probe_model
 
 ATTN_NAME = "specedge_packed"
 log = structlog.get_logger(__name__)
@@ -112,6 +113,11 @@ class PackedRunner:
             kv_budget_tokens = gpu_share_tokens(model, GPU_DEFAULT_SHARE, block_size)
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
                                              block_size=block_size)
+        # layers with recurrent or convolution state: run by their own code on each row's
+        # path (recurrent.py), their state kept beside the KV (statepool.py)
+        self.recurrent_layers = check_recurrent(model, recurrent.install(model))
+        if self.recurrent_layers and self.pool.states is None:
+            self.pool.states = StatePool(self.recurrent_layers)
         self.forward_calls = 0  # one per forward(); tests assert batching with it
         self.graphs: GraphRunner | None = None  # set after the backend is chosen (below)
         self.attention_calls = 0  # attention-function calls (layers x forwards)
@@ -127,9 +133,13 @@ class PackedRunner:
         # (refused with UnsupportedModel when the packed path is not exact)
         self.layer_attention: dict[int, LayerAttention] = probe_model(self)
         self.mask_kinds: set[MaskKind] = {a.mask for a in self.layer_attention.values()}
-        if cuda_graphs is None:
+        if cuda_graphs is None:  # a graph replays no host-side grouping of stateful rows
             cuda_graphs = (self.device.type == "cuda" and self.attention == "flex"
-                           and self.pool.fixed)
+                           and self.pool.fixed and not self.recurrent_layers)
+        elif cuda_graphs and self.recurrent_layers:
+            log.warning("no CUDA graphs for a model with recurrent layers (their rows are "
+                        "grouped on the host each forward)")
+            cuda_graphs = False
         t0, before = time.perf_counter(), compiling.compiles()
         if cuda_graphs:  # capturing every bucket compiles every rung too
             self.graphs = GraphRunner(self, capture=self.device.type == "cuda")

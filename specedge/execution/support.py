@@ -2,10 +2,11 @@
 
 The packed forward replaces each attention layer through transformers' attention interface
 and keeps one KV cache per layer in the pool. That is exact for any causal LM whose layers are
-all attention layers reaching that interface, whatever their windows, chunks, soft-caps or
-sinks (plan.py, attention.py, flex.py). It cannot be exact for a layer with state of another
-kind (linear attention, convolutions, state-space layers: nothing keeps their state across
-forwards), for attention that never calls the interface (its own mask, ALiBi, ...), or for
+attention layers reaching that interface, whatever their windows, chunks, soft-caps or sinks
+(plan.py, attention.py, flex.py), and layers with recurrent or convolution state that read
+it through transformers' cache calls (gated delta rule, Mamba-2, short convolutions: run on
+each row's path by their own code, recurrent.py). It cannot be exact for a stateful layer of
+another kind, for attention that never calls the interface (its own mask, ALiBi, ...), or for
 attention that depends on a row's place in the packed batch rather than its position. Those
 are refused here, in one line naming the model and the reason, never run:
 
@@ -21,6 +22,7 @@ import structlog
 import torch
 
 from specedge.execution.plan import LayerAttention, MaskKind, Segment
+from specedge.execution.recurrent import RECURRENT_TYPES, STATELESS_TYPES
 from specedge.execution.unsupported import UnsupportedModel, model_name, refuse
 
 log = structlog.get_logger(__name__)
@@ -33,7 +35,8 @@ SPARSE_WHY = ("an indexer picks each query's keys from a key cache of its own (s
 PROBE_PROMPT = 10
 PROBE_CHAIN = 5  # tree nodes on the prompt's own continuation (plus one decoy branch)
 PROBE_ROWS = 3  # the prompt's last rows compared (logits cost a vocabulary-wide matmul each)
-PROBE_FORWARDS = 3  # model forwards the probe runs: two packed, one reference
+PROBE_FORWARDS = 3  # model forwards the probe runs: two packed, one reference (attention)
+PROBE_CONTINUED = 4  # with stateful layers the prompt's last tokens run as a forward of their own
 # |packed - eager| allowed, relative to the largest logit: eager attention takes its softmax
 # in float32 whatever the dtype, and bf16 kernels of different batch shapes differ in the last
 # bits; a wrong mask or position differs by much more
@@ -53,7 +56,7 @@ def check_config(config) -> dict[int, MaskKind]:
     sparse = sorted(set(types) & SPARSE_LAYERS)
     if sparse:
         raise refuse(config, f"its {', '.join(sparse)} layers: {SPARSE_WHY}")
-    other = sorted(set(types) - ATTENTION_LAYERS)
+    other = sorted(set(types) - ATTENTION_LAYERS - RECURRENT_TYPES - STATELESS_TYPES)
     if other:
         raise refuse(config, f"it has {', '.join(other)} layers, whose recurrent or "
                              "convolution state the packed KV cache does not keep")
@@ -109,6 +112,31 @@ def check_modules(model) -> None:
             raise refuse(model.config, f"{type(module).__name__} at {name}: {SPARSE_WHY}")
 
 
+def check_recurrent(model, stateful: list[int]) -> list[int]:
+    """`stateful`: the layers whose modules keep state through the cache calls (recurrent.py);
+    raises UnsupportedModel if a layer the config declares stateful has no such module (its
+    state would be lost between forwards)."""
+    cfg = text_config(model.config)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    lost = sorted({t for i, t in enumerate(types) if t in RECURRENT_TYPES and i not in stateful})
+    if lost:
+        raise refuse(cfg, f"it has {', '.join(lost)} layers, whose recurrent or convolution "
+                          "state is kept outside transformers' cache calls")
+    return stateful
+
+
+def attention_layers(config) -> list[int]:
+    """The layers that call the attention interface: all but recurrent-only and MLP-only
+    layers (by the config's layer types)."""
+    config = text_config(config)
+    n = config.num_hidden_layers
+    types = list(getattr(config, "layer_types", None) or [])
+    if len(types) != n:
+        return list(range(n))
+    return [i for i, t in enumerate(types) if t not in STATELESS_TYPES
+            and t not in RECURRENT_TYPES - {"hybrid"}]
+
+
 def _rope_parameters(config) -> list[dict]:
     """The config's RoPE parameter sets (one, or one per layer type)."""
     rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
@@ -147,16 +175,21 @@ def probe_model(runner) -> dict[int, LayerAttention]:
     """Run the probe through `runner` (see the module doc); each layer's attention as its
     calls asked for it. Raises UnsupportedModel."""
     cfg = runner.model.config
-    n_layers = text_config(cfg).num_hidden_layers
+    expected = attention_layers(cfg)
     ids, decoy = _probe_ids(runner.vocab_size)
     p = PROBE_PROMPT
     runner._seen = seen = []
     counters = runner.forward_calls, runner.attention_calls  # the probe is not the caller's
     seq = runner.new_seq()
     try:
+        if getattr(runner, "recurrent_layers", None):
+            # stateful layers: the prompt's end as a second causal run, which must start from
+            # the state the first one left (a chunked prefill, a catch-up)
+            runner.forward([Segment.chain(seq, ids[: p - PROBE_CONTINUED], logits_at=[])])
         before = runner.attention_calls
-        first = runner.forward([Segment.chain(seq, ids[:p],
-                                              logits_at=list(range(p - PROBE_ROWS, p)))])[0]
+        first = runner.forward([Segment.chain(seq, ids[seq.length : p],
+                                              logits_at=list(range(p - PROBE_ROWS - seq.length,
+                                                                   p - seq.length)))])[0]
         calls = runner.attention_calls - before
         # the rest as a verifier sees it: the root, then a tree of a decoy branch and the
         # prompt's own continuation
@@ -177,13 +210,13 @@ def probe_model(runner) -> dict[int, LayerAttention]:
         runner._seen = None
         runner.forward_calls, runner.attention_calls = counters
         seq.free()
-    if calls != n_layers:
-        raise refuse(cfg, f"{calls} of its {n_layers} layers call transformers' attention "
-                          "interface with the packed batch; the others bypass it")
+    if calls != len(expected):
+        raise refuse(cfg, f"{calls} of its {len(expected)} attention layers call transformers' "
+                          "attention interface with the packed batch; the others bypass it")
     layers = {layer: attn for layer, attn, _, _ in seen}
-    if sorted(layers) != list(range(n_layers)):
+    if sorted(layers) != expected:
         raise refuse(cfg, f"its attention layers report indices {sorted(layers)[:8]}..., not "
-                          f"0..{n_layers - 1}")
+                          f"{expected[:8]}...")
     layout = runner.pool.layout
     for layer, _, kshape, vshape in seen:
         want = layout.shape_of(layer)
@@ -200,8 +233,10 @@ def probe_model(runner) -> dict[int, LayerAttention]:
     err = float((got - want).abs().max())
     tol = TOLERANCE.get(ref.dtype, 1e-3) * (1.0 + float(want.abs().max()))
     if not err <= tol:
-        raise refuse(cfg, f"its packed forward differs from its own attention by {err:.3g} "
-                          f"(tolerance {tol:.3g}): some attention feature is not supported")
+        what = ("attention or recurrent-state" if getattr(runner, "recurrent_layers", None)
+                else "attention")
+        raise refuse(cfg, f"its packed forward differs from its own by {err:.3g} (tolerance "
+                          f"{tol:.3g}): some {what} feature is not supported")
     kinds = sorted({(a.mask, a.softcap is not None, a.sinks is not None)
                     for a in layers.values()}, key=str)
     log.info("model checked against its own attention", model=model_name(cfg),
