@@ -26,6 +26,7 @@ from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
 from specedge.edge.__main__ import EXIT_REFUSED, add_generation_args
 from specedge.edge.limits import LimitError
+from specedge.edge.suffixdraft import is_suffix
 from specedge.execution.support import UnsupportedModel
 from specedge.orphan import tied_to_parent
 
@@ -37,7 +38,8 @@ def parse(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m specedge.demo", description=__doc__)
     p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--draft", default=DEFAULT_DRAFT,
+                   help="draft model, or `suffix`: no model, drafts from suffix matches")
     add_common(p)
     p.set_defaults(log_level=os.environ.get("SPECEDGE_LOG", "warning"))  # the answer is the show
     add_generation_args(p)
@@ -86,8 +88,12 @@ async def amain(a: argparse.Namespace, url: str, verifier: subprocess.Popen) -> 
     loop = asyncio.get_running_loop()
     # Load the draft while the verifier process loads the target. One thread: transformers'
     # lazy imports are not safe to race.
-    tok, draft = await loop.run_in_executor(None, lambda: (
-        load_tokenizer(a.draft), load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)))
+    if is_suffix(a.draft):  # no draft model: the target's tokenizer, suffix drafts
+        tok, draft = await loop.run_in_executor(None, load_tokenizer, a.target), None
+    else:
+        tok, draft = await loop.run_in_executor(None, lambda: (
+            load_tokenizer(a.draft), load_model(a.draft, dtype=DTYPES[a.dtype],
+                                                device=a.device)))
     await wait_verifier(url, verifier)
     if a.api or a.serve:
         return await api_demo(a, url, draft, tok)
@@ -218,7 +224,8 @@ def main(argv=None) -> int:
     from specedge.models import resolve
 
     for ref in (a.target, a.draft):
-        resolve(ref)  # a clear error now rather than inside a child process
+        if not is_suffix(ref):
+            resolve(ref)  # a clear error now rather than inside a child process
     cores = os.cpu_count() or 2
     vthreads = a.verifier_threads or max(1, cores // 2)
     # Separate cores for the verifier and the edge, as the deployment would have.
