@@ -17,6 +17,7 @@ from specedge.cli import DTYPES, add_common, apply_threads, connect_opts, runner
 from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args, shape_from
 from specedge.edge.limits import EdgeLimits, LimitError, Plan, plan
 from specedge.edge.proactive import Mode
+from specedge.edge.suffixdraft import is_suffix
 
 # exit codes of the one-shot edge (a signal: 128 + its number, e.g. 143 for SIGTERM)
 EXIT_USAGE = 2  # bad flags or configuration, no broker given, a model that cannot run exactly
@@ -83,7 +84,9 @@ def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits |
                 own=EdgeLimits(max_prompt_tokens=a.max_prompt_tokens), fleet=limits,
                 draft_positions=getattr(draft_config, "max_position_embeddings", None),
                 draft_vocab=min(rows, token_count) if rows and token_count else rows,
-                clamp_shape=False, prompt_param="--prompt", new_param="--max-new-tokens",
+                # a model-free edge's depth is its own default, not the user's: fitted
+                clamp_shape=is_suffix(a.model), prompt_param="--prompt",
+                new_param="--max-new-tokens",
                 tokenizer=tokenizer, draft_name=f"the draft {a.model}")
 
 
@@ -91,7 +94,12 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
     from specedge.edge.drafter import Drafter
     from specedge.edge.link import connect
     from specedge.edge.session import EdgeSession, SessionParams
-    from specedge.edge.suffixdraft import SuffixConfig, SuffixDrafter, SuffixSource, is_suffix
+    from specedge.edge.suffixdraft import (
+        SUFFIX_DEPTH,
+        SuffixConfig,
+        SuffixDrafter,
+        SuffixSource,
+    )
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
     from specedge.execution import PackedRunner
     from specedge.models import load_model, load_tokenizer
@@ -138,7 +146,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
             prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK,
             give_up_s=getattr(a, "give_up_s", 60.0),
             verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0), tokenizer=fp,
-            suffix=SuffixConfig(min_match=a.suffix_draft))
+            suffix=SuffixConfig(min_match=a.suffix_draft, max_depth=min(
+                SUFFIX_DEPTH, limits.max_depth if limits else SUFFIX_DEPTH)))
         if model_free:
             rows = getattr(draft_config, "vocab_size", None)
             drafter = SuffixDrafter(SuffixSource(), min(rows, count) if rows else count)

@@ -44,7 +44,7 @@ from specedge.edge.proactive import Mode
 from specedge.edge.routes import Routes
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected, speculation
 from specedge.edge.suffix import SuffixStore
-from specedge.edge.suffixdraft import SuffixConfig, SuffixDrafter, SuffixSource
+from specedge.edge.suffixdraft import SUFFIX_DEPTH, SuffixConfig, SuffixDrafter, SuffixSource
 from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
 from specedge.execution.costs import forward_costs, knee
@@ -136,6 +136,7 @@ class GenRequest:
     # response_format and tools (specedge.edge.structured): the grammar and the tool plan
     structure: structured.Structure | None = None
     user: str = ""  # OpenAI's end-user id: the tenant of its suffix-draft history
+    suffix_depth: int = 16  # the deepest suffix-drafted node (the verifiers' max_depth)
 
 
 @dataclass
@@ -247,7 +248,8 @@ class EdgeService:
             log.warning("draft tree clamped to the verifiers' limits", configured=str(cfg.shape),
                         used=str(p.shape))
         req = GenRequest(prompt_ids, p.max_new_tokens, **common, shape=p.shape,
-                         max_budget=p.max_budget)
+                         max_budget=p.max_budget,
+                         suffix_depth=min(SUFFIX_DEPTH, fleet.max_depth if fleet else SUFFIX_DEPTH))
         try:  # the grammar compiled (on a thread, within its time limit) before any session
             await structured.prepare(self.grammars, req.structure, self.eos)
         except structured.RequestError as exc:
@@ -302,7 +304,7 @@ class EdgeService:
             logprobs=req.logprobs, shared_prefix=self.cfg.shared_prefix if req.shared_len else "",
             shared_len=req.shared_len, grammar=req.structure.grammar if req.structure else None,
             constraint=structured.constraint(self.grammars, req.structure, self.eos),
-            suffix=SuffixConfig(min_match=self.cfg.suffix_min_match))
+            suffix=SuffixConfig(min_match=self.cfg.suffix_min_match, max_depth=req.suffix_depth))
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:

@@ -474,26 +474,38 @@ class EdgeSession:
         args = (self.committed, self.shape, self.p.sampling, len(self.p.prompt_ids),
                 self.p.constraint)
         if self.model_free:
-            return SuffixBuilder(self.suffix, *args)
+            shape = self.shape
+            left = max(1, self.p.max_new_tokens - len(self.generated))
+            if shape.depth > left:  # nodes past the token limit would never be committed
+                shape = TreeShape(shape.budget, left, shape.width, shape.topk)
+            return SuffixBuilder(self.suffix, self.committed, shape, *args[2:])
         return TreeBuilder(self.drafter, self.committed, self._model_shape(), *args[2:])
 
+    def _suffix_depth(self) -> int:
+        """How deep suffix branches reach: a copied span may run past the model's depth, but
+        never past the tokens left to generate (nor past the verifiers' depth)."""
+        left = max(1, self.p.max_new_tokens - len(self.generated))
+        return min(max(self.shape.depth, self.p.suffix.max_depth), left)
+
     def _model_shape(self):
-        return model_shape(self.shape, self.suffix, self.p.suffix, self.committed)
+        return model_shape(self.shape, self.suffix, self.p.suffix, self.committed,
+                           self._suffix_depth())
 
     def _merge_suffix(self, tree: DraftTree) -> None:
         """Suffix-match branches into the model's finished tree, up to the round's budget."""
         if self.suffix is None or self.model_free or not self.shape.budget:
             return
-        p = self.suffix.propose(self.committed, self.shape.budget, self.shape.depth)
+        p = self.suffix.propose(self.committed, self.shape.budget, self._suffix_depth())
         if p.match_len >= self.p.suffix.min_match:
             merge(tree, p, self.shape.budget)
 
     async def _finish(self, builder: TreeBuilder | SuffixBuilder) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
+        if self.model_free:  # well under a millisecond a round: no thread hop for it
+            builder.run()
         while not builder.done:
             await self._run_model(builder.step)
-        if self.suffix is not None and not self.model_free:
-            await self._run_model(self._merge_suffix, builder.tree)
+        self._merge_suffix(builder.tree)  # likewise
         return builder.tree, time.perf_counter() - t0
 
     async def run(self) -> SessionResult:

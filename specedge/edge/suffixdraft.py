@@ -33,10 +33,14 @@ def is_suffix(ref: str | None) -> bool:
 class SuffixConfig:
     """How suffix branches join a model's tree. min_match: the shortest match (tokens of the
     context's tail) that adds branches, 0: off; max_share: at most this share of the tree's
-    budget is held back from the model for them (only when a match is that long)."""
+    budget is held back from the model for them (only when a match is that long); max_depth:
+    how deep they may reach."""
 
     min_match: int = 4
     max_share: float = 0.5
+    # the deepest suffix node (a copied span runs past the model's depth; at most the
+    # verifiers' max_depth, which callers pass when they know it)
+    max_depth: int = SUFFIX_DEPTH
 
     @property
     def on(self) -> bool:
@@ -164,13 +168,13 @@ def merge(tree: DraftTree, p: Proposal, budget: int) -> int:
 
 
 def model_shape(shape: TreeShape, source: SuffixSource | None, cfg: SuffixConfig,
-                committed: list[int]) -> TreeShape:
+                committed: list[int], depth: int | None = None) -> TreeShape:
     """The draft model's share of a merged tree: the whole budget unless the context's tail
     matches at least cfg.min_match tokens; then up to cfg.max_share of it is left to the
     suffix branches (as many as they propose)."""
     if source is None or not cfg.on or shape.budget < 2:
         return shape
-    p = source.propose(committed, shape.budget, shape.depth)
+    p = source.propose(committed, shape.budget, depth or shape.depth)
     if p.match_len < cfg.min_match or not p.size:
         return shape
     held = min(p.size, int(shape.budget * cfg.max_share))
