@@ -88,15 +88,16 @@ def type_hints_task(p: dict) -> dict | None:
 
 def load(per_category: int | None = None) -> list[dict]:
     """[{question_id, category, prompt}] with at most per_category edits of each kind, taking
-    HumanEval's problems in order (a problem yields one edit per kind)."""
-    out: list[dict] = []
+    HumanEval's problems in order (a problem yields one edit per kind), the kinds in turn."""
+    kinds: list[list[dict]] = []
     for make in (rename_task, type_hints_task):
-        n = 0
+        tasks = []
         for p in problems():
-            if per_category is not None and n >= per_category:
+            if per_category is not None and len(tasks) >= per_category:
                 break
             task = make(p)
             if task is not None:
-                out.append(task)
-                n += 1
-    return out
+                tasks.append(task)
+        kinds.append(tasks)
+    # interleaved (rename, type_hints, rename, ...): a run taking the first k covers both
+    return [t for group in zip(*kinds, strict=False) for t in group]
