@@ -150,7 +150,8 @@ def run_server_side(a, pair: Pair, runs, vcores, eos, tmp: Path) -> list[dict]:
     return json.loads((tmp / "server.json").read_text())
 
 
-def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
+def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar,
+                  done: list[dict] | None = None) -> list[dict]:
     runner = CoalescingRunner(PackedRunner(draft)) if a.coalesce else PackedRunner(draft)
     base = TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
     stack = Stack(vcores, ["--max-batch", str(a.max_batch)], model=pair.target,
@@ -197,9 +198,18 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
                     "suffix": sum(s["suffix_accepted"] for s in sessions)})
             row["outputs"] = [s["token_ids"] for s in sessions]
             rows.append(row)
+            partial(a, (done or []) + rows)
     finally:
         stack.stop()
     return rows
+
+
+def partial(a, rows: list[dict]) -> None:
+    """The rows so far in DIR/partial.json (a long run cut short still leaves its figures)."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partial.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "outputs"} for r in rows], indent=1))
 
 
 def same_as_ar(rows: list[dict]) -> None:
@@ -240,10 +250,11 @@ def main(argv=None) -> int:
         server_runs = [r for r in runs if r["config"] in SERVER_SIDE]
         if server_runs:
             rows += run_server_side(a, pair, server_runs, vcores, eos, Path(tmp))
+            partial(a, rows)
             bar.update(sum(len(r["jobs"]) for r in server_runs))
         edge_runs = [r for r in runs if r["config"] not in SERVER_SIDE]
         if edge_runs:
-            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar)
+            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar, rows)
     bar.close()
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: (r["temperature"], r["budget"] is not None, r["edges"],
