@@ -172,8 +172,16 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None) 
         print(f"[{len(result.token_ids)} tokens, {s['rounds']} rounds, "
               f"{s['tokens_per_round']:.2f} tokens/round, acceptance {s['acceptance']:.2f}, "
               f"TTFT {s['ttft_s']:.2f}s, ITL p50 {s['itl_s'] * 1000:.0f}ms, "
-              f"wall {s['wall_s']:.1f}s]", file=sys.stderr)
+              f"wall {s['wall_s']:.1f}s{_by_source(s)}]", file=sys.stderr)
     return summary
+
+
+def _by_source(s: dict) -> str:
+    """", accepted: model a, suffix b" when suffix matches drafted anything."""
+    if not s["draft_tokens_by_source"]["suffix"]:
+        return ""
+    by = s["accepted_by_source"]
+    return f", accepted: model {by['model']}, suffix {by['suffix']}"
 
 
 def main(argv=None) -> int:
