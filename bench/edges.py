@@ -13,11 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from schemas import Sampling
 from specedge import broker
-from specedge.config import TreeShape
+from specedge.config import SuffixConfig, TreeShape
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionResult
+from specedge.edge.suffixdraft import SuffixDrafter, SuffixSource
 from specedge.execution import PackedRunner
 
 
@@ -28,15 +29,21 @@ def record(q: dict, r: SessionResult) -> dict:
             "drafted": sum(x.depth for x in r.rounds), "itl": r.itl, "ttft_s": r.ttft_s,
             "hits": sum(bool(x.hit) for x in judged), "judged": len(judged),
             "draft_s": sum(x.draft_s for x in r.rounds),
-            "nodes": sum(x.nodes for x in r.rounds), "token_ids": r.token_ids}
+            "nodes": sum(x.nodes for x in r.rounds), "token_ids": r.token_ids,
+            "suffix_nodes": sum(x.suffix_nodes for x in r.rounds),
+            "suffix_accepted": sum(x.suffix_accepted for x in r.rounds)}
 
 
 async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: list[tuple[dict, list[int]]],
                     edges: int, *, sampling: Sampling, max_new_tokens: int,
                     eos: tuple[int, ...], shape: TreeShape, proactive: Mode, adaptive: bool,
                     rtt_ms: float, seed0: int = 0, progress=None,
-                    logprobs: int = -1) -> list[dict]:
-    """`edges` sessions at a time, each edge taking the next prompt when its session ends."""
+                    logprobs: int = -1, suffix: str = "",
+                    min_match: int = SuffixConfig().min_match) -> list[dict]:
+    """`edges` sessions at a time, each edge taking the next prompt when its session ends.
+    suffix "alone": no draft model, trees from suffix matches (the runner only says the
+    vocabulary); "merged": suffix branches of at least `min_match` join the model's trees.
+    Each session drafts from its own tokens (no history across prompts)."""
     ex = ThreadPoolExecutor(edges, thread_name_prefix="draft")
     nc = await broker.connect(url, "bench-edge")
     js = nc.jetstream()
@@ -49,8 +56,12 @@ async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: lis
             p = SessionParams(prompt_ids=ids, max_new_tokens=max_new_tokens, sampling=sampling,
                               seed=seed0 + i, eos_ids=eos, shape=shape, proactive=proactive,
                               adaptive=adaptive, emulate_rtt_ms=rtt_ms, verdict_timeout_s=120,
-                              logprobs=logprobs)
-            res = await EdgeSession(nc, js, Drafter(runner), ex, p).run()
+                              logprobs=logprobs,
+                              suffix=SuffixConfig(min_match if suffix == "merged" else 0))
+            src = SuffixSource(min_match=1 if suffix == "alone" else max(1, min_match))
+            drafter = (SuffixDrafter(src, runner.vocab_size) if suffix == "alone"
+                       else Drafter(runner))
+            res = await EdgeSession(nc, js, drafter, ex, p, suffix=src if suffix else None).run()
             out.append((i, record(q, res)))
             if progress:
                 progress.update()

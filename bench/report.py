@@ -83,7 +83,8 @@ def _fmt(v) -> str:
 
 def table(rows: list[dict]) -> str:
     cols = ["config", "edges", "temperature", "budget", "tokens", "server_tokens_per_busy_s",
-            "server_tokens_per_wall_s", "tokens_per_round", "acceptance", "itl_p50_s",
+            "server_tokens_per_wall_s", "tokens_per_round", "acceptance", "draft_s_per_token",
+            "itl_p50_s",
             "itl_p90_s", "itl_p99_s", "ttft_p50_s", "cost_per_mtok_usd", "proactive_hit_rate",
             "server_idle_fraction", "batch_fill"]
     out = ["| " + " | ".join(cols) + " | x ar (busy tput) | x server-spec (busy tput) | "

@@ -108,7 +108,8 @@ class DraftTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     guess: str = ""  # the previous round's proactive guess: hit | miss | off ("" if none)
 
 
-class DraftBlock(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields=True):
+class DraftBlock(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields=True,
+                 omit_defaults=True):
     """One round's draft tree. Node i (1-based) carries tokens[i-1] and hangs off
     parents[i-1] (0 = the root, otherwise an earlier node)."""
 
@@ -121,6 +122,9 @@ class DraftBlock(msgspec.Struct, tag="draft", frozen=True, forbid_unknown_fields
     digest: bytes = b""  # digest_ids(C)
     t: float = 0.0
     timings: DraftTimings = DraftTimings()
+    # packed int32 nodes a suffix match proposed rather than the draft model (per-source
+    # acceptance in the replay); the verifier judges every node alike
+    suffix: bytes = b""
 
 
 class VerifyTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -120,3 +120,39 @@ class AdaptiveBudget:
     lo: int = 1
     hi: int = 16
     enabled: bool = True
+
+
+# -- suffix drafts (specedge/edge/suffixdraft.py): the names the flags need, importable
+# without the model code
+
+SUFFIX = "suffix"  # the draft "model" name of a model-free edge
+SUFFIX_DEPTH = 16  # a model-free edge's deepest node by default (the verifiers' max_depth)
+
+
+def is_suffix(ref: str | None) -> bool:
+    return ref == SUFFIX
+
+
+@dataclass(frozen=True)
+class SuffixConfig:
+    """How suffix branches join a model's tree. min_match: the shortest match (tokens of the
+    context's tail) that adds branches, 0: off; max_share: at most this share of the tree's
+    budget is held back from the model for them (only when a match is that long); max_depth:
+    how deep they may reach."""
+
+    min_match: int = 4
+    max_share: float = 0.5
+    # the deepest suffix node (a copied span runs past the model's depth; at most the
+    # verifiers' max_depth, which callers pass when they know it)
+    max_depth: int = SUFFIX_DEPTH
+
+    @property
+    def on(self) -> bool:
+        return self.min_match > 0
+
+
+def suffix_shape(shape: TreeShape, max_budget: int) -> TreeShape:
+    """A model-free edge's shape: as deep as its budget allows (a copied span is a chain; the
+    verifiers' default max_depth is 16), width and topk do not apply."""
+    return TreeShape(shape.budget, max(shape.depth, min(SUFFIX_DEPTH, max_budget)),
+                     shape.width, shape.topk).check()

@@ -37,7 +37,7 @@ import structlog
 # come after it, so that both processes' imports run side by side (see main).
 from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import DTYPES, add_common
-from specedge.config import TreeShape
+from specedge.config import TreeShape, is_suffix
 from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args
 from specedge.orphan import tied_to_parent
 
@@ -49,7 +49,8 @@ def parse(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m specedge.demo", description=__doc__)
     p.add_argument("--target", default=DEFAULT_TARGET)
-    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--draft", default=DEFAULT_DRAFT,
+                   help="draft model, or `suffix`: no model, drafts from suffix matches")
     add_common(p)
     # None: the answer is the show, the logs go to files (configure_logs)
     p.set_defaults(log_level=os.environ.get("SPECEDGE_LOG"))
@@ -128,12 +129,15 @@ async def answer(a: argparse.Namespace, url: str, verifier: subprocess.Popen) ->
 
 def load_draft(a: argparse.Namespace) -> tuple:
     """The draft's tokenizer, model and PackedRunner (whose construction checks the model
-    against its own attention: a second of forwards, done here before the verifier is up)."""
+    against its own attention: a second of forwards, done here before the verifier is up);
+    the target's tokenizer and no model for suffix drafts."""
     from specedge.cli import runner_opts
     from specedge.execution import PackedRunner
     from specedge.models import load_model, load_tokenizer
     from specedge.vocab import token_count
 
+    if is_suffix(a.draft):  # no draft model: the target's tokenizer, suffix drafts
+        return load_tokenizer(a.target), None, None
     tok = load_tokenizer(a.draft)
     draft = load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)
     runner = None
@@ -389,7 +393,8 @@ def main(argv=None) -> int:
     from specedge.models import pick_dtype, resolve
 
     for ref in (a.target, a.draft):
-        resolve(ref)  # a clear error now rather than inside a child process
+        if not is_suffix(ref):
+            resolve(ref)  # a clear error now rather than inside a child process
     cores = os.cpu_count() or 2
     vthreads, ethreads = threads(cores, a.verifier_threads, a.threads)
     import torch

@@ -231,6 +231,15 @@ class EdgeMetrics:
                                      "sibling choice's) or computed", ["source"], registry=r)
         for source in ("cached", "computed"):
             self.prompt_tokens.labels(source)
+        self.draft_tokens = Counter(p + "draft_tokens", "Draft tree nodes sent, by who proposed "
+                                    "them: the draft model or a suffix match", ["source"],
+                                    registry=r)
+        self.accepted_tokens = Counter(p + "accepted_tokens", "Draft tokens the target "
+                                       "accepted, by who proposed them: the draft model or a "
+                                       "suffix match", ["source"], registry=r)
+        for source in ("model", "suffix"):
+            self.draft_tokens.labels(source)
+            self.accepted_tokens.labels(source)
         for outcome in ("hit", "miss"):
             self.proactive.labels(outcome)
         self._guesses = {True: 0, False: 0}
@@ -255,6 +264,10 @@ class EdgeMetrics:
             self.tokens_per_round.observe(r.committed)
             self.round_trip.observe(r.wait_s)
             self.draft_seconds.observe(r.draft_s)
+            self.draft_tokens.labels("model").inc(r.nodes - r.suffix_nodes)
+            self.draft_tokens.labels("suffix").inc(r.suffix_nodes)
+            self.accepted_tokens.labels("model").inc(r.accepted - r.suffix_accepted)
+            self.accepted_tokens.labels("suffix").inc(r.suffix_accepted)
             if r.hit is not None:
                 self.proactive.labels("hit" if r.hit else "miss").inc()
                 self._guesses[r.hit] += 1

@@ -63,6 +63,9 @@ class RoundView:
     # round, a rebuild that found more), instead of computing them (Verdict.cached_tokens)
     cached_tokens: int = 0
     dtype: str = ""  # the target's number format on the worker that judged it ("" unknown)
+    # of nodes and accepted, those a suffix match proposed rather than the draft model
+    suffix_nodes: int = 0
+    suffix_accepted: int = 0
 
 
 @dataclass
@@ -95,7 +98,19 @@ class SessionView:
     @property
     def speculation(self) -> dict:
         """The figures the API returns beside usage, from the log alone."""
-        return speculation([(r.nodes, r.depth, r.accepted, len(r.tokens)) for r in self.rounds])
+        return speculation([(r.nodes, r.depth, r.accepted, len(r.tokens), r.suffix_nodes,
+                             r.suffix_accepted) for r in self.rounds])
+
+
+def _suffix_nodes(d: DraftBlock | None, n: int) -> set[int]:
+    """The nodes a block marks as suffix-drafted (a malformed field or an id outside the
+    tree marks nothing: the log is read, not trusted)."""
+    if d is None:
+        return set()
+    try:
+        return {i for i in unpack_ids(d.suffix) if 0 < i <= n}
+    except ValueError:
+        return set()
 
 
 def view(slog: SessionLog, now: float | None = None) -> SessionView:
@@ -110,6 +125,8 @@ def view(slog: SessionLog, now: float | None = None) -> SessionView:
         toks = unpack_ids(v.tokens)
         acc = unpack_ids(v.accepted)
         cut = len(toks) < len(acc) + 1
+        # nodes the edge marked as suffix-drafted (ids outside the tree are ignored)
+        suffix = _suffix_nodes(d, len(parents))
         rounds.append(RoundView(
             round=v.round, nodes=len(parents), depth=max(validate_parents(parents), default=0),
             accepted=len(acc), next_token=v.next_token,
@@ -120,7 +137,8 @@ def view(slog: SessionLog, now: float | None = None) -> SessionView:
             in_flight_s=(v.t - d.t) if d else 0.0, queued_s=v.timings.queued_s,
             verify_s=v.timings.verify_s, batch_size=v.timings.batch_size,
             kv_hit=v.timings.kv_hit, worker=v.worker, t_draft=d.t if d else 0.0,
-            t_verdict=v.t, cached_tokens=v.cached_tokens, dtype=v.dtype))
+            t_verdict=v.t, cached_tokens=v.cached_tokens, dtype=v.dtype,
+            suffix_nodes=len(suffix), suffix_accepted=sum(i in suffix for i in acc)))
     now = now or time.time()
     last = max([o.t] + [r.t_verdict for r in rounds])
     if slog.closed is not None or (rounds and slog.verdicts()[-1].finished):
@@ -326,6 +344,11 @@ def print_session(sv: SessionView, tokenizer, out=sys.stdout) -> None:
     print(f"\n{sv.tokens} tokens in {sp['rounds']} rounds: {sp['tokens_per_round']:.2f} "
           f"tokens/round, {sp['accepted_tokens']} of {sp['draft_tokens']} drafted tokens "
           f"accepted, acceptance {sp['acceptance']:.3f}", file=out)
+    by = sp["accepted_by_source"]
+    if sp["draft_tokens_by_source"]["suffix"]:
+        print(f"accepted by source: draft model {by['model']} of "
+              f"{sp['draft_tokens_by_source']['model']}, suffix match {by['suffix']} of "
+              f"{sp['draft_tokens_by_source']['suffix']}", file=out)
 
 
 async def amain(a: argparse.Namespace) -> int:

@@ -11,8 +11,16 @@ import torch
 from scipy.stats import chisquare
 
 from schemas import Sampling
-from specedge.config import TreeShape
+from specedge.config import SuffixConfig, TreeShape
 from specedge.edge.drafter import Drafter, TreeBuilder
+from specedge.edge.suffix import SuffixStore
+from specedge.edge.suffixdraft import (
+    SuffixBuilder,
+    SuffixSource,
+    accepted_by_source,
+    merge,
+    model_shape,
+)
 from specedge.execution import PackedRunner
 from specedge.execution.sampling import probs
 from specedge.execution.walk import WalkResult, commit
@@ -24,6 +32,10 @@ from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
 
 V = 8
+# a tenant's history for suffix drafts: every short context has continuations, by counts
+SUFFIX_HISTORY = SuffixStore()
+SUFFIX_HISTORY.add("t", np.random.default_rng(5).integers(0, V, 400).tolist())
+MERGE = SuffixConfig(min_match=1)
 S = Sampling(temperature=1.0, top_p=0.9, top_k=0)
 PROMPT = [1, 5, 2]
 TRIALS = 2000
@@ -43,10 +55,14 @@ def target_joint(target, s: Sampling = S) -> np.ndarray:
 
 
 def run_trials(target, draft, s: Sampling = S, *, trials: int = TRIALS, eng: Engine | None = None,
-               eos: frozenset[int] = frozenset(), grammar=None, constraint=None) -> np.ndarray:
+               eos: frozenset[int] = frozenset(), grammar=None, constraint=None,
+               suffix: str = "", stats: dict | None = None) -> np.ndarray:
     """Counts of the first two generated tokens over `trials` seeds, each session run round by
     round through the verifier engine and the edge drafter. With a grammar: `constraint()`
-    gives each session's edge matcher (the engine's own `grammars` masks the target)."""
+    gives each session's edge matcher (the engine's own `grammars` masks the target). suffix
+    "alone": trees from suffix matches only (no draft probabilities at all); "merged": suffix
+    branches added to the draft's trees (specedge.edge.suffixdraft, as a session does); the
+    suffix nodes sent and accepted are added up in `stats`."""
     eng = eng or Engine(target)
     drunner = PackedRunner(draft)
     counts = np.zeros((V, V))
@@ -56,13 +72,25 @@ def run_trials(target, draft, s: Sampling = S, *, trials: int = TRIALS, eng: Eng
         c = constraint() if constraint else None
         dr = Drafter(drunner)
         dr.catch_up(st.committed[:-1])
+        src = SuffixSource(SUFFIX_HISTORY, "t") if suffix else None
         while not st.finished:
-            tree = TreeBuilder(dr, st.committed, shape, s, len(PROMPT), c).run()
+            if suffix == "alone":
+                tree = SuffixBuilder(src, st.committed, shape).run()
+            else:
+                tree = TreeBuilder(dr, st.committed, model_shape(shape, src, MERGE, st.committed)
+                                   if src else shape, s, len(PROMPT), c).run()
+                if src:
+                    merge(tree, src.propose(st.committed, shape.budget, shape.depth),
+                          shape.budget)
             blk = CheckedBlock(st.round, tree.tokens, tree.parents, tree.depths)
             (out,) = eng.verify([(st, blk)])
             new = [tree.tokens[i - 1] for i in out.walk.accepted] + [out.walk.next_token]
             toks, st.finished = commit(new, st.generated, 2, eos)
             dr.rollback(tree, out.walk.accepted)
+            if stats is not None:
+                stats["nodes"] = stats.get("nodes", 0) + len(tree.suffix)
+                stats["accepted"] = stats.get("accepted", 0) + accepted_by_source(
+                    tree, out.walk.accepted)
             st.committed += toks
             st.round += 1
         counts[st.committed[3], st.committed[4]] += 1
@@ -102,6 +130,19 @@ def test_sampled_output_follows_target_distribution(pair):
     counts = run_trials(target, draft)
     p = chi2_p(counts, target_joint(target))
     assert p > 1e-3, f"chi-square p={p:.2e}: generated tokens do not follow the target"
+
+
+@pytest.mark.parametrize("suffix", ["alone", "merged"])
+def test_suffix_drafted_output_follows_target_distribution(pair, suffix):
+    """Suffix nodes carry no draft probability: the token-match rule judges them as a
+    deterministic proposal (a point mass), and the law stays the target's."""
+    target, draft = pair
+    stats: dict = {}
+    trials = TRIALS * 2 // 5  # the law of the same joint; fewer draws keep the suite short
+    counts = run_trials(target, draft, suffix=suffix, stats=stats, trials=trials)
+    p = chi2_p(counts, target_joint(target))
+    assert p > 1e-3, f"chi-square p={p:.2e}: generated tokens do not follow the target"
+    assert stats["nodes"] > trials and stats["accepted"] > trials // 10, stats
 
 
 @pytest.mark.cuda

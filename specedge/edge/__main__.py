@@ -14,6 +14,7 @@ import structlog
 from schemas import Sampling
 from specedge import broker, fleet, lifecycle, logs, settings, subjects
 from specedge.cli import add_common, apply_threads, connect_opts, runner_opts
+from specedge.config import is_suffix
 from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args, shape_from
 from specedge.edge.limits import EdgeLimits, LimitError, Plan, plan
 from specedge.edge.proactive import Mode
@@ -31,7 +32,9 @@ def parse(argv=None) -> argparse.Namespace:
     from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
     p = argparse.ArgumentParser(prog="python -m specedge.edge", description=__doc__)
-    p.add_argument("--model", default=DEFAULT_DRAFT, help="draft model: cache name, dir or hub id")
+    p.add_argument("--model", default=DEFAULT_DRAFT,
+                   help="draft model: cache name, dir or hub id; `suffix`: no model, drafts "
+                        "from suffix matches (the target's tokenizer, no torch device)")
     p.add_argument("--target", default=DEFAULT_TARGET, help="target model name (for the record)")
     add_common(p)
     add_generation_args(p)
@@ -47,6 +50,22 @@ def model_config(ref: str):
     return config_of(ref)
 
 
+def generation_config(ref: str):
+    """A model's generation config without its weights (its stop tokens), or None."""
+    from specedge import synthetic
+
+    if synthetic.is_synthetic(ref):
+        return None
+    try:
+        from transformers import GenerationConfig
+
+        from specedge.models import resolve
+
+        return GenerationConfig.from_pretrained(resolve(ref))
+    except (OSError, ValueError):  # none shipped: the tokenizer's and config's stop tokens
+        return None
+
+
 def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits | None,
           draft_config, tokenizer: str = "", token_count: int | None = None) -> Plan:
     """The session this edge may run, or LimitError: what the fleet would refuse is refused
@@ -58,7 +77,9 @@ def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits |
                 own=EdgeLimits(max_prompt_tokens=a.max_prompt_tokens), fleet=limits,
                 draft_positions=getattr(draft_config, "max_position_embeddings", None),
                 draft_vocab=min(rows, token_count) if rows and token_count else rows,
-                clamp_shape=False, prompt_param="--prompt", new_param="--max-new-tokens",
+                # a model-free edge's depth is its own default, not the user's: fitted
+                clamp_shape=is_suffix(a.model), prompt_param="--prompt",
+                new_param="--max-new-tokens",
                 tokenizer=tokenizer, draft_name=f"the draft {a.model}")
 
 
@@ -66,16 +87,21 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
                    runner=None) -> dict:
     """One session, streamed. `runner`: the draft's PackedRunner, built (and its model checked)
     beforehand; the demo builds it while the verifier loads, and reuses it."""
+    from specedge.config import SUFFIX_DEPTH, SuffixConfig
     from specedge.edge.drafter import Drafter
     from specedge.edge.link import connect
     from specedge.edge.session import EdgeSession, SessionParams
+    from specedge.edge.suffixdraft import SuffixDrafter, SuffixSource
     from specedge.edge.text import Detokenizer, eos_ids, prompt_ids
     from specedge.execution import PackedRunner
     from specedge.models import load_model, load_tokenizer
     from specedge.vocab import fingerprint, token_count
 
     log = structlog.get_logger("specedge.edge")
-    tokenizer = tokenizer or load_tokenizer(a.model)
+    # no draft model: the target's tokenizer and config (no weights) say what to send
+    model_free = is_suffix(a.model)
+    ref = a.target if model_free else a.model
+    tokenizer = tokenizer or load_tokenizer(ref)
     ids = prompt_ids(tokenizer, a.prompt, a.chat)
     detok = Detokenizer(tokenizer)
 
@@ -90,27 +116,40 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
     ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
     try:
         # its config is enough to refuse; load the weights only if admitted
-        draft_config = model_config(a.model) if draft is None else draft.config
+        draft_config = model_config(ref) if draft is None else draft.config
         limits = await fleet.fetch(nc)
         fp, count = fingerprint(tokenizer), token_count(tokenizer)
         p = admit(a, len(ids), limits, draft_config, fp, count)
         if limits is None:
             log.warning("no verifier answered the limits query; checked against this edge's own "
                         "limits only", prompt_tokens=len(ids))
-        draft = draft or load_model(a.model, dtype=a.dtype, device=a.device)
+        if model_free:
+            gen_config = generation_config(ref)
+        else:
+            draft = draft or load_model(a.model, dtype=a.dtype, device=a.device)
+            gen_config = getattr(draft, "generation_config", None)
         params = SessionParams(
             prompt_ids=ids, max_new_tokens=p.max_new_tokens,
             sampling=Sampling(a.temperature, a.top_p, a.top_k), seed=a.seed,
-            eos_ids=eos_ids(tokenizer, draft.config, getattr(draft, "generation_config", None)),
+            eos_ids=eos_ids(tokenizer, draft_config, gen_config),
             shape=p.shape, target_name=a.target, draft_name=a.model,
             proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
             adaptive=a.adaptive, max_budget=p.max_budget,
             prefill_chunk=a.prefill_chunk or LONE_PREFILL_CHUNK,
             give_up_s=getattr(a, "give_up_s", 60.0),
-            verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0), tokenizer=fp)
-        drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
+            verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0), tokenizer=fp,
+            suffix=SuffixConfig(min_match=a.suffix_draft, max_depth=min(
+                SUFFIX_DEPTH, limits.max_depth if limits else SUFFIX_DEPTH)))
+        if model_free:
+            rows = getattr(draft_config, "vocab_size", None)
+            drafter = SuffixDrafter(SuffixSource(), min(rows, count) if rows else count)
+            suffix = None
+        else:
+            drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
+            suffix = SuffixSource(min_match=a.suffix_draft) if a.suffix_draft else None
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
-                              on_tokens=stream, sid=subjects.new_session_id(edge))
+                              on_tokens=stream, sid=subjects.new_session_id(edge),
+                              suffix=suffix)
         result = await session.run()
     finally:
         ex.shutdown(wait=False)
@@ -125,8 +164,16 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
         print(f"[{len(result.token_ids)} tokens, {s['rounds']} rounds, "
               f"{s['tokens_per_round']:.2f} tokens/round, acceptance {s['acceptance']:.2f}, "
               f"TTFT {s['ttft_s']:.2f}s, ITL p50 {s['itl_s'] * 1000:.0f}ms, "
-              f"wall {s['wall_s']:.1f}s]", file=sys.stderr)
+              f"wall {s['wall_s']:.1f}s{_by_source(s)}]", file=sys.stderr)
     return summary
+
+
+def _by_source(s: dict) -> str:
+    """", accepted: model a, suffix b" when suffix matches drafted anything."""
+    if not s["draft_tokens_by_source"]["suffix"]:
+        return ""
+    by = s["accepted_by_source"]
+    return f", accepted: model {by['model']}, suffix {by['suffix']}"
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from schemas import Sampling
 from specedge import metrics, subjects
-from specedge.config import TreeShape
+from specedge.config import SUFFIX_DEPTH, SuffixConfig, TreeShape
 from specedge.edge import structured, tools
 from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
@@ -44,6 +44,8 @@ from specedge.edge.link import BrokerUnreachable, Link
 from specedge.edge.proactive import Mode
 from specedge.edge.routes import Routes
 from specedge.edge.session import EdgeSession, SessionParams, SessionRejected, speculation
+from specedge.edge.suffix import SuffixStore
+from specedge.edge.suffixdraft import SuffixDrafter, SuffixSource
 from specedge.edge.text import Detokenizer, eos_ids
 from specedge.execution import PackedRunner
 from specedge.execution.costs import forward_costs, knee
@@ -95,6 +97,10 @@ class ServeConfig:
     # a name the verifiers share (their --shared-prefix): a chat's leading system message is
     # cached under it for every tenant that uses the same one; "": this edge's own cache only
     shared_prefix: str = ""
+    # suffix drafts (specedge.edge.suffixdraft): with a draft model, the shortest match that
+    # adds branches to its trees (0: off); the history kept per tenant for them (tokens)
+    suffix_min_match: int = 4
+    suffix_history_tokens: int = 65536
 
 
 class ApiError(Exception):
@@ -130,6 +136,8 @@ class GenRequest:
     shared_len: int = 0  # prompt tokens cached under ServeConfig.shared_prefix
     # response_format and tools (specedge.edge.structured): the grammar and the tool plan
     structure: structured.Structure | None = None
+    user: str = ""  # OpenAI's end-user id: the tenant of its suffix-draft history
+    suffix_depth: int = 16  # the deepest suffix-drafted node (the verifiers' max_depth)
 
 
 @dataclass
@@ -138,8 +146,9 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     session_id: str
-    # the session's rounds as (nodes, depth, accepted, committed), for its speculation figures
-    rounds: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # the session's rounds as (nodes, depth, accepted, committed, suffix_nodes,
+    # suffix_accepted), for its speculation figures
+    rounds: list[tuple[int, ...]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens the verifier served from its prefix cache
 
 
@@ -160,19 +169,34 @@ class EdgeService:
     tokenizer, the metrics and the concurrency limit."""
 
     def __init__(self, nc, draft_model, tokenizer, cfg: ServeConfig,
-                 edge_metrics: metrics.EdgeMetrics | None = None, fleet: FleetView | None = None):
+                 edge_metrics: metrics.EdgeMetrics | None = None, fleet: FleetView | None = None,
+                 model_config=None, generation_config=None):
+        """draft_model None: a model-free edge (suffix drafts only); `model_config` and
+        `generation_config` (the target's, no weights) then give its positions, vocabulary
+        and stop tokens."""
         self.nc, self.js = nc, nc.jetstream()
         self.link = Link.of(nc)  # shared by every request's session on this connection
         self.fleet = fleet  # the verifiers' limits (None: this edge's own limits only)
-        self.draft_positions = getattr(draft_model.config, "max_position_embeddings", None)
+        self.model_free = draft_model is None
+        config = model_config if self.model_free else draft_model.config
+        self.draft_positions = getattr(config, "max_position_embeddings", None)
         self.tok, self.cfg = tokenizer, cfg
         self.tokenizer_id = fingerprint(tokenizer)  # checked against the fleet's targets
-        # concurrent requests draft in their own threads; coinciding draft forwards are
-        # packed into one (about the cost of one on this hardware)
-        self.runner = CoalescingRunner(PackedRunner(draft_model, attention=cfg.attention,
-                                                    cuda_graphs=cfg.cuda_graphs,
-                                                    vocab_limit=token_count(tokenizer)))
-        self.vocab_size = self.runner.vocab_size
+        # per tenant, the sequences served: what later requests' suffix drafts match against
+        self.suffixes = SuffixStore(cfg.suffix_history_tokens)
+        self.runner: CoalescingRunner | None = None
+        if self.model_free:
+            rows = getattr(config, "vocab_size", None)
+            count = token_count(tokenizer)
+            self.vocab_size = min(rows, count) if rows else count
+            cfg.prefill_chunk = cfg.prefill_chunk or MIN_PREFILL_CHUNK  # nothing to prefill
+        else:
+            # concurrent requests draft in their own threads; coinciding draft forwards are
+            # packed into one (about the cost of one on this hardware)
+            self.runner = CoalescingRunner(PackedRunner(draft_model, attention=cfg.attention,
+                                                        cuda_graphs=cfg.cuda_graphs,
+                                                        vocab_limit=token_count(tokenizer)))
+            self.vocab_size = self.runner.vocab_size
         if not cfg.prefill_chunk:
             costs = forward_costs(self.runner.runner, stop_ratio=2.0)
             cfg.prefill_chunk = max(MIN_PREFILL_CHUNK, knee(costs))
@@ -180,12 +204,15 @@ class EdgeService:
                      costs_ms={n: round(c * 1000, 1) for n, c in costs.items()})
         self.executor = ThreadPoolExecutor(cfg.max_sessions, thread_name_prefix="draft")
         self.grammars = Grammars(tokenizer, self.vocab_size)  # compiled once per schema
-        self.eos = eos_ids(tokenizer, draft_model.config,
+        self.eos = eos_ids(tokenizer, config, generation_config if self.model_free else
                            getattr(draft_model, "generation_config", None))
-        pool = self.runner.pool
-        if cfg.draft_cache_tokens:
-            pool.enable_cache(-(-cfg.draft_cache_tokens // pool.block_size))
-        self.routes = Routes(pool.block_size)
+        if self.runner is not None:
+            pool = self.runner.pool
+            if cfg.draft_cache_tokens:
+                pool.enable_cache(-(-cfg.draft_cache_tokens // pool.block_size))
+            self.routes = Routes(pool.block_size)
+        else:
+            self.routes = Routes()
         self.metrics = edge_metrics or metrics.EdgeMetrics()
         metrics.set_dtype(self.metrics.model_dtype, draft_model.dtype)
         self.slots = asyncio.Semaphore(cfg.max_sessions)
@@ -223,7 +250,8 @@ class EdgeService:
             log.warning("draft tree clamped to the verifiers' limits", configured=str(cfg.shape),
                         used=str(p.shape))
         req = GenRequest(prompt_ids, p.max_new_tokens, **common, shape=p.shape,
-                         max_budget=p.max_budget)
+                         max_budget=p.max_budget,
+                         suffix_depth=min(SUFFIX_DEPTH, fleet.max_depth if fleet else SUFFIX_DEPTH))
         try:  # the grammar compiled (on a thread, within its time limit) before any session
             await structured.prepare(self.grammars, req.structure, self.eos)
         except structured.RequestError as exc:
@@ -243,6 +271,11 @@ class EdgeService:
         head = list(head["input_ids"] if isinstance(head, dict) or hasattr(head, "input_ids")
                     else head)
         return len(head) if ids[: len(head)] == head else 0
+
+    def tenant(self, req: GenRequest) -> str:
+        """Whose history a request's suffix drafts may read: this edge's credentials and the
+        request's `user` (distinct users of one edge never see each other's sequences)."""
+        return f"{self.cfg.edge_name}\x00{req.user}"
 
     def session_id(self, prompt_ids: list[int]) -> str:
         """A new session id, in the partition of the session that last covered the longest
@@ -272,7 +305,8 @@ class EdgeService:
             prefill_chunk=self.cfg.prefill_chunk, tokenizer=self.tokenizer_id,
             logprobs=req.logprobs, shared_prefix=self.cfg.shared_prefix if req.shared_len else "",
             shared_len=req.shared_len, grammar=req.structure.grammar if req.structure else None,
-            constraint=structured.constraint(self.grammars, req.structure, self.eos))
+            constraint=structured.constraint(self.grammars, req.structure, self.eos),
+            suffix=SuffixConfig(min_match=self.cfg.suffix_min_match, max_depth=req.suffix_depth))
         arrivals: asyncio.Queue = asyncio.Queue()
 
         def on_tokens(toks: list[int]) -> None:
@@ -282,8 +316,12 @@ class EdgeService:
 
         async with self.slots:
             self.metrics.active.inc()
-            session = EdgeSession(self.nc, self.js, Drafter(self.runner), self.executor, params,
-                                  on_tokens=on_tokens, sid=sid, link=self.link)
+            source = SuffixSource(self.suffixes, self.tenant(req),
+                                  1 if self.model_free else max(1, self.cfg.suffix_min_match))
+            drafter = (SuffixDrafter(source, self.vocab_size) if self.model_free
+                       else Drafter(self.runner))
+            session = EdgeSession(self.nc, self.js, drafter, self.executor, params,
+                                  on_tokens=on_tokens, sid=sid, link=self.link, suffix=source)
             task = asyncio.create_task(session.run())
             task.add_done_callback(lambda _: arrivals.put_nowait(_DONE))
             detok = Detokenizer(self.tok)
@@ -302,8 +340,8 @@ class EdgeService:
 
             def finish(reason: str) -> Finish:
                 return Finish(reason, len(req.prompt_ids), n_tokens, sid,
-                              [(r.nodes, r.depth, r.accepted, r.committed)
-                               for r in session.rounds],
+                              [(r.nodes, r.depth, r.accepted, r.committed, r.suffix_nodes,
+                                r.suffix_accepted) for r in session.rounds],
                               sum(r.cached_tokens for r in session.rounds))
 
             outcome = "cancelled"  # unless it ends otherwise: the client went away
@@ -516,8 +554,12 @@ def _parse_common(body: dict, cfg: ServeConfig, vocab_size: int, chat: bool) -> 
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true",
                        param="stream_options")
     include_usage = bool(_get(so, "include_usage", (bool,), False))
+    user = _get(body, "user", (str,), "")
+    if len(user) > 256:
+        raise ApiError(400, "'user' must be at most 256 characters", param="user")
     return dict(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop, stream=stream,
-                include_usage=include_usage, logprobs=logprobs, n=n, structure=structure)
+                include_usage=include_usage, logprobs=logprobs, n=n, structure=structure,
+                user=user)
 
 
 def _chat_prompt(body: dict, tok, structure: structured.Structure | None = None) -> list[int]:

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from specedge import subjects
-from specedge.config import TreeShape
+from specedge.config import SUFFIX, SuffixConfig, TreeShape, is_suffix, suffix_shape
 
 # specedge.edge.proactive.Mode's values (a test keeps them equal): that module pulls in the
 # model code, and the demo parses these flags before it starts its verifier, whose own imports
@@ -63,6 +63,13 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="the longest wait for a verdict before the edge looks for it in the "
                         "stream and re-publishes its block (the wait is 5 measured round "
                         "times, at least 3 s; this long for the first round)")
+    p.add_argument("--suffix-draft", type=suffix_min_match, default=SuffixConfig().min_match,
+                   metavar="N|off",
+                   help="with a draft model: add branches continuing the longest match of the "
+                        "context's tail in the prompt, the answer so far and this tenant's "
+                        "earlier requests when it is at least N tokens long, under the same "
+                        "tree budget (default %(default)s; off or 0: the model's tree alone). "
+                        f"`--model {SUFFIX}` drafts from such matches alone, with no model")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per draft forward while prefilling: other sessions "
                         "sharing the draft model wait at most one such forward, and a "
@@ -71,7 +78,30 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         f"{LONE_PREFILL_CHUNK})")
 
 
+def suffix_min_match(value: str) -> int:
+    """--suffix-draft: a match length, or off."""
+    if value.strip().lower() in ("off", "no", "false"):
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a match length or off, got {value!r}") \
+            from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a match length is >= 0 (0: off), got {n}")
+    return n
+
+
+def draft_ref(a: argparse.Namespace) -> str:
+    """The draft model flag's value (--model; the demo's --draft)."""
+    return getattr(a, "model", None) or getattr(a, "draft", "")
+
+
 def shape_from(a: argparse.Namespace) -> TreeShape:
     if a.chain:
-        return TreeShape.chain(a.chain)
-    return TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
+        shape = TreeShape.chain(a.chain)
+    else:
+        shape = TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
+    if is_suffix(draft_ref(a)):  # no model: a copied span is a chain, as deep as allowed
+        return suffix_shape(shape, a.max_tree_budget)
+    return shape

@@ -35,6 +35,9 @@ class DraftTree:
     prompt_len: int = 0
     # structured output: the session's grammar state (synced to C before each use)
     constraint: Constraint | None = None
+    # nodes a suffix match proposed (specedge.edge.suffixdraft), not the draft model: they have
+    # no draft KV and come after every model node, so `forwarded` is unaffected
+    suffix: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:

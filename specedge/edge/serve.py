@@ -16,6 +16,7 @@ import structlog
 
 from specedge import broker, lifecycle, logs, settings, subjects
 from specedge.cli import add_common, apply_threads, connect_opts
+from specedge.config import is_suffix
 from specedge.edge.args import add_generation_args, shape_from
 from specedge.edge.proactive import Mode
 
@@ -23,14 +24,16 @@ log = structlog.get_logger("specedge.edge.serve")
 
 SERVE_ONLY = frozenset({"host", "port", "served_model_name", "max_sessions", "max_n",
                         "draft_cache_tokens", "shared_prefix", "max_tokens_limit",
-                        "grace_s"})
+                        "grace_s", "suffix_history_tokens"})
 
 
 def parser() -> argparse.ArgumentParser:
     from specedge.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
     p = argparse.ArgumentParser(prog="python -m specedge.edge serve", description=__doc__)
-    p.add_argument("--model", default=DEFAULT_DRAFT, help="draft model: cache name, dir or hub id")
+    p.add_argument("--model", default=DEFAULT_DRAFT,
+                   help="draft model: cache name, dir or hub id; `suffix`: no model, drafts "
+                        "from suffix matches (the target's tokenizer, no torch device)")
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help="target model name (what the verifiers run; the served model id)")
     add_common(p)
@@ -58,15 +61,21 @@ def parser() -> argparse.ArgumentParser:
                    help="a chat's leading system message is cached under NAME, shared with "
                         "every tenant that sends the same one, on verifiers started with "
                         "--shared-prefix NAME (elsewhere: this edge's own cache)")
+    p.add_argument("--suffix-history-tokens", type=int, default=65536,
+                   help="tokens of earlier requests (prompt and answer) kept for suffix drafts, "
+                        "per tenant (the request's `user`; never shared between tenants), "
+                        "least recently used evicted first; 0: each request drafts from "
+                        "itself only")
     return p
 
 
 def parse(argv=None) -> argparse.Namespace:
     a = settings.parse_args(parser(), "edge", argv)
     for name in ("port", "max_sessions", "max_n", "max_tokens_limit", "max_new_tokens",
-                 "max_prompt_tokens", "draft_cache_tokens"):
+                 "max_prompt_tokens", "draft_cache_tokens", "suffix_history_tokens"):
         value = getattr(a, name)
-        if value is not None and value < (0 if name in ("port", "draft_cache_tokens") else 1):
+        if value is not None and value < (0 if name in ("port", "draft_cache_tokens",
+                                                        "suffix_history_tokens") else 1):
             parser().error(f"--{name.replace('_', '-')} must be positive")
     return a
 
@@ -87,7 +96,8 @@ def serve_config(a: argparse.Namespace):
         max_n=getattr(a, "max_n", 4), draft_cache_tokens=getattr(a, "draft_cache_tokens", 0),
         shared_prefix=getattr(a, "shared_prefix", ""),
         prefill_chunk=getattr(a, "prefill_chunk", 0), give_up_s=a.give_up_s,
-        verdict_timeout_s=a.verdict_timeout_s, **runner_opts(a))
+        verdict_timeout_s=a.verdict_timeout_s, suffix_min_match=a.suffix_draft,
+        suffix_history_tokens=getattr(a, "suffix_history_tokens", 65536), **runner_opts(a))
 
 
 async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenizer=None,
@@ -100,14 +110,22 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
     from specedge.models import load_model, load_tokenizer
 
     loop = asyncio.get_running_loop()
-    if draft is None:  # one thread: transformers' lazy imports are not safe to race
+    config = gen_config = None
+    if is_suffix(a.model):  # no model: the target's tokenizer and config, no weights
+        from specedge.edge.__main__ import generation_config, model_config
+
+        tokenizer, config, gen_config = await loop.run_in_executor(None, lambda: (
+            tokenizer or load_tokenizer(a.target), model_config(a.target),
+            generation_config(a.target)))
+    elif draft is None:  # one thread: transformers' lazy imports are not safe to race
         tokenizer, draft = await loop.run_in_executor(None, lambda: (
             load_tokenizer(a.model), load_model(a.model, dtype=a.dtype, device=a.device)))
     edge = getattr(a, "edge_name", subjects.ANON)
     nc = await connect(a.nats, f"edge-api-{edge}", a.give_up_s,
                        **connect_opts(a, subjects.edge_inbox(edge)))
     fleet = FleetView(nc)
-    service = EdgeService(nc, draft, tokenizer, serve_config(a), fleet=fleet)
+    service = EdgeService(nc, draft, tokenizer, serve_config(a), fleet=fleet,
+                          model_config=config, generation_config=gen_config)
     server = HttpServer(build_app(service), a.host, a.port, "edge-api")
     server.server.config.timeout_graceful_shutdown = a.grace_s
     try:

@@ -37,10 +37,18 @@ from schemas import (
     unpack_ids,
 )
 from specedge import subjects
-from specedge.config import TreeShape
+from specedge.config import SuffixConfig, TreeShape
 from specedge.edge.drafter import Drafter, DraftTree, TreeBuilder
 from specedge.edge.link import PROGRESS_MISSES, BrokerUnreachable, Link, WaitPolicy
 from specedge.edge.proactive import Mode, Proactive
+from specedge.edge.suffixdraft import (
+    SuffixBuilder,
+    SuffixDrafter,
+    SuffixSource,
+    accepted_by_source,
+    merge,
+    model_shape,
+)
 from specedge.execution.logprobs import TokenLogprob, from_wire
 
 if TYPE_CHECKING:
@@ -77,6 +85,8 @@ class RoundRecord:
     react_s: float = 0.0  # verdict arrival -> the edge acting on it
     worker: str = ""  # which verifier answered
     cached_tokens: int = 0  # prompt tokens the verifier took from its prefix cache this round
+    suffix_nodes: int = 0  # of `nodes`, those a suffix match proposed (not the draft model)
+    suffix_accepted: int = 0  # of `accepted`, those a suffix match proposed
 
 
 @dataclass
@@ -100,7 +110,8 @@ class SessionResult:
         return sum(r.cached_tokens for r in self.rounds)
 
     def summary(self) -> dict:
-        sp = speculation([(r.nodes, r.depth, r.accepted, r.committed) for r in self.rounds])
+        sp = speculation([(r.nodes, r.depth, r.accepted, r.committed, r.suffix_nodes,
+                           r.suffix_accepted) for r in self.rounds])
         itl = sorted(self.itl)
         return {
             "session_id": self.session_id,
@@ -109,6 +120,8 @@ class SessionResult:
             "rounds": sp["rounds"],
             "tokens_per_round": sp["tokens_per_round"],
             "acceptance": sp["acceptance"],
+            "accepted_by_source": sp["accepted_by_source"],
+            "draft_tokens_by_source": sp["draft_tokens_by_source"],
             "ttft_s": self.ttft_s,
             "itl_s": statistics.median(itl) if itl else 0.0,
             "itl_p90_s": itl[int(0.9 * (len(itl) - 1))] if itl else 0.0,
@@ -127,20 +140,26 @@ class SessionResult:
         }
 
 
-def speculation(rounds: list[tuple[int, int, int, int]]) -> dict:
-    """A session's speculation figures from its rounds' (nodes, depth, accepted, committed):
-    rounds; draft_tokens, the tree nodes sent; accepted_tokens, the draft tokens the target
-    accepted; tokens_per_round, committed tokens per round (accepted + the target's own next
-    token, less any cut at EOS or the limit); acceptance, accepted_tokens over the summed tree
-    depths: the share of the trees' reach that was used (for a chain, the usual per-token
-    acceptance rate; 0 when nothing was drafted)."""
+def speculation(rounds: list[tuple[int, ...]]) -> dict:
+    """A session's speculation figures from its rounds' (nodes, depth, accepted, committed[,
+    suffix_nodes, suffix_accepted]): rounds; draft_tokens, the tree nodes sent; accepted_tokens,
+    the draft tokens the target accepted; tokens_per_round, committed tokens per round
+    (accepted + the target's own next token, less any cut at EOS or the limit); acceptance,
+    accepted_tokens over the summed tree depths: the share of the trees' reach that was used
+    (for a chain, the usual per-token acceptance rate; 0 when nothing was drafted); and the
+    drafted and accepted tokens by source: the draft model's or a suffix match's."""
     n = len(rounds)
     depth = sum(r[1] for r in rounds)
+    nodes = sum(r[0] for r in rounds)
     accepted = sum(r[2] for r in rounds)
-    return {"rounds": n, "draft_tokens": sum(r[0] for r in rounds),
+    s_nodes = sum(r[4] for r in rounds if len(r) > 5)
+    s_acc = sum(r[5] for r in rounds if len(r) > 5)
+    return {"rounds": n, "draft_tokens": nodes,
             "accepted_tokens": accepted,
             "tokens_per_round": sum(r[3] for r in rounds) / n if n else 0.0,
-            "acceptance": accepted / depth if depth else 0.0}
+            "acceptance": accepted / depth if depth else 0.0,
+            "draft_tokens_by_source": {"model": nodes - s_nodes, "suffix": s_nodes},
+            "accepted_by_source": {"model": accepted - s_acc, "suffix": s_acc}}
 
 
 @dataclass
@@ -182,6 +201,9 @@ class SessionParams:
     # drafts masked alike; None drafts unmasked, still exact)
     grammar: GrammarSpec | None = None
     constraint: Constraint | None = None
+    # with a draft model and a SuffixSource given to the session: how suffix-match branches
+    # join the model's tree (specedge.edge.suffixdraft)
+    suffix: SuffixConfig = field(default_factory=SuffixConfig)
 
 
 class State(enum.StrEnum):
@@ -197,11 +219,17 @@ class State(enum.StrEnum):
 class EdgeSession:
     def __init__(self, nc, js, drafter: Drafter, executor: ThreadPoolExecutor,
                  params: SessionParams, on_tokens: Callable[[list[int]], None] | None = None,
-                 sid: str | None = None, keep_draft_kv: bool = False, link: Link | None = None):
+                 sid: str | None = None, keep_draft_kv: bool = False, link: Link | None = None,
+                 suffix: SuffixSource | None = None):
         """The session owns `drafter`: its KV goes back to the runner's pool when the session
         ends (keep_draft_kv keeps it, for inspection). `link`: the connection's shared state
-        (Link.of(nc) if not given)."""
+        (Link.of(nc) if not given). `drafter` may be a SuffixDrafter (no model: every tree
+        from a suffix match); with a draft model, `suffix` adds suffix-match branches to its
+        trees as params.suffix says."""
         self.nc, self.js, self.drafter, self.ex = nc, js, drafter, executor
+        self.model_free = isinstance(drafter, SuffixDrafter)
+        self.suffix = drafter.source if self.model_free else (
+            suffix if suffix is not None and params.suffix.on else None)
         self.link = link or Link.of(nc)
         self.keep_draft_kv = keep_draft_kv
         self._inflight: concurrent.futures.Future | None = None  # the model step running
@@ -480,11 +508,47 @@ class EdgeSession:
     def _remember_and_close(self) -> None:
         self.drafter.remember(self.committed)
         self.drafter.close()
+        if self.suffix is not None:  # the tenant's next requests draft from this one too
+            self.suffix.finish(self.committed)
 
-    async def _finish(self, builder: TreeBuilder) -> tuple[DraftTree, float]:
+    def _builder(self) -> TreeBuilder | SuffixBuilder:
+        """This round's tree builder: a suffix match's alone, or the draft model's (its share
+        of the budget when suffix branches join it)."""
+        args = (self.committed, self.shape, self.p.sampling, len(self.p.prompt_ids),
+                self.p.constraint)
+        if self.model_free:
+            shape = self.shape
+            left = max(1, self.p.max_new_tokens - len(self.generated))
+            if shape.depth > left:  # nodes past the token limit would never be committed
+                shape = TreeShape(shape.budget, left, shape.width, shape.topk)
+            return SuffixBuilder(self.suffix, self.committed, shape, *args[2:])
+        return TreeBuilder(self.drafter, self.committed, self._model_shape(), *args[2:])
+
+    def _suffix_depth(self) -> int:
+        """How deep suffix branches reach: a copied span may run past the model's depth, but
+        never past the tokens left to generate (nor past the verifiers' depth)."""
+        left = max(1, self.p.max_new_tokens - len(self.generated))
+        return min(max(self.shape.depth, self.p.suffix.max_depth), left)
+
+    def _model_shape(self):
+        return model_shape(self.shape, self.suffix, self.p.suffix, self.committed,
+                           self._suffix_depth())
+
+    def _merge_suffix(self, tree: DraftTree) -> None:
+        """Suffix-match branches into the model's finished tree, up to the round's budget."""
+        if self.suffix is None or self.model_free or not self.shape.budget:
+            return
+        p = self.suffix.propose(self.committed, self.shape.budget, self._suffix_depth())
+        if p.match_len >= self.p.suffix.min_match:
+            merge(tree, p, self.shape.budget)
+
+    async def _finish(self, builder: TreeBuilder | SuffixBuilder) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
+        if self.model_free:  # well under a millisecond a round: no thread hop for it
+            builder.run()
         while not builder.done:
             await self._run_model(builder.step)
+        self._merge_suffix(builder.tree)  # likewise
         return builder.tree, time.perf_counter() - t0
 
     async def run(self) -> SessionResult:
@@ -506,7 +570,7 @@ class EdgeSession:
             await self._publish(subjects.session(self.sid), opened, "open", 0)
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
             # Prefill everything but the last prompt token; the first round recomputes it.
-            if self.shape.budget:  # budget 0 is plain decoding: no draft model at all
+            if self.shape.budget and not self.model_free:  # budget 0: plain decoding
                 prompt = self.committed[:-1] or self.committed
                 self.draft_cached = await self._run_model(self.drafter.reuse, self.committed)
                 chunk = max(1, self.p.prefill_chunk)
@@ -515,9 +579,7 @@ class EdgeSession:
                     await self._run_model(self.drafter.catch_up, prompt[:end])
                 await self._run_model(self.drafter.remember, prompt)
             finished = False
-            pending: TreeBuilder = TreeBuilder(self.drafter, self.committed, self.shape,
-                                               self.p.sampling, len(self.p.prompt_ids),
-                                               self.p.constraint)
+            pending = self._builder()
             hidden_s, hit = 0.0, None
             while not finished:
                 self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
@@ -526,7 +588,7 @@ class EdgeSession:
                     v=SCHEMA_VERSION, round=self.round, committed_len=len(self.committed),
                     root=self.committed[-1], tokens=pack_ids(tree.tokens),
                     parents=pack_ids(tree.parents), digest=digest_ids(self.committed),
-                    t=time.time(),
+                    t=time.time(), suffix=pack_ids(tree.suffix),
                     timings=DraftTimings(
                         draft_s=draft_s, proactive=hit is True,
                         proactive_s=hidden_s if hit else 0.0,
@@ -538,9 +600,10 @@ class EdgeSession:
                     self._look_now = True  # stored before: its verdict may be out already
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
                 pro = self._pro = None
-                if self.p.proactive is not Mode.OFF and tree.size:
-                    pro = self._pro = Proactive(self.committed, tree, self.drafter, self.shape,
-                                                self.p.proactive, self._run_model)
+                if self.p.proactive is not Mode.OFF and tree.size and not self.model_free:
+                    pro = self._pro = Proactive(self.committed, tree, self.drafter,
+                                                self._model_shape(), self.p.proactive,
+                                                self._run_model)
                     pro.start()
                 v, t_arrival = await self._await_verdict(block, t_sent)
                 self._to(State.APPLYING)
@@ -570,9 +633,7 @@ class EdgeSession:
                 if self.p.adaptive and v.budget > 0 and self.shape.budget > 0:
                     self.shape = self.p.shape.with_budget(min(v.budget, self.p.max_budget))
                 if head is None:
-                    pending = TreeBuilder(self.drafter, self.committed, self.shape,
-                                          self.p.sampling, len(self.p.prompt_ids),
-                                          self.p.constraint)
+                    pending = self._builder()
                 now = time.perf_counter()
                 if t_first is None:
                     t_first = now
@@ -585,7 +646,9 @@ class EdgeSession:
                     draft_s, wait_s, v.timings.verify_s, v.timings.queued_s,
                     v.timings.batch_size, v.timings.kv_hit,
                     proactive_s=pro.busy_s if pro else 0.0, hidden_s=hidden_s, hit=hit,
-                    react_s=react_s, worker=v.worker, cached_tokens=v.cached_tokens))
+                    react_s=react_s, worker=v.worker, cached_tokens=v.cached_tokens,
+                    suffix_nodes=len(tree.suffix),
+                    suffix_accepted=accepted_by_source(tree, accepted)))
                 self.log.debug("round done", round=self.round, accepted=len(accepted),
                                nodes=tree.size, draft_s=round(draft_s, 4), wait_s=round(wait_s, 4),
                                hit=hit)

@@ -1,0 +1,162 @@
+"""Suffix drafts at the edge (DESIGN section 12): a session's proposals from its own tokens and
+its tenant's history (specedge.edge.suffix), as the whole draft (a model-free edge: `--model
+suffix`) or merged into the draft model's tree (`--suffix-draft`).
+
+A suffix-drafted node is just a token under a parent: the verifier's token-match rule (sample
+y from the target at a node, descend if a child carries y) judges it as any other, exactly,
+and needs no draft probability. Merged nodes come after every model node, so the draft model's
+KV layout (node i at committed_len + i - 1, `forwarded`) is untouched."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from specedge.config import SuffixConfig, TreeShape
+from specedge.edge.drafter import DraftTree
+from specedge.edge.suffix import Proposal, SuffixIndex, SuffixStore, propose
+
+if TYPE_CHECKING:
+    from schemas import Sampling
+    from specedge.execution.grammar import Constraint
+
+class SuffixSource:
+    """One session's suffix proposals: an index over its own tokens (prompt and answer so far)
+    and, read-only, its tenant's earlier sequences in `store`. At the end the session's tokens
+    join the tenant's history. Used by one session at a time (its executor steps)."""
+
+    def __init__(self, store: SuffixStore | None = None, tenant: str = "", min_match: int = 1):
+        self.store, self.tenant, self.min_match = store, tenant, min_match
+        self.own = SuffixIndex()
+        self._doc = self.own.add([])
+        self._last: tuple[tuple[int, int, int], Proposal] | None = None
+
+    def propose(self, committed: list[int], budget: int, depth: int) -> Proposal:
+        """Continuations of the longest match of committed's tail (cached per context)."""
+        key = (len(committed), budget, depth)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        try:
+            self.own.sync(self._doc, committed)
+        except ValueError:  # not a continuation of what it indexed: start over from it
+            self.own = SuffixIndex()
+            self._doc = self.own.add(committed)
+        if self.store is None:
+            out = propose([self.own], committed, budget, depth, min_match=self.min_match)
+        else:
+            with self.store.lock:
+                hist = self.store.index(self.tenant)
+                ixs = [self.own] if hist is None else [self.own, hist]
+                out = propose(ixs, committed, budget, depth, min_match=self.min_match)
+        self._last = (key, out)
+        return out
+
+    def finish(self, committed: list[int]) -> None:
+        """The session is over: its tokens become history for its tenant's next requests."""
+        if self.store is not None:
+            self.store.add(self.tenant, committed)
+
+
+class SuffixDrafter:
+    """The model-free edge's drafter: what a session asks of a Drafter (KV upkeep, rollback,
+    close) costs nothing here, and its trees come from `source`."""
+
+    def __init__(self, source: SuffixSource, vocab_size: int):
+        self.source, self.vocab_size = source, vocab_size
+        self.kv_len = 0
+
+    def drafting(self, on: bool) -> None:
+        pass
+
+    def reuse(self, prompt: list[int]) -> int:
+        return 0
+
+    def catch_up(self, committed: list[int]) -> None:
+        return None
+
+    def remember(self, committed: list[int]) -> None:
+        pass
+
+    def rollback(self, tree: DraftTree, accepted: list[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SuffixBuilder:
+    """A TreeBuilder's interface (step until done, then tree) over a suffix proposal: one
+    step, no model."""
+
+    def __init__(self, source: SuffixSource, committed: list[int], shape: TreeShape,
+                 sampling: Sampling | None = None, prompt_len: int = 0,
+                 constraint: Constraint | None = None):
+        self.source, self.committed, self.shape = source, committed, shape.check()
+        self.tree = DraftTree(root=committed[-1], committed_len=len(committed),
+                              sampling=sampling, prompt_len=prompt_len, constraint=constraint)
+        self.done = shape.budget == 0
+        self.steps = 0
+
+    def step(self) -> None:
+        if self.done:
+            return
+        self.steps += 1
+        p = self.source.propose(self.committed, self.shape.budget, self.shape.depth)
+        merge(self.tree, p, self.shape.budget)
+        self.done = True
+
+    def run(self) -> DraftTree:
+        while not self.done:
+            self.step()
+        return self.tree
+
+
+def merge(tree: DraftTree, p: Proposal, budget: int) -> int:
+    """Add a proposal's branches to `tree`, at most up to `budget` nodes in all. A proposed
+    node whose parent already has a child with its token is that child (free: the model
+    proposed it too); new nodes are appended and listed in tree.suffix. Returns how many
+    were added. Proposal order is best-first and closed under ancestors, so a node whose
+    parent was dropped for room is dropped too."""
+    kids = {(par, tok): i for i, (par, tok) in enumerate(zip(tree.parents, tree.tokens,
+                                                              strict=True), 1)}
+    where = {0: 0}  # proposal node -> tree node
+    added = 0
+    for i, (tok, par, prob) in enumerate(zip(p.tokens, p.parents, p.prob, strict=True), 1):
+        at = where.get(par)
+        if at is None:
+            continue
+        node = kids.get((at, tok))
+        if node is None:
+            if tree.size >= budget:
+                continue
+            tree.tokens.append(tok)
+            tree.parents.append(at)
+            tree.depths.append((tree.depths[at - 1] if at else 0) + 1)
+            tree.logp.append(math.log(prob) if prob > 0 else float("-inf"))
+            node = kids[(at, tok)] = tree.size
+            tree.suffix.append(node)
+            added += 1
+        where[i] = node
+    return added
+
+
+def model_shape(shape: TreeShape, source: SuffixSource | None, cfg: SuffixConfig,
+                committed: list[int], depth: int | None = None) -> TreeShape:
+    """The draft model's share of a merged tree: the whole budget unless the context's tail
+    matches at least cfg.min_match tokens; then up to cfg.max_share of it is left to the
+    suffix branches (as many as they propose)."""
+    if source is None or not cfg.on or shape.budget < 2:
+        return shape
+    p = source.propose(committed, shape.budget, depth or shape.depth)
+    if p.match_len < cfg.min_match or not p.size:
+        return shape
+    held = min(p.size, int(shape.budget * cfg.max_share))
+    return TreeShape(shape.budget - held, shape.depth, shape.width, shape.topk) if held else shape
+
+
+def accepted_by_source(tree: DraftTree, accepted: list[int]) -> int:
+    """How many of the accepted nodes a suffix match proposed."""
+    if not tree.suffix:
+        return 0
+    mine = set(tree.suffix)
+    return sum(i in mine for i in accepted)
