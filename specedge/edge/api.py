@@ -214,7 +214,8 @@ class EdgeService:
         else:
             self.routes = Routes()
         self.metrics = edge_metrics or metrics.EdgeMetrics()
-        metrics.set_dtype(self.metrics.model_dtype, draft_model.dtype)
+        if draft_model is not None:  # a model-free edge computes in no number format
+            metrics.set_dtype(self.metrics.model_dtype, draft_model.dtype)
         self.slots = asyncio.Semaphore(cfg.max_sessions)
         self.draining = False
         self._warned_shape = False

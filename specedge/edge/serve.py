@@ -132,7 +132,8 @@ async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenize
         await fleet.start()  # the verifiers' limits, so requests they would refuse get a 400 now
         await server.start()
         log.info("serving", url=f"{server.url}/v1", model=service.cfg.model_id,
-                 draft=a.model, dtype=str(draft.dtype).removeprefix("torch."),
+                 draft=a.model,
+                 dtype=str(draft.dtype).removeprefix("torch.") if draft is not None else None,
                  broker=settings.mask("nats", a.nats))
         if started is not None:
             started.set_result(server)
