@@ -212,3 +212,14 @@ def test_ignored_transforms_are_detected(pair, monkeypatch):
     monkeypatch.setattr(engine_mod, "wanted", lambda _: False)
     p = chi2_p(run_trials(target, draft, s), target_joint(target, s))
     assert p < 1e-6, f"a verifier ignoring the transforms went unnoticed (p={p:.2e})"
+
+
+def test_a_seed_gives_one_answer_whatever_drafts_it(pair):
+    """Draws are keyed by (seed, output position): the same seeds give the very same tokens
+    whether a draft model, suffix matches alone or both propose the trees (different trees,
+    depths and rounds), as plain decoding with those keys would."""
+    target, draft = pair
+    runs = [run_trials(target, draft, suffix=suffix, trials=150)
+            for suffix in ("", "alone", "merged")]
+    assert runs[0].sum() == 150
+    assert (runs[0] == runs[1]).all() and (runs[0] == runs[2]).all()

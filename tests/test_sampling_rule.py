@@ -6,7 +6,7 @@ from transformers.generation.logits_process import (
 )
 
 from schemas import Sampling
-from specedge.execution.sampling import RowSampling, exp_noise, pick, probs, round_key, sample
+from specedge.execution.sampling import RowSampling, exp_noise, pick, position_key, probs, sample
 from specedge.execution.tree import children_map
 from specedge.execution.walk import commit, walk
 
@@ -34,14 +34,19 @@ def test_transform_matches_transformers_warpers():
             assert torch.allclose(p32.double(), ref, atol=1e-6)
 
 
-def test_draws_are_seeded_per_round_and_node():
+def test_draws_are_seeded_per_position():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     s = Sampling(1.0, 1.0, 0)
-    a = pick(logits, RowSampling.for_tree(s, 7, 3, 5)).tolist()
-    assert a == pick(logits, RowSampling.for_tree(s, 7, 3, 5)).tolist()  # a redelivery
-    others = [pick(logits, RowSampling.for_tree(s, 7, r, 5)).tolist() for r in range(4, 9)]
+    pos = [3, 4, 5, 6, 7]
+    a = pick(logits, RowSampling.for_positions(s, 7, pos)).tolist()
+    assert a == pick(logits, RowSampling.for_positions(s, 7, pos)).tolist()  # a redelivery
+    others = [pick(logits, RowSampling.for_positions(s, 7, [p + k for p in pos])).tolist()
+              for k in range(1, 6)]
     assert any(o != a for o in others)
-    assert round_key(7, 3) != round_key(7, 4) != round_key(8, 3)
+    assert position_key(7, 3) != position_key(7, 4) != position_key(8, 3)
+    # siblings fill the same position: the same row of logits draws the same token there
+    same = logits[:1].expand(4, 50)
+    assert len(set(pick(same, RowSampling.for_positions(s, 7, [9] * 4)).tolist())) == 1
     keys = torch.tensor([[1, 2], [1, 3], [2, 2]])
     e = exp_noise(keys, 1000)
     assert torch.equal(e, exp_noise(keys, 1000)) and (e > 0).all()
@@ -109,7 +114,10 @@ def test_batched_walk_equals_the_per_node_walk():
         tokens = torch.randint(0, 6, (len(parents),), generator=g).tolist()
         logits = torch.randn(len(parents) + 1, 6, generator=g) * 2
         for s in (Sampling(), Sampling(1.0, 0.95, 0)):
-            rs = RowSampling.for_tree(s, trial, 2, len(parents) + 1)
+            depth = [0]  # the root's, then node j + 1's below parents[j]
+            for p in parents:
+                depth.append(depth[p] + 1)
+            rs = RowSampling.for_positions(s, trial, [5 + d for d in depth])
             batched = walk(tokens, parents, pick(logits, rs).tolist())
             kids, node, acc = children_map(tokens, parents), 0, []
             while True:  # the per-node walk: one draw where the walk stands

@@ -7,8 +7,9 @@ scaled row, so together they keep those above the largest of the thresholds; min
 row's maximum + log(min_p) (p >= min_p * max p), which the other cuts never remove.
 History-dependent transforms (penalties, bias) come before, in `transforms`.
 
-A draw must depend on (session seed, round, node) alone, so that a redelivered block gets the
-same verdict on any worker and `replay --check` can repeat it. Draws use the exponential race
+A draw must depend on (session seed, output position) alone, so that a redelivered block gets
+the same verdict on any worker, `replay --check` can repeat it, and a seed gives one answer
+whatever drafted it (`RowSampling.for_positions`). Draws use the exponential race
 (Gumbel-max): argmax_i(log p_i - log E_i) with E_i ~ Exp(1) independent is an exact draw from
 p. The E_i come from a counter-based integer hash of (row key, token id): the same bits on
 every device, no generator state, float32 only (cheap on consumer GPUs), and every row of a
@@ -152,9 +153,9 @@ def probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return p.reshape(logits.shape)
 
 
-def round_key(seed: int, round_no: int) -> tuple[int, int]:
-    """Two 32-bit words determined by (session seed, round)."""
-    d = hashlib.blake2b(f"{seed}:{round_no}".encode(), digest_size=8).digest()
+def position_key(seed: int, position: int) -> tuple[int, int]:
+    """Two 32-bit words determined by (session seed, output position)."""
+    d = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(d[:4], "little"), int.from_bytes(d[4:], "little")
 
 
@@ -241,12 +242,18 @@ class RowSampling:
             object.__setattr__(self, "min_p", [0.0] * len(self.temperature))
 
     @classmethod
-    def for_tree(cls, s: Sampling, seed: int, round_no: int, rows: int) -> RowSampling:
-        """Rows 0..rows-1 of one tree: node i's key mixes the round's key with i."""
-        k0, k1 = round_key(seed, round_no)
-        keys = [(k0, (k1 + 0x9E3779B9 * i) & _M32) for i in range(rows)]
-        return cls([s.temperature] * rows, [s.top_k] * rows, [s.top_p] * rows, keys,
-                   [s.min_p] * rows)
+    def for_positions(cls, s: Sampling, seed: int, positions: Sequence[int]) -> RowSampling:
+        """One row per position of the sequence its pick would fill (a tree's root row fills
+        len(C), a node at depth d fills len(C) + d). Keyed by (seed, position) alone, a draw
+        never depends on the tree, the round or the drafter that proposed it: every committed
+        token is the race at its own position, as plain decoding with the same keys would
+        run it, so a seed gives one answer whatever drafts it (a model, suffix matches, a
+        proactive guess, another budget). Each position's noise is independent of the
+        others', and only one node per position is ever committed: the law is the target's."""
+        memo = {p: position_key(seed, p) for p in set(positions)}
+        rows = len(positions)
+        return cls([s.temperature] * rows, [s.top_k] * rows, [s.top_p] * rows,
+                   [memo[p] for p in positions], [s.min_p] * rows)
 
     @classmethod
     def concat(cls, parts: Sequence[RowSampling]) -> RowSampling:

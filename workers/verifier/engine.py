@@ -181,7 +181,9 @@ class Engine:
                 continue
             segments.append(Segment.tree(st.kv, chain, blk.tokens, blk.parents, blk.depths))
             metas.append((have, len(chain), kv_hit, True))
-            rows.append(RowSampling.for_tree(st.sampling, st.seed, blk.round, len(blk.tokens) + 1))
+            base = len(st.committed)  # the root's row fills position len(C), a node's C + depth
+            rows.append(RowSampling.for_positions(st.sampling, st.seed,
+                                                  [base] + [base + d for d in blk.depths]))
         # grammar masks (matcher walks on the host) computed while the forward runs
         constrained = [i for i, ((st, _), m) in enumerate(zip(work, metas, strict=True))
                        if m[3] and st.grammar is not None]
