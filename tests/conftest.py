@@ -93,3 +93,20 @@ def model_dirs(tiny_pair, tmp_path_factory) -> tuple[str, str]:
         tok.save_pretrained(d)
         out.append(str(d))
     return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def arch_pair():
+    """A support-matrix model (tests/archs.py) and its noisy-copy draft, built once per module:
+    `arch_pair(arch)`."""
+    from tests.archs import noisy_copy
+
+    cache: dict[str, tuple] = {}
+
+    def get(arch):
+        if arch.name not in cache:
+            target = arch.build(1)
+            cache[arch.name] = (target, noisy_copy(target, 0.2, seed=2))
+        return cache[arch.name]
+
+    return get

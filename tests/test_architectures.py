@@ -70,22 +70,9 @@ def speculative_greedy(target, draft, prompt: list[int], n: int, **backend):
     return st.committed[len(prompt):], accepted
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache: dict[str, tuple] = {}
-
-    def get(arch):
-        if arch.name not in cache:
-            target = arch.build(1)
-            cache[arch.name] = (target, noisy_copy(target, 0.2, seed=2))
-        return cache[arch.name]
-
-    return get
-
-
 @pytest.mark.parametrize("arch", SUPPORTED, ids=lambda a: a.name)
-def test_greedy_is_the_targets_own(arch, models):
-    target, draft = models(arch)
+def test_greedy_is_the_targets_own(arch, arch_pair):
+    target, draft = arch_pair(arch)
     prompt = prompt_ids(3)
     got, accepted = speculative_greedy(target, draft, prompt, NEW, attention="sdpa")
     assert got == greedy_reference(target, prompt, NEW), f"{arch.name}: not the target's output"
@@ -94,8 +81,8 @@ def test_greedy_is_the_targets_own(arch, models):
 
 @pytest.mark.parametrize("backend", ["flex", "graphs"])
 @pytest.mark.parametrize("arch", FEATURED, ids=lambda a: a.name)
-def test_windows_softcaps_sinks_and_chunks_on_every_backend(arch, backend, models):
-    target, draft = models(arch)
+def test_windows_softcaps_sinks_and_chunks_on_every_backend(arch, backend, arch_pair):
+    target, draft = arch_pair(arch)
     prompt = prompt_ids(4)
     got, _ = speculative_greedy(target, draft, prompt, NEW, **BACKENDS[backend])
     assert got == greedy_reference(target, prompt, NEW)
@@ -103,10 +90,10 @@ def test_windows_softcaps_sinks_and_chunks_on_every_backend(arch, backend, model
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("arch", FEATURED, ids=lambda a: a.name)
-def test_tree_rows_far_past_the_window_match_the_models_own_logits(arch, backend, models):
+def test_tree_rows_far_past_the_window_match_the_models_own_logits(arch, backend, arch_pair):
     """Rows of several sessions in one forward (a prefill of 5 windows, a cached prefix with
     a chain and a tree on it): each row's logits are the model's own on that row's path."""
-    target, _ = models(arch)
+    target, _ = arch_pair(arch)
     runner = PackedRunner(target, **BACKENDS[backend])
     long_p, short_p = prompt_ids(5, 5 * WINDOW), prompt_ids(6, 3 * WINDOW)
     a, b = runner.new_seq(), runner.new_seq()

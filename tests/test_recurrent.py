@@ -16,7 +16,7 @@ from specedge.execution import PackedRunner, Segment
 from specedge.execution.support import reference_logits
 from specedge.execution.tree import depths_of, path_to
 from specedge.execution.walk import commit
-from tests.archs import SUPPORTED, greedy_reference, noisy_copy
+from tests.archs import SUPPORTED, greedy_reference
 from workers.verifier.engine import Engine
 from workers.verifier.state import SessionState
 from workers.verifier.validate import CheckedBlock
@@ -42,26 +42,13 @@ def tolerance(ref: torch.Tensor) -> float:
     return 2e-5 * (1 + float(ref.abs().max()))
 
 
-@pytest.fixture(scope="module")
-def built():
-    cache: dict[str, tuple] = {}
-
-    def get(arch):
-        if arch.name not in cache:
-            target = arch.build(1)
-            cache[arch.name] = (target, noisy_copy(target, 0.2, seed=2))
-        return cache[arch.name]
-
-    return get
-
-
 @pytest.mark.parametrize("arch", HYBRIDS, ids=lambda a: a.name)
-def test_every_row_of_a_packed_forward_is_the_models_own(arch, built):
+def test_every_row_of_a_packed_forward_is_the_models_own(arch, arch_pair):
     """One forward of three sessions: a prefill past the state kernels' chunks (70 tokens),
     a chain and a tree on a prefix computed in two chunks, and the next level of a partly
     forwarded tree (the drafter's forward). Each row equals the model's own forward of its
     path; then a verdict keeps one node's state and the next token continues from it."""
-    target, _ = built(arch)
+    target, _ = arch_pair(arch)
     r = PackedRunner(target, attention="sdpa")
     long_p, short_p = ids(5, 70), ids(6, 30)
     a, b, c = r.new_seq(), r.new_seq(), r.new_seq()
@@ -98,11 +85,11 @@ def test_every_row_of_a_packed_forward_is_the_models_own(arch, built):
         s.free()
 
 
-def test_a_truncation_without_its_state_rebuilds_from_the_tokens(built):
+def test_a_truncation_without_its_state_rebuilds_from_the_tokens(arch_pair):
     """Inside a causal run only the run's end state exists: truncating there empties the
     sequence (the caller recomputes from its tokens, as the drafter's catch-up does), never
     continues from a wrong state; truncating to a held state keeps the KV."""
-    target, draft = built(HYBRIDS[0])
+    target, draft = arch_pair(HYBRIDS[0])
     r = PackedRunner(draft, attention="sdpa")
     p = ids(7, 30)
     dr = Drafter(r)
@@ -176,8 +163,8 @@ def speculate(target, draft, prompt: list[int], n: int, *, prefill_chunk: int | 
 
 
 @pytest.mark.parametrize("arch", KINDS, ids=lambda a: a.name)
-def test_chunked_prefill_failover_and_forks_stay_exact(arch, built):
-    target, draft = built(arch)
+def test_chunked_prefill_failover_and_forks_stay_exact(arch, arch_pair):
+    target, draft = arch_pair(arch)
     prompt = ids(11, 70)
     want = greedy_reference(target, prompt, NEW)
     got, accepted, _ = speculate(target, draft, prompt, NEW, prefill_chunk=16)
@@ -188,14 +175,14 @@ def test_chunked_prefill_failover_and_forks_stay_exact(arch, built):
 
 
 @pytest.mark.parametrize("arch", KINDS, ids=lambda a: a.name)
-def test_a_follow_up_turn_starts_from_a_state_checkpoint(arch, built):
+def test_a_follow_up_turn_starts_from_a_state_checkpoint(arch, arch_pair):
     """With the prefix cache on, a session's state is checkpointed every few blocks of its
     committed tokens (prefill and accepted nodes alike) under the blocks' hashes: a follow-up
     turn (the history plus a new message) adopts the KV and the state up to the last
     checkpoint on both sides, computes only the rest, and its output is the target's own."""
     from specedge.execution.recurrent import checkpoint_every
 
-    target, draft = built(arch)
+    target, draft = arch_pair(arch)
     engine = Engine(target, attention="sdpa", prefix_cache_tokens=None)
     runner = PackedRunner(draft, attention="sdpa")
     runner.pool.enable_cache(None)
@@ -217,14 +204,14 @@ def test_a_follow_up_turn_starts_from_a_state_checkpoint(arch, built):
     assert not engine.pool.states.checkpoints
 
 
-async def test_a_hybrid_end_to_end_through_the_broker(nats_server, built):
+async def test_a_hybrid_end_to_end_through_the_broker(nats_server, arch_pair):
     """Qwen3.5's shape through a real nats-server: three edge sessions with proactive
     drafting (several guesses, each a fork of the draft state) and a verifier prefilling in
     chunks, prompts past the delta rule's chunk; the output is the target's own."""
     from specedge.edge.proactive import Mode
     from tests.stack import generate, running_worker
 
-    target, draft = built(next(a for a in HYBRIDS if a.name == "qwen3.5"))
+    target, draft = arch_pair(next(a for a in HYBRIDS if a.name == "qwen3.5"))
     prompts = [ids(20 + i, 66 + 5 * i) for i in range(3)]
     async with running_worker(target, nats_server.url, max_batch=4, prefill_chunk=32):
         results = await generate(nats_server.url, draft, prompts, max_new_tokens=NEW,
