@@ -627,6 +627,8 @@ class EdgeSession:
                         await self._run_model(self.drafter.rollback, tree, accepted)
                     hit = None if pro is None or v.finished else False
                     hidden_s = 0.0
+                if self.suffix is not None:  # its proposal for this round, judged
+                    self.suffix.judge(len(self.committed), toks)
                 self.committed.extend(toks)
                 self.generated.extend(toks)
                 self.token_logprobs.extend(lps)

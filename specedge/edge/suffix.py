@@ -42,35 +42,38 @@ class Proposal:
 
 
 def continuation_tree(conts: Sequence[Sequence[int]], budget: int, depth: int,
-                      min_prob: float = MIN_PROB) -> Proposal:
+                      min_prob: float = MIN_PROB,
+                      weights: Sequence[float] | None = None) -> Proposal:
     """The best `budget` nodes of the trie of `conts` (each at most `depth` deep), best-first by
     path probability, where a child's probability given its parent is the share of the
-    continuations through the parent that go on with the child's token. Children are never
-    likelier than their parent, so the result is closed under ancestors."""
+    continuations (by weight, 1 each unless `weights`) through the parent that go on with the
+    child's token. Children are never likelier than their parent, so the result is closed under
+    ancestors."""
     out = Proposal(occurrences=len(conts))
     if budget <= 0 or depth <= 0 or not conts:
         return out
-    # trie: node -> {token: (child node, count)}; node 0 is the root (every continuation)
-    kids: list[dict[int, list[int]]] = [{}]
-    through: list[int] = [len(conts)]
-    for c in conts:
+    weights = [1.0] * len(conts) if weights is None else weights
+    # trie: node -> {token: [child node, weight]}; node 0 is the root (every continuation)
+    kids: list[dict[int, list]] = [{}]
+    through: list[float] = [float(sum(weights))]
+    for c, w in zip(conts, weights, strict=True):
         node = 0
         for tok in c[:depth]:
             slot = kids[node].get(tok)
             if slot is None:
                 kids.append({})
-                through.append(0)
-                slot = kids[node][tok] = [len(kids) - 1, 0]
-            slot[1] += 1
+                through.append(0.0)
+                slot = kids[node][tok] = [len(kids) - 1, 0.0]
+            slot[1] += w
             node = slot[0]
-            through[node] += 1
+            through[node] += w
     # best-first over (-prob, trie node, parent in the proposal, token, depth)
     heap: list[tuple[float, int, int, int, int]] = []
 
     def push(trie_node: int, prop_node: int, base: float, d: int) -> None:
         total = through[trie_node]
-        for tok, (child, count) in kids[trie_node].items():
-            p = base * count / total
+        for tok, (child, weight) in kids[trie_node].items():
+            p = base * weight / total
             if p >= min_prob:
                 heapq.heappush(heap, (-p, child, prop_node, tok, d + 1))
 
@@ -84,6 +87,17 @@ def continuation_tree(conts: Sequence[Sequence[int]], budget: int, depth: int,
         if d < depth:
             push(child, out.size, -neg, d)
     return out
+
+
+def accepted_len(p: Proposal, tokens: Sequence[int]) -> int:
+    """How many of `tokens` (what was committed after the root) the proposal's tree held, as
+    a path from its root: what its branches would have added to the round."""
+    kids = {(par, tok): i for i, (tok, par) in enumerate(zip(p.tokens, p.parents, strict=True), 1)}
+    node = n = 0
+    while n < len(tokens) and (node, tokens[n]) in kids:
+        node = kids[(node, tokens[n])]
+        n += 1
+    return n
 
 
 class SuffixIndex:
@@ -174,21 +188,34 @@ def longest_match(indexes: Sequence[SuffixIndex], context: Sequence[int], min_ma
     return 0, []
 
 
+def candidates(indexes: Sequence[SuffixIndex], context: Sequence[int], depth: int,
+               min_match: int = 1) -> tuple[int, list[list[int]]]:
+    """The continuations (at most `depth` tokens) of the longest match of the context's tail in
+    `indexes`, and the match's true length (it may run past MAX_MATCH); (0, []) for none."""
+    n, found = longest_match(indexes, context, min_match)
+    if not n:
+        return 0, []
+    conts = [ix.docs[doc][end:end + depth] for ix, doc, end in found]
+    return max(_extend_back(ix.docs[doc], end, context, n) for ix, doc, end in found), conts
+
+
 def propose(indexes: Sequence[SuffixIndex], context: Sequence[int], budget: int, depth: int,
             *, min_match: int = 1, min_prob: float = MIN_PROB,
             spec_factor: float = SPEC_FACTOR) -> Proposal:
     """A draft tree continuing `context` from the longest match of its tail in `indexes`: at
-    most `budget` nodes (and spec_factor per matched token), `depth` deep. The match's true
-    length (it may run past MAX_MATCH) is in match_len."""
-    n, found = longest_match(indexes, context, min_match)
-    if not n:
+    most `budget` nodes (and spec_factor per matched token), `depth` deep."""
+    match_len, conts = candidates(indexes, context, depth, min_match)
+    if not match_len:
         return Proposal()
-    conts = [ix.docs[doc][end:end + depth] for ix, doc, end in found]
-    match_len = max(_extend_back(ix.docs[doc], end, context, n) for ix, doc, end in found)
-    cap = min(budget, max(1, math.ceil(spec_factor * match_len)))
-    out = continuation_tree(conts, cap, depth, min_prob)
+    out = continuation_tree(conts, capped(budget, match_len, spec_factor), depth, min_prob)
     out.match_len = match_len
     return out
+
+
+def capped(budget: int, evidence: int, spec_factor: float = SPEC_FACTOR) -> int:
+    """A tree's size: the budget, but at most spec_factor nodes per token of evidence (a
+    short match proposes little)."""
+    return min(budget, max(1, math.ceil(spec_factor * evidence)))
 
 
 def _extend_back(seq: list[int], end: int, context: Sequence[int], n: int,

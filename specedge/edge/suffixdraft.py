@@ -13,26 +13,47 @@ import math
 from typing import TYPE_CHECKING
 
 from specedge.config import SuffixConfig, TreeShape
+from specedge.edge.copyalign import Aligner
 from specedge.edge.drafter import DraftTree
-from specedge.edge.suffix import Proposal, SuffixIndex, SuffixStore, propose
+from specedge.edge.suffix import (
+    Proposal,
+    SuffixIndex,
+    SuffixStore,
+    accepted_len,
+    candidates,
+    capped,
+    continuation_tree,
+)
 
 if TYPE_CHECKING:
     from schemas import Sampling
     from specedge.execution.grammar import Constraint
 
+COPY_WEIGHT = 3.0  # an aligned copy's branches against the suffix matches' (1 in all)
+TRUST_RATE = 0.3  # how fast a session's trust in its suffix proposals follows their hits
+
+
 class SuffixSource:
-    """One session's suffix proposals: an index over its own tokens (prompt and answer so far)
-    and, read-only, its tenant's earlier sequences in `store`. At the end the session's tokens
-    join the tenant's history. Used by one session at a time (its executor steps)."""
+    """One session's suffix proposals: matches of its tail in its own tokens (prompt and answer
+    so far) and, read-only, its tenant's earlier sequences in `store`, plus the branches of the
+    answer's alignment to its prompt (specedge.edge.copyalign: copies through edits). At the
+    end the session's tokens join the tenant's history. Used by one session at a time (its
+    executor steps)."""
 
     def __init__(self, store: SuffixStore | None = None, tenant: str = "", min_match: int = 1):
         self.store, self.tenant, self.min_match = store, tenant, min_match
         self.own = SuffixIndex()
         self._doc = self.own.add([])
+        self.align: Aligner | None = None  # over the first context proposed from (the prompt)
+        # the share of recent proposals whose first token was right (whether or not they were
+        # sent): a merged tree holds budget for suffix branches in proportion
+        self.trust = 1.0
         self._last: tuple[tuple[int, int, int], Proposal] | None = None
 
     def propose(self, committed: list[int], budget: int, depth: int) -> Proposal:
-        """Continuations of the longest match of committed's tail (cached per context)."""
+        """A tree continuing committed (cached per context): the suffix matches' continuations
+        and the alignment's branches by weight, at most spec_factor nodes per token of the
+        longer evidence (match or copy run)."""
         key = (len(committed), budget, depth)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
@@ -42,20 +63,43 @@ class SuffixSource:
             self.own = SuffixIndex()
             self._doc = self.own.add(committed)
         if self.store is None:
-            out = propose([self.own], committed, budget, depth, min_match=self.min_match)
+            match_len, conts = candidates([self.own], committed, depth, self.min_match)
         else:
             with self.store.lock:
                 hist = self.store.index(self.tenant)
                 ixs = [self.own] if hist is None else [self.own, hist]
-                out = propose(ixs, committed, budget, depth, min_match=self.min_match)
+                match_len, conts = candidates(ixs, committed, depth, self.min_match)
+        weights = [1.0 / len(conts)] * len(conts) if conts else []
+        branches = self._aligned(committed).branches(depth)
+        for b in branches:
+            conts.append(list(b.tokens))
+            weights.append(COPY_WEIGHT * b.weight)
+        evidence = max([match_len] + [b.run for b in branches])
+        out = continuation_tree(conts, capped(budget, evidence), depth, weights=weights)
+        out.match_len = evidence if out.size else 0
         self._last = (key, out)
         return out
+
+    def _aligned(self, committed: list[int]) -> Aligner:
+        """The alignment, fed up to committed (a context that does not extend it: anew)."""
+        al = self.align
+        if al is None or committed[:len(al.src) + len(al.out)] != al.src + al.out:
+            al = self.align = Aligner(committed)
+        al.feed(committed[len(al.src) + len(al.out):])
+        return al
+
+    def judge(self, context_len: int, tokens: list[int]) -> None:
+        """The round that drafted from a context of context_len tokens committed `tokens`:
+        did this source's proposal for it hold them?"""
+        if self._last is None or self._last[0][0] != context_len or not self._last[1].size:
+            return
+        hit = accepted_len(self._last[1], tokens) > 0
+        self.trust += TRUST_RATE * (hit - self.trust)
 
     def finish(self, committed: list[int]) -> None:
         """The session is over: its tokens become history for its tenant's next requests."""
         if self.store is not None:
             self.store.add(self.tenant, committed)
-
 
 class SuffixDrafter:
     """The model-free edge's drafter: what a session asks of a Drafter (KV upkeep, rollback,
@@ -143,14 +187,15 @@ def merge(tree: DraftTree, p: Proposal, budget: int) -> int:
 def model_shape(shape: TreeShape, source: SuffixSource | None, cfg: SuffixConfig,
                 committed: list[int], depth: int | None = None) -> TreeShape:
     """The draft model's share of a merged tree: the whole budget unless the context's tail
-    matches at least cfg.min_match tokens; then up to cfg.max_share of it is left to the
-    suffix branches (as many as they propose)."""
+    matches at least cfg.min_match tokens (or the answer copies that long a run); then up to
+    cfg.max_share of it, scaled by the source's trust (its recent hits), is left to the suffix
+    branches (as many as they propose)."""
     if source is None or not cfg.on or shape.budget < 2:
         return shape
     p = source.propose(committed, shape.budget, depth or shape.depth)
     if p.match_len < cfg.min_match or not p.size:
         return shape
-    held = min(p.size, int(shape.budget * cfg.max_share))
+    held = round(min(p.size, int(shape.budget * cfg.max_share)) * source.trust)
     return TreeShape(shape.budget - held, shape.depth, shape.width, shape.topk) if held else shape
 
 

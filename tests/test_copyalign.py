@@ -1,0 +1,87 @@
+"""The answer's alignment to its prompt (specedge.edge.copyalign): copies, edits learned as
+substitutions and applied to later copies, insertions rejoined, unrelated text let go; and how
+a session's trust in its suffix proposals follows their hits (specedge.edge.suffixdraft)."""
+
+from __future__ import annotations
+
+from specedge.config import SuffixConfig, TreeShape
+from specedge.edge.copyalign import LOST, Aligner
+from specedge.edge.suffix import Proposal, accepted_len
+from specedge.edge.suffixdraft import SuffixSource, model_shape
+
+# a "function" of distinct tokens where the name X=7 occurs three times
+X, Y = 7, 900
+SRC = [1, 2, X, 10, 11, 12, 13, X, 14, 15, 16, 17, 18, X, 19, 20, 21]
+
+
+def test_a_copy_is_followed_and_continued():
+    al = Aligner([100, 101] + SRC)
+    al.feed([1, 2, X, 10])  # found by its first 3 tokens, then copied
+    [b] = al.branches(5)
+    assert b.tokens == (11, 12, 13, X, 14) and b.weight == 1.0 and b.run == 4
+
+
+def test_a_rename_is_learned_and_applied_through_later_copies():
+    al = Aligner(SRC)
+    al.feed([1, 2, X, 10, 11, 12, 13, Y])  # copies, then departs at the second X
+    guesses = [b.tokens for b in al.branches(3)]
+    assert (14, 15, 16) in guesses  # one token replaced: the copy goes on after it
+    al.feed([14, 15, 16])  # rejoined: X -> Y learned
+    assert al.subs == {(X,): (Y,)}
+    [b] = al.branches(4)
+    assert b.tokens == (17, 18, Y, 19)  # the next X is drafted as Y
+    al.feed([17, 18, Y, 19])
+    assert al.p is not None and al.branches(2)[0].tokens == (20, 21)
+
+
+def test_a_longer_replacement_and_an_insertion_rejoin():
+    al = Aligner(SRC)
+    al.feed([1, 2, X, 500, 501])  # two tokens inserted after X
+    assert (10, 11, 12) in [b.tokens for b in al.branches(3)]  # the insertion ends here
+    al.feed([10, 11, 12, 13])
+    assert al.p is not None and al.subs == {}  # nothing replaced: nothing learned
+    assert al.branches(2)[0].tokens == (X, 14)
+
+
+def test_unrelated_text_is_let_go_and_found_again():
+    al = Aligner(SRC)
+    al.feed([1, 2, X, 10])
+    al.feed(list(range(600, 600 + LOST + 2)))  # the answer writes something else
+    assert al.branches(4) == []
+    al.feed([15, 16, 17])  # and comes back to the prompt elsewhere
+    assert al.branches(2)[0].tokens == (18, X)
+
+
+def test_source_drafts_through_an_edit_where_a_suffix_match_has_nothing():
+    prompt = [100] + SRC
+    src = SuffixSource()
+    src.propose(prompt, 6, 6)  # the first context proposed from is the prompt
+    answer = [1, 2, X, 10, 11, 12, 13, Y, 14, 15, 16, 17, 18]
+    p = src.propose(prompt + answer, 6, 6)
+    assert p.tokens[:3] == [Y, 19, 20]  # the learned rename, then the copy
+    assert p.match_len >= 4
+
+
+def test_trust_follows_hits_and_scales_the_held_budget():
+    shape = TreeShape(8, 6, 2, 2)
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]
+    src = SuffixSource()
+    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
+    for _ in range(8):  # its proposal (6, 7, ...) keeps being wrong
+        src.propose(ctx, 8, 6)
+        src.judge(len(ctx), [42])
+    assert src.trust < 0.1
+    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx) == shape
+    for _ in range(8):
+        src.propose(ctx, 8, 6)
+        src.judge(len(ctx), [6, 7])
+    assert src.trust > 0.9
+    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
+
+
+def test_accepted_len_walks_the_tree():
+    p = Proposal(tokens=[5, 6, 8, 7], parents=[0, 1, 1, 3], depths=[1, 2, 2, 3],
+                 prob=[1, .5, .5, .5])
+    assert accepted_len(p, [5, 8, 7, 1]) == 3
+    assert accepted_len(p, [5, 6, 7]) == 2
+    assert accepted_len(p, [9]) == 0 and accepted_len(Proposal(), [5]) == 0
