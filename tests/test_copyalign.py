@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from specedge.config import SuffixConfig, TreeShape
 from specedge.edge.copyalign import LOST, Aligner
-from specedge.edge.suffix import Proposal, accepted_len
+from specedge.edge.suffix import Proposal, accepted_len, continuation_tree
 from specedge.edge.suffixdraft import SuffixSource, model_shape
+from specedge.execution.tree import validate_parents
 
 # a "function" of distinct tokens where the name X=7 occurs three times
 X, Y = 7, 900
@@ -85,3 +86,24 @@ def test_accepted_len_walks_the_tree():
     assert accepted_len(p, [5, 8, 7, 1]) == 3
     assert accepted_len(p, [5, 6, 7]) == 2
     assert accepted_len(p, [9]) == 0 and accepted_len(Proposal(), [5]) == 0
+
+
+def test_a_long_copy_run_takes_the_whole_budget_and_a_short_one_half():
+    shape = TreeShape(8, 6, 2, 2)
+    prompt = list(range(100, 140))
+    src = SuffixSource()
+    src.propose(prompt, 8, 8)
+    short = prompt + prompt[:5]  # copying for 5 tokens
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), short, 8).budget == 4
+    long = prompt + prompt[:14]  # for 14: the model's tree would only repeat the copy
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), long, 8).budget == 0
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=20), long, 8).budget == 4
+
+
+def test_rival_guesses_each_get_nodes_under_decay():
+    conts = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    flat = continuation_tree(conts, 6, 6, weights=[0.6, 0.4])
+    assert flat.tokens == [1, 2, 3, 4, 5, 6]  # the likelier chain takes the budget
+    hedged = continuation_tree(conts, 6, 6, weights=[0.6, 0.4], decay=0.7)
+    assert set(hedged.tokens) & {7, 8} and set(hedged.tokens) & {1, 2, 3}
+    validate_parents(hedged.parents)

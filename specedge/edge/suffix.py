@@ -43,12 +43,13 @@ class Proposal:
 
 def continuation_tree(conts: Sequence[Sequence[int]], budget: int, depth: int,
                       min_prob: float = MIN_PROB,
-                      weights: Sequence[float] | None = None) -> Proposal:
+                      weights: Sequence[float] | None = None, decay: float = 1.0) -> Proposal:
     """The best `budget` nodes of the trie of `conts` (each at most `depth` deep), best-first by
     path probability, where a child's probability given its parent is the share of the
     continuations (by weight, 1 each unless `weights`) through the parent that go on with the
     child's token. Children are never likelier than their parent, so the result is closed under
-    ancestors."""
+    ancestors. decay < 1 ranks a node by its probability times decay**depth: rival branches
+    get their first nodes before one branch gets all (for guesses of like weight)."""
     out = Proposal(occurrences=len(conts))
     if budget <= 0 or depth <= 0 or not conts:
         return out
@@ -67,19 +68,19 @@ def continuation_tree(conts: Sequence[Sequence[int]], budget: int, depth: int,
             slot[1] += w
             node = slot[0]
             through[node] += w
-    # best-first over (-prob, trie node, parent in the proposal, token, depth)
-    heap: list[tuple[float, int, int, int, int]] = []
+    # best-first over (-rank, -prob, trie node, parent in the proposal, token, depth)
+    heap: list[tuple[float, float, int, int, int, int]] = []
 
     def push(trie_node: int, prop_node: int, base: float, d: int) -> None:
         total = through[trie_node]
         for tok, (child, weight) in kids[trie_node].items():
             p = base * weight / total
             if p >= min_prob:
-                heapq.heappush(heap, (-p, child, prop_node, tok, d + 1))
+                heapq.heappush(heap, (-p * decay ** d, -p, child, prop_node, tok, d + 1))
 
     push(0, 0, 1.0, 0)
     while heap and out.size < budget:
-        neg, child, parent, tok, d = heapq.heappop(heap)
+        _, neg, child, parent, tok, d = heapq.heappop(heap)
         out.tokens.append(tok)
         out.parents.append(parent)
         out.depths.append(d)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from specedge.execution.grammar import Constraint
 
 COPY_WEIGHT = 3.0  # an aligned copy's branches against the suffix matches' (1 in all)
+EDIT_DECAY = 0.7  # continuation_tree's decay while an edit is under way
 TRUST_RATE = 0.3  # how fast a session's trust in its suffix proposals follows their hits
 
 
@@ -75,7 +76,10 @@ class SuffixSource:
             conts.append(list(b.tokens))
             weights.append(COPY_WEIGHT * b.weight)
         evidence = max([match_len] + [b.run for b in branches])
-        out = continuation_tree(conts, capped(budget, evidence), depth, weights=weights)
+        # an edit under way: its guesses are rivals of like weight, each gets a few nodes
+        decay = EDIT_DECAY if branches and self.align.p is None else 1.0
+        out = continuation_tree(conts, capped(budget, evidence), depth, weights=weights,
+                                decay=decay)
         out.match_len = evidence if out.size else 0
         self._last = (key, out)
         return out
@@ -188,14 +192,15 @@ def model_shape(shape: TreeShape, source: SuffixSource | None, cfg: SuffixConfig
                 committed: list[int], depth: int | None = None) -> TreeShape:
     """The draft model's share of a merged tree: the whole budget unless the context's tail
     matches at least cfg.min_match tokens (or the answer copies that long a run); then up to
-    cfg.max_share of it, scaled by the source's trust (its recent hits), is left to the suffix
-    branches (as many as they propose)."""
+    cfg.max_share of it (all of it for a run of cfg.full_run), scaled by the source's trust
+    (its recent hits), is left to the suffix branches (as many as they propose)."""
     if source is None or not cfg.on or shape.budget < 2:
         return shape
     p = source.propose(committed, shape.budget, depth or shape.depth)
     if p.match_len < cfg.min_match or not p.size:
         return shape
-    held = round(min(p.size, int(shape.budget * cfg.max_share)) * source.trust)
+    share = 1.0 if p.match_len >= cfg.full_run else cfg.max_share
+    held = round(min(p.size, int(shape.budget * share)) * source.trust)
     return TreeShape(shape.budget - held, shape.depth, shape.width, shape.topk) if held else shape
 
 
