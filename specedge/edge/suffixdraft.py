@@ -41,8 +41,9 @@ class SuffixSource:
     end the session's tokens join the tenant's history. Used by one session at a time (its
     executor steps)."""
 
-    def __init__(self, store: SuffixStore | None = None, tenant: str = "", min_match: int = 1):
-        self.store, self.tenant, self.min_match = store, tenant, min_match
+    def __init__(self, store: SuffixStore | None = None, tenant: str = "", min_match: int = 1,
+                 align: bool = True):
+        self.store, self.tenant, self.min_match, self.aligning = store, tenant, min_match, align
         self.own = SuffixIndex()
         self._doc = self.own.add([])
         self.align: Aligner | None = None  # over the first context proposed from (the prompt)
@@ -71,13 +72,13 @@ class SuffixSource:
                 ixs = [self.own] if hist is None else [self.own, hist]
                 match_len, conts = candidates(ixs, committed, depth, self.min_match)
         weights = [1.0 / len(conts)] * len(conts) if conts else []
-        branches = self._aligned(committed).branches(depth)
+        branches = self._aligned(committed).branches(depth) if self.aligning else []
         for b in branches:
             conts.append(list(b.tokens))
             weights.append(COPY_WEIGHT * b.weight)
         evidence = max([match_len] + [b.run for b in branches])
         # an edit under way: its guesses are rivals of like weight, each gets a few nodes
-        decay = EDIT_DECAY if branches and self.align.p is None else 1.0
+        decay = EDIT_DECAY if branches and self.align and self.align.p is None else 1.0
         out = continuation_tree(conts, capped(budget, evidence), depth, weights=weights,
                                 decay=decay)
         out.match_len = evidence if out.size else 0
