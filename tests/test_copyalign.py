@@ -15,6 +15,7 @@ from specedge.execution.tree import validate_parents
 # a "function" of distinct tokens where the name X=7 occurs three times
 X, Y = 7, 900
 SRC = [1, 2, X, 10, 11, 12, 13, X, 14, 15, 16, 17, 18, X, 19, 20, 21]
+TEMPLATE = [300, 301, 302, 303, 304]  # a chat template's end of turn and assistant header
 
 
 def test_a_copy_is_followed_and_continued():
@@ -56,7 +57,7 @@ def test_unrelated_text_is_let_go_and_found_again():
 
 
 def test_source_drafts_through_an_edit_where_a_suffix_match_has_nothing():
-    prompt = [100] + SRC
+    prompt = [100] + SRC + TEMPLATE
     src = SuffixSource()
     src.propose(prompt, 6, 6)  # the first context proposed from is the prompt
     answer = [1, 2, X, 10, 11, 12, 13, Y, 14, 15, 16, 17, 18]
@@ -69,7 +70,8 @@ def test_trust_follows_hits_and_scales_the_held_budget():
     shape = TreeShape(8, 6, 2, 2)
     ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]
     src = SuffixSource()
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
+    assert src.trust == 0.5  # no evidence yet: half of what a trusted source holds
+    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 6
     for _ in range(8):  # its proposal (6, 7, ...) keeps being wrong
         src.propose(ctx, 8, 6)
         src.judge(len(ctx), [42])
@@ -94,6 +96,7 @@ def test_a_long_copy_run_takes_the_whole_budget_and_a_short_one_half():
     shape = TreeShape(8, 6, 2, 2)
     prompt = list(range(100, 140))
     src = SuffixSource()
+    src.trust = 1.0
     src.propose(prompt, 8, 8)
     short = prompt + prompt[:5]  # copying for 5 tokens
     assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), short, 8).budget == 4
@@ -125,3 +128,13 @@ def test_recorded_edits_take_fewer_rounds_aligned():
     rounds = sum(replay(a["prompt"], a["answer"], 7)[0] for a in answers)
     assert tokens / rounds >= 2.5
     assert rounds <= sum(replay(a["prompt"], a["answer"], 7, align=False)[0] for a in answers)
+
+
+def test_drafts_never_run_into_the_prompts_chat_template():
+    prompt = list(range(100, 130)) + TEMPLATE
+    src = SuffixSource()
+    src.propose(prompt, 8, 8)
+    near_end = prompt + list(range(120, 127))  # copying the prompt's last content tokens
+    p = src.propose(near_end, 8, 8)
+    assert p.tokens == [127, 128, 129]  # the copy stops where the template starts
+    assert not set(p.tokens) & set(TEMPLATE)

@@ -135,6 +135,7 @@ def test_merge_dedupes_the_shared_prefix_and_keeps_the_budget():
 def test_model_shape_holds_room_only_for_a_long_match():
     shape = TreeShape(8, 6, 2, 2)
     src = SuffixSource()
+    src.trust = 1.0  # its proposals have been hitting (tests/test_copyalign.py: trust)
     ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]  # tail 1..5 matched, 5 long
     assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
     assert model_shape(shape, src, SuffixConfig(min_match=6), ctx) == shape

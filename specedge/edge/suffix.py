@@ -113,6 +113,7 @@ class SuffixIndex:
         self._dead = 0  # entries of dropped documents still in _ends
         self._live = 0
         self._next = 0
+        self.fences: dict[int, tuple[int, int]] = {}  # doc -> positions never proposed
 
     @property
     def tokens(self) -> int:
@@ -143,9 +144,25 @@ class SuffixIndex:
             raise ValueError("sync: the document is not a prefix of the tokens")
         self.extend(doc, tokens[len(seq):])
 
+    def fence(self, doc: int, start: int, stop: int) -> None:
+        """Never propose a document's tokens [start, stop): a continuation is cut where it
+        would enter them (one that starts inside is none)."""
+        self.fences[doc] = (start, stop)
+
+    def continuation(self, doc: int, end: int, depth: int) -> list[int]:
+        """Up to `depth` tokens of a document after position `end`, short of its fence."""
+        seq = self.docs[doc]
+        start, stop = self.fences.get(doc, (0, 0))
+        if end < stop:
+            if end >= start:
+                return []
+            return seq[end:min(end + depth, start)]
+        return seq[end:end + depth]
+
     def drop(self, doc: int) -> None:
         """Forget a document; its index entries go at the next compaction."""
         seq = self.docs.pop(doc, None)
+        self.fences.pop(doc, None)
         if seq is None:
             return
         n = sum(min(self.max_match, e) for e in range(1, len(seq) + 1))
@@ -194,10 +211,11 @@ def candidates(indexes: Sequence[SuffixIndex], context: Sequence[int], depth: in
     """The continuations (at most `depth` tokens) of the longest match of the context's tail in
     `indexes`, and the match's true length (it may run past MAX_MATCH); (0, []) for none."""
     n, found = longest_match(indexes, context, min_match)
-    if not n:
+    found = [(ix, doc, end, c) for ix, doc, end in found if (c := ix.continuation(doc, end, depth))]
+    if not found:
         return 0, []
-    conts = [ix.docs[doc][end:end + depth] for ix, doc, end in found]
-    return max(_extend_back(ix.docs[doc], end, context, n) for ix, doc, end in found), conts
+    return (max(_extend_back(ix.docs[doc], end, context, n) for ix, doc, end, _ in found),
+            [c for *_, c in found])
 
 
 def propose(indexes: Sequence[SuffixIndex], context: Sequence[int], budget: int, depth: int,

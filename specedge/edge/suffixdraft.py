@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 COPY_WEIGHT = 3.0  # an aligned copy's branches against the suffix matches' (1 in all)
 EDIT_DECAY = 0.7  # continuation_tree's decay while an edit is under way
 TRUST_RATE = 0.3  # how fast a session's trust in its suffix proposals follows their hits
+TRUST_GATE = 0.5  # a merged tree holds budget for suffix branches only while trust is this high
+# the prompt's last tokens are a chat template's end of turn and assistant header (5 tokens in
+# Qwen's, Llama 3's and Gemma's): an answer never copies them, so drafts never run into them
+PROMPT_TAIL = 5
 
 
 class SuffixSource:
@@ -47,9 +51,10 @@ class SuffixSource:
         self.own = SuffixIndex()
         self._doc = self.own.add([])
         self.align: Aligner | None = None  # over the first context proposed from (the prompt)
+        self._prompt_len = 0
         # the share of recent proposals whose first token was right (whether or not they were
-        # sent): a merged tree holds budget for suffix branches in proportion
-        self.trust = 1.0
+        # sent), starting undecided: a merged tree holds budget for suffix branches while high
+        self.trust = TRUST_GATE
         self._last: tuple[tuple[int, int, int], Proposal] | None = None
 
     def propose(self, committed: list[int], budget: int, depth: int) -> Proposal:
@@ -64,6 +69,12 @@ class SuffixSource:
         except ValueError:  # not a continuation of what it indexed: start over from it
             self.own = SuffixIndex()
             self._doc = self.own.add(committed)
+            self.align = None
+        if self.align is None:  # the first context: the prompt, its chat template's tail fenced
+            self.own.fence(self._doc, max(0, len(committed) - PROMPT_TAIL), len(committed))
+            self._prompt_len = len(committed)
+            self.align = Aligner(committed[:max(0, len(committed) - PROMPT_TAIL)])
+        self.align.feed(committed[self._prompt_len + len(self.align.out):])
         if self.store is None:
             match_len, conts = candidates([self.own], committed, depth, self.min_match)
         else:
@@ -72,26 +83,18 @@ class SuffixSource:
                 ixs = [self.own] if hist is None else [self.own, hist]
                 match_len, conts = candidates(ixs, committed, depth, self.min_match)
         weights = [1.0 / len(conts)] * len(conts) if conts else []
-        branches = self._aligned(committed).branches(depth) if self.aligning else []
+        branches = self.align.branches(depth) if self.aligning else []
         for b in branches:
             conts.append(list(b.tokens))
             weights.append(COPY_WEIGHT * b.weight)
         evidence = max([match_len] + [b.run for b in branches])
         # an edit under way: its guesses are rivals of like weight, each gets a few nodes
-        decay = EDIT_DECAY if branches and self.align and self.align.p is None else 1.0
+        decay = EDIT_DECAY if branches and self.align.p is None else 1.0
         out = continuation_tree(conts, capped(budget, evidence), depth, weights=weights,
                                 decay=decay)
         out.match_len = evidence if out.size else 0
         self._last = (key, out)
         return out
-
-    def _aligned(self, committed: list[int]) -> Aligner:
-        """The alignment, fed up to committed (a context that does not extend it: anew)."""
-        al = self.align
-        if al is None or committed[:len(al.src) + len(al.out)] != al.src + al.out:
-            al = self.align = Aligner(committed)
-        al.feed(committed[len(al.src) + len(al.out):])
-        return al
 
     def judge(self, context_len: int, tokens: list[int]) -> None:
         """The round that drafted from a context of context_len tokens committed `tokens`:
@@ -193,15 +196,16 @@ def model_shape(shape: TreeShape, source: SuffixSource | None, cfg: SuffixConfig
                 committed: list[int], depth: int | None = None) -> TreeShape:
     """The draft model's share of a merged tree: the whole budget unless the context's tail
     matches at least cfg.min_match tokens (or the answer copies that long a run); then up to
-    cfg.max_share of it (all of it for a run of cfg.full_run), scaled by the source's trust
-    (its recent hits), is left to the suffix branches (as many as they propose)."""
+    cfg.max_share of it (all of it for a run of cfg.full_run) is left to the suffix branches
+    (as many as they propose), while the source's trust (its recent hits) is at least
+    TRUST_GATE."""
     if source is None or not cfg.on or shape.budget < 2:
         return shape
     p = source.propose(committed, shape.budget, depth or shape.depth)
     if p.match_len < cfg.min_match or not p.size:
         return shape
     share = 1.0 if p.match_len >= cfg.full_run else cfg.max_share
-    held = round(min(p.size, int(shape.budget * share)) * source.trust)
+    held = min(p.size, int(shape.budget * share)) if source.trust >= TRUST_GATE else 0
     return TreeShape(shape.budget - held, shape.depth, shape.width, shape.topk) if held else shape
 
 
