@@ -66,21 +66,26 @@ def test_source_drafts_through_an_edit_where_a_suffix_match_has_nothing():
     assert p.match_len >= 4
 
 
-def test_trust_follows_hits_and_scales_the_held_budget():
+def test_trust_follows_hits_and_gates_the_held_budget():
     shape = TreeShape(8, 6, 2, 2)
     ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]
     src = SuffixSource()
-    assert src.trust == 0.5  # no evidence yet: half of what a trusted source holds
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 6
-    for _ in range(8):  # its proposal (6, 7, ...) keeps being wrong
-        src.propose(ctx, 8, 6)
-        src.judge(len(ctx), [42])
-    assert src.trust < 0.1
+    assert src.trust == 0.5  # undecided: a long match holds its share at first
+    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
+    src.propose(ctx, 8, 6)
+    src.judge(len(ctx), [42])  # its proposal (6, 7, ...) was wrong
+    assert src.trust < 0.5
     assert model_shape(shape, src, SuffixConfig(min_match=4), ctx) == shape
     for _ in range(8):
         src.propose(ctx, 8, 6)
+        src.judge(len(ctx), [42])
+    assert src.trust < 0.05
+    src.judge(len(ctx) + 1, [6])  # a round it did not draft for: not judged
+    assert src.trust < 0.05
+    for _ in range(4):  # the proposal is judged whether or not it was sent
+        src.propose(ctx, 8, 6)
         src.judge(len(ctx), [6, 7])
-    assert src.trust > 0.9
+    assert src.trust > 0.7
     assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
 
 
