@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog
 
 from schemas import Sampling
 from specedge import broker
@@ -45,7 +46,7 @@ def looping_prompts(target, n: int, seed: int = 0) -> list[list[int]]:
 
 async def run(url: str, prompts: list[list[int]], mode: str, draft=None, *,
               max_new_tokens: int = 24, shape: TreeShape = SHAPE,
-              store: SuffixStore | None = None, min_match: int = 2):
+              store: SuffixStore | None = None, min_match: int = 2, full_run: int = 12):
     """One session per prompt, one at a time (so history from earlier ones can be used):
     mode "alone" (SuffixDrafter, no model) or "merged" (the draft model plus suffix
     branches) or "model" (the draft alone)."""
@@ -60,7 +61,8 @@ async def run(url: str, prompts: list[list[int]], mode: str, draft=None, *,
             params = SessionParams(prompt_ids=p, max_new_tokens=max_new_tokens,
                                    sampling=Sampling(), seed=i, shape=shape, adaptive=False,
                                    verdict_timeout_s=20,
-                                   suffix=SuffixConfig(min_match if mode != "model" else 0))
+                                   suffix=SuffixConfig(min_match if mode != "model" else 0,
+                                                       full_run=full_run))
             results.append(await EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                                              suffix=src).run())
     finally:
@@ -102,8 +104,16 @@ async def test_merged_drafts_are_exact_and_add_accepted_tokens(nats_server, tiny
     target, draft = tiny_pair
     ps = looping_prompts(target, 4, seed=1)
     async with running_worker(target, nats_server.url):
-        merged = await run(nats_server.url, ps, "merged", draft)
+        with structlog.testing.capture_logs() as logs:
+            merged = await run(nats_server.url, ps, "merged", draft)
+            # a copy run of 4 takes the whole budget: rounds where the model drafts nothing
+            held = await run(nats_server.url, ps, "merged", draft, full_run=4)
         model = await run(nats_server.url, ps, "model", draft)
+    # proactive drafting (on) never forks a draft KV that a suffix-only round left behind
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert any(x.nodes and x.suffix_nodes == x.nodes for r in held for x in r.rounds)
+    for p, h in zip(ps, held, strict=True):
+        assert h.token_ids == reference_greedy(target, p, 24)
     for p, m, a in zip(ps, merged, model, strict=True):
         ref = reference_greedy(target, p, 24)
         assert m.token_ids == ref and a.token_ids == ref

@@ -600,7 +600,10 @@ class EdgeSession:
                     self._look_now = True  # stored before: its verdict may be out already
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
                 pro = self._pro = None
-                if self.p.proactive is not Mode.OFF and tree.size and not self.model_free:
+                # the model drafted this round (a merged tree may be all suffix branches:
+                # then the draft KV lacks the context's tail, nothing to fork from)
+                if (self.p.proactive is not Mode.OFF and tree.size and not self.model_free
+                        and self.drafter.kv_len >= tree.committed_len):
                     pro = self._pro = Proactive(self.committed, tree, self.drafter,
                                                 self._model_shape(), self.p.proactive,
                                                 self._run_model)
