@@ -82,9 +82,13 @@ def test_trust_follows_hits_and_gates_the_held_budget():
     assert src.trust < 0.05
     src.judge(len(ctx) + 1, [6])  # a round it did not draft for: not judged
     assert src.trust < 0.05
+    for _ in range(8):  # one right token is what the model's tree holds too: not a hit
+        src.propose(ctx, 8, 6)
+        src.judge(len(ctx), [6, 42])
+    assert src.trust < 0.05
     for _ in range(4):  # the proposal is judged whether or not it was sent
         src.propose(ctx, 8, 6)
-        src.judge(len(ctx), [6, 7])
+        src.judge(len(ctx), [6, 7, 8, 42])
     assert src.trust > 0.7
     assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
 

@@ -33,6 +33,7 @@ COPY_WEIGHT = 3.0  # an aligned copy's branches against the suffix matches' (1 i
 EDIT_DECAY = 0.7  # continuation_tree's decay while an edit is under way
 TRUST_RATE = 0.3  # how fast a session's trust in its suffix proposals follows their hits
 TRUST_GATE = 0.5  # a merged tree holds budget for suffix branches only while trust is this high
+HIT_DEPTH = 3  # tokens of a proposal (or all of a shorter one) a round must commit to be a hit
 # the prompt's last tokens are a chat template's end of turn and assistant header (5 tokens in
 # Qwen's, Llama 3's and Gemma's): an answer never copies them, so drafts never run into them
 PROMPT_TAIL = 5
@@ -52,7 +53,7 @@ class SuffixSource:
         self._doc = self.own.add([])
         self.align: Aligner | None = None  # over the first context proposed from (the prompt)
         self._prompt_len = 0
-        # the share of recent proposals whose first token was right (whether or not they were
+        # the share of recent proposals whose first 3 tokens were right (whether or not they were
         # sent), starting undecided: a merged tree holds budget for suffix branches while high
         self.trust = TRUST_GATE
         self._last: tuple[tuple[int, int, int], Proposal] | None = None
@@ -98,10 +99,13 @@ class SuffixSource:
 
     def judge(self, context_len: int, tokens: list[int]) -> None:
         """The round that drafted from a context of context_len tokens committed `tokens`:
-        did this source's proposal for it hold them?"""
+        did this source's proposal for it hold them (HIT_DEPTH deep)?"""
         if self._last is None or self._last[0][0] != context_len or not self._last[1].size:
             return
-        hit = accepted_len(self._last[1], tokens) > 0
+        p = self._last[1]
+        # a hit: the proposal held a copy, not just the next token (which the model's tree
+        # holds as well: a held budget pays only for what the model would not have drafted)
+        hit = accepted_len(p, tokens) >= min(HIT_DEPTH, max(p.depths))
         self.trust += TRUST_RATE * (hit - self.trust)
 
     def finish(self, committed: list[int]) -> None:
