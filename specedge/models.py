@@ -416,7 +416,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def tokenizer_identity(ref: str) -> tuple[str, int | None]:
     """(fingerprint, id count) of the tokenizer that comes with model `ref` (specedge.vocab),
-    or ("", None) when it has none: then pairing falls back to the embedding size."""
+    or ("", None) when it has none: then pairing falls back to the embedding size. Remembered
+    per tokenizer files and versions (specedge.startcache): loading and hashing a large
+    vocabulary takes a second of a verifier's start."""
+    from specedge import startcache
+
+    material = _tokenizer_material(ref)
+    known = startcache.get("tokenizer", material)
+    if known is not None:
+        return known["fingerprint"], known["count"]
+    found = _tokenizer_identity(ref)
+    if found[0]:
+        startcache.put("tokenizer", material, {"fingerprint": found[0], "count": found[1]})
+    return found
+
+
+def _tokenizer_material(ref: str) -> dict | None:
+    """What a model directory's tokenizer identity depends on: its files but the weights,
+    and the versions that read and hash them (None for other references)."""
+    import importlib.metadata as md
+
+    from specedge import startcache, synthetic
+
+    path = None if synthetic.is_synthetic(ref) else Path(resolve(ref))
+    if path is None or not path.is_dir():
+        return None
+    vocab_code = Path(__file__).with_name("vocab.py").read_bytes()
+    return {"model": str(path.resolve()),
+            "files": startcache.files_of(path, lambda f: f.is_file() and f.suffix not in (
+                ".safetensors", ".bin", ".pt", ".gguf")),
+            "versions": [md.version(p) for p in ("transformers", "tokenizers")],
+            "code": hashlib.sha256(vocab_code).hexdigest()}
+
+
+def _tokenizer_identity(ref: str) -> tuple[str, int | None]:
     from specedge import synthetic
     from specedge.vocab import fingerprint, token_count
 

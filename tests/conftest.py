@@ -50,13 +50,13 @@ FAST_CONSUMER = broker.ConsumerSettings(ack_wait_s=2.0, max_deliver=10)
 def check_cache(tmp_path_factory):
     """The remembered start-up checks (specedge/execution/checkcache.py) of this run's
     models, commands started by the tests included, kept out of the user's cache."""
-    old = os.environ.get("SPECEDGE_CHECKS")
-    os.environ["SPECEDGE_CHECKS"] = str(tmp_path_factory.mktemp("checks"))
+    old = os.environ.get("SPECEDGE_STARTUP_CACHE")
+    os.environ["SPECEDGE_STARTUP_CACHE"] = str(tmp_path_factory.mktemp("startup"))
     yield
     if old is None:
-        os.environ.pop("SPECEDGE_CHECKS", None)
+        os.environ.pop("SPECEDGE_STARTUP_CACHE", None)
     else:
-        os.environ["SPECEDGE_CHECKS"] = old
+        os.environ["SPECEDGE_STARTUP_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

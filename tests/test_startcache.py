@@ -1,7 +1,9 @@
-"""The start-up checks remembered per model (specedge/execution/checkcache.py): a warm start
-skips the layout's and the probe's reference forwards and gives the same logits; any change
-of what the checks depend on runs them again; a stale, foreign or corrupt entry never stands
-in for a check, and a refusal is never remembered."""
+"""Start-up results remembered on disk (specedge/startcache.py). The model checks
+(specedge/execution/checkcache.py): a warm start skips the layout's and the probe's reference
+forwards and gives the same logits; any change of what the checks depend on runs them again;
+a stale, foreign or corrupt entry never stands in for a check, and a refusal is never
+remembered. The tokenizer identity (specedge.models.tokenizer_identity): remembered, and
+recomputed when a tokenizer file changes."""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from tests.conftest import tiny_model
 
 @pytest.fixture
 def checks(tmp_path, monkeypatch):
-    d = tmp_path / "checks"
-    monkeypatch.setenv("SPECEDGE_CHECKS", str(d))
+    d = tmp_path / "startup"
+    monkeypatch.setenv("SPECEDGE_STARTUP_CACHE", str(d))
     return d
 
 
@@ -79,7 +81,7 @@ def test_any_change_of_what_the_checks_depend_on_runs_them_again(checks, model_d
     assert start(model_dir)[1] == 4
     monkeypatch.setattr(checkcache, "code_digest", lambda: "edited")  # our execution code
     assert start(model_dir)[1] == 4
-    monkeypatch.setenv("SPECEDGE_CHECKS", "off")
+    monkeypatch.setenv("SPECEDGE_STARTUP_CACHE", "off")
     assert start(model_dir)[1] == 4
     assert start(model_dir)[1] == 4
 
@@ -115,3 +117,28 @@ def test_a_refused_model_is_refused_again_whatever_the_cache_holds(checks, tmp_p
     assert checkcache.lookup(m) is not None
     with pytest.raises(UnsupportedModel, match="bypass"):
         PackedRunner(model)
+
+
+def test_the_tokenizer_identity_is_remembered_until_its_files_change(checks, model_dirs,
+                                                                     monkeypatch, tmp_path):
+    import shutil
+
+    from specedge import models
+
+    d = tmp_path / "target"
+    shutil.copytree(model_dirs[0], d)
+    first = models.tokenizer_identity(str(d))
+    assert first[0] and first[1]
+    loads = []
+    real = models.load_tokenizer
+    monkeypatch.setattr(models, "load_tokenizer", lambda ref: loads.append(ref) or real(ref))
+    assert models.tokenizer_identity(str(d)) == first and not loads
+    cfg = d / "tokenizer_config.json"
+    data = json.loads(cfg.read_text())
+    data["added_tokens_decoder"] = {**data.get("added_tokens_decoder", {}), "300": {
+        "content": "<extra>", "special": True, "lstrip": False, "rstrip": False,
+        "normalized": False, "single_word": False}}
+    cfg.write_text(json.dumps(data))
+    changed = models.tokenizer_identity(str(d))
+    assert loads and changed != first  # read again: one more id
+    assert models.tokenizer_identity(str(d)) == changed and len(loads) == 1
