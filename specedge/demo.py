@@ -133,13 +133,15 @@ def load_draft(a: argparse.Namespace) -> tuple:
     the target's tokenizer and no model for suffix drafts."""
     from specedge.cli import runner_opts
     from specedge.execution import PackedRunner
-    from specedge.models import load_model, load_tokenizer
+    from specedge.models import load_model, load_tokenizer, tokenizer_identity
     from specedge.vocab import token_count
 
     if is_suffix(a.draft):  # no draft model: the target's tokenizer, suffix drafts
         return load_tokenizer(a.target), None, None
     tok = load_tokenizer(a.draft)
-    count = token_count(tok)  # and its fingerprint: both kept for the session's open (vocab.py)
+    # its fingerprint and id count, kept on it for the session's open: remembered on disk
+    # (a warm machine hashes no vocabulary), else computed now, while the verifier loads
+    count = tokenizer_identity(a.draft, tok)[1] or token_count(tok)
     draft = load_model(a.draft, dtype=a.dtype, device=a.device)
     runner = None
     if not (a.api or a.serve):  # edge serve builds its own

@@ -414,20 +414,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
                    "spiece.model", "vocab.txt")
 
 
-def tokenizer_identity(ref: str) -> tuple[str, int | None]:
+def tokenizer_identity(ref: str, tok: PreTrainedTokenizerBase | None = None
+                       ) -> tuple[str, int | None]:
     """(fingerprint, id count) of the tokenizer that comes with model `ref` (specedge.vocab),
     or ("", None) when it has none: then pairing falls back to the embedding size. Remembered
     per tokenizer files and versions (specedge.startcache): loading and hashing a large
-    vocabulary takes a second of a verifier's start."""
-    from specedge import startcache
+    vocabulary takes a second of a verifier's start. `tok`: that tokenizer, already loaded
+    (not loaded again; its identity is then kept on it for specedge.vocab's callers)."""
+    from specedge import startcache, vocab
 
     material = _tokenizer_material(ref)
     known = startcache.get("tokenizer", material)
     if known is not None:
-        return known["fingerprint"], known["count"]
-    found = _tokenizer_identity(ref)
-    if found[0]:
+        found = known["fingerprint"], known["count"]
+    elif tok is not None:
+        found = vocab.identity(tok)
+    else:
+        found = _tokenizer_identity(ref)
+    if known is None and found[0]:
         startcache.put("tokenizer", material, {"fingerprint": found[0], "count": found[1]})
+    if tok is not None and found[0]:
+        vocab.remember(tok, *found)
     return found
 
 

@@ -21,7 +21,7 @@ _known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def identity(tok) -> tuple[str, int]:
     """(fingerprint, token_count) of a tokenizer, computed once per tokenizer object (again
     if tokens are added to it or its special tokens change)."""
-    stamp = (len(tok), tuple(map(str, getattr(tok, "all_special_tokens", []) or [])))
+    stamp = _stamp(tok)
     try:
         known = _known.get(tok)
     except TypeError:  # not weakly referable
@@ -33,6 +33,18 @@ def identity(tok) -> tuple[str, int]:
         except TypeError:
             pass
     return known[1], known[2]
+
+
+def remember(tok, fp: str, count: int) -> None:
+    """`tok`'s identity, known from its files (specedge.models.tokenizer_identity)."""
+    try:
+        _known[tok] = (_stamp(tok), fp, count)
+    except TypeError:  # not weakly referable: computed when asked
+        pass
+
+
+def _stamp(tok) -> tuple:
+    return len(tok), tuple(map(str, getattr(tok, "all_special_tokens", []) or []))
 
 
 def fingerprint(tok) -> str:

@@ -142,3 +142,19 @@ def test_the_tokenizer_identity_is_remembered_until_its_files_change(checks, mod
     changed = models.tokenizer_identity(str(d))
     assert loads and changed != first  # read again: one more id
     assert models.tokenizer_identity(str(d)) == changed and len(loads) == 1
+
+
+def test_a_loaded_tokenizer_takes_its_remembered_identity(checks, model_dirs, monkeypatch):
+    """The demo's draft tokenizer: on a warm machine its identity comes from the cache and is
+    kept on it, so the session's open hashes no vocabulary."""
+    from specedge import models
+    from specedge.vocab import fingerprint, token_count
+
+    ref = model_dirs[1]
+    want = models.tokenizer_identity(ref)  # remembered
+    tok = models.load_tokenizer(ref)
+    calls = []
+    real = type(tok).get_vocab
+    monkeypatch.setattr(type(tok), "get_vocab", lambda self: calls.append(1) or real(self))
+    assert models.tokenizer_identity(ref, tok) == want
+    assert (fingerprint(tok), token_count(tok)) == want and not calls
