@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
+# the names only: torch takes a second to import, and the demo parses its flags and starts its
+# verifier before it needs torch (DTYPES, the torch dtypes, imports it on first use)
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-          "float16": torch.float16}
+
+def __getattr__(name: str):
+    if name == "DTYPES":
+        import torch
+
+        return {n: getattr(torch, n) for n in DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -16,7 +23,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="broker URL (default: $SPECEDGE_NATS)")
     add_auth(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
                    help="model dtype (auto: bfloat16 on a GPU that computes it natively; on a "
                         "CPU the faster of bfloat16 and float32, timed at start-up: bfloat16 "
                         "wins only where the CPU computes it natively, AVX512-BF16 or AMX)")
@@ -64,4 +71,6 @@ def connect_opts(a: argparse.Namespace, inbox_prefix: str | None = None) -> dict
 
 def apply_threads(n: int | None) -> None:
     if n:
+        import torch
+
         torch.set_num_threads(n)

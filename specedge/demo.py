@@ -36,7 +36,7 @@ import structlog
 # Light imports only up to the verifier's start: the edge's (the model code, transformers)
 # come after it, so that both processes' imports run side by side (see main).
 from specedge import broker, lifecycle, logs, settings, subjects
-from specedge.cli import DTYPES, add_common
+from specedge.cli import add_common
 from specedge.config import TreeShape, is_suffix
 from specedge.edge.args import LONE_PREFILL_CHUNK, add_generation_args
 from specedge.orphan import tied_to_parent
@@ -133,16 +133,19 @@ def load_draft(a: argparse.Namespace) -> tuple:
     the target's tokenizer and no model for suffix drafts."""
     from specedge.cli import runner_opts
     from specedge.execution import PackedRunner
-    from specedge.models import load_model, load_tokenizer
+    from specedge.models import load_model, load_tokenizer, tokenizer_identity
     from specedge.vocab import token_count
 
     if is_suffix(a.draft):  # no draft model: the target's tokenizer, suffix drafts
         return load_tokenizer(a.target), None, None
     tok = load_tokenizer(a.draft)
-    draft = load_model(a.draft, dtype=DTYPES[a.dtype], device=a.device)
+    # its fingerprint and id count, kept on it for the session's open: remembered on disk
+    # (a warm machine hashes no vocabulary), else computed now, while the verifier loads
+    count = tokenizer_identity(a.draft, tok)[1] or token_count(tok)
+    draft = load_model(a.draft, dtype=a.dtype, device=a.device)
     runner = None
     if not (a.api or a.serve):  # edge serve builds its own
-        runner = PackedRunner(draft, vocab_limit=token_count(tok), **runner_opts(a))
+        runner = PackedRunner(draft, vocab_limit=count, **runner_opts(a))
     return tok, draft, runner
 
 
@@ -259,7 +262,7 @@ def check_against_target(a: argparse.Namespace, tok, text: str, n: int) -> bool:
     from specedge.edge.text import prompt_ids
     from specedge.models import load_model
 
-    target = load_model(a.target, dtype=DTYPES[a.dtype], device=a.device)
+    target = load_model(a.target, dtype=a.dtype, device=a.device)
     ids = prompt_ids(tok, a.prompt, True)
     dev = target.device
     with torch.no_grad():
@@ -376,7 +379,7 @@ def time_target_alone(a: argparse.Namespace, n: int) -> float:
 
     torch.set_num_threads(os.cpu_count() or 1)
     ids = prompt_ids(load_tokenizer(a.draft), a.prompt, a.chat)
-    target = load_model(a.target, dtype=DTYPES[a.dtype], device=a.device)
+    target = load_model(a.target, dtype=a.dtype, device=a.device)
     x = torch.tensor([ids], device=target.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -385,24 +388,32 @@ def time_target_alone(a: argparse.Namespace, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def choose_dtype(a: argparse.Namespace, vthreads: int, ethreads: int):
+    """--dtype resolved (`auto`: timed with the verifier's threads, what it will run), one
+    choice for both processes; torch then keeps the edge's threads."""
+    import torch
+
+    from specedge.models import pick_dtype
+
+    torch.set_num_threads(vthreads)
+    choice = pick_dtype(a.target, a.dtype, a.device)
+    a.dtype = choice.dtype
+    torch.set_num_threads(ethreads)
+    return choice
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     state = Path(tempfile.mkdtemp(prefix="specedge-demo-"))
     log_file = configure_logs(a, state)
     log.info("config", command="demo", **settings.effective(a))
-    from specedge.models import pick_dtype, resolve
+    from specedge.models import resolve
 
     for ref in (a.target, a.draft):
         if not is_suffix(ref):
             resolve(ref)  # a clear error now rather than inside a child process
     cores = os.cpu_count() or 2
     vthreads, ethreads = threads(cores, a.verifier_threads, a.threads)
-    import torch
-
-    torch.set_num_threads(vthreads)  # the dtype probe times what the verifier will run
-    choice = pick_dtype(a.target, a.dtype, a.device)
-    a.dtype = choice.dtype  # one choice for both processes
-    torch.set_num_threads(ethreads)
     # From here on a signal unwinds through the finally below, which stops the children.
     lifecycle.raise_on_signals()
     nats_srv = broker.EmbeddedNats(store_dir=state / "nats")
@@ -413,16 +424,27 @@ def main(argv=None) -> int:
         nats_srv.start()
         broker.run_setup(nats_srv.url)
         env = dict(os.environ, SPECEDGE_LOG=a.log_level or "info")
+        # The verifier starts first: its imports (seconds) run while this process imports
+        # torch and times the dtypes; under --dtype auto it reads the choice from its stdin
+        # before loading, so that both processes run one choice.
         # No start-up cost calibration and so no idle probes: on one machine they only take
         # the cores the edge drafts on, and delay the first answer by a dozen forwards. The
         # knee is the default tree's, the prefill chunk a lone session's.
+        late = a.dtype == "auto"
         verifier = subprocess.Popen(tied_to_parent(
             [sys.executable, "-m", "workers.verifier", "--nats", nats_srv.url, "--model",
-             a.target, "--dtype", a.dtype, "--device", a.device, "--threads", str(vthreads),
+             a.target, *(["--dtype-from-stdin"] if late else ["--dtype", a.dtype]),
+             "--device", a.device, "--threads", str(vthreads),
              "--attention", a.attention, "--adaptive-batch-tokens", str(TreeShape().budget),
              "--prefill-chunk", str(LONE_PREFILL_CHUNK),
              *({True: ["--cuda-graphs"], False: ["--no-cuda-graphs"]}.get(a.cuda_graphs, []))]),
-            stdout=vlog, stderr=subprocess.STDOUT, env=env)
+            stdin=subprocess.PIPE if late else None, stdout=vlog, stderr=subprocess.STDOUT,
+            env=env)
+        choice = choose_dtype(a, vthreads, ethreads)
+        if late:
+            with contextlib.suppress(BrokenPipeError):  # it exited: wait_verifier says why
+                verifier.stdin.write(f"{choice.dtype}\n".encode())
+                verifier.stdin.close()
         log.info("started", broker=nats_srv.url, broker_pid=nats_srv.proc.pid,
                  verifier_pid=verifier.pid, verifier_log=str(state / "verifier.log"),
                  verifier_threads=vthreads, edge_threads=ethreads, **choice.fields())
@@ -448,6 +470,9 @@ def main(argv=None) -> int:
     finally:
         lifecycle.ignore_signals()  # the cleanup runs to its end; each wait is bounded
         if verifier is not None:
+            if verifier.stdin is not None and not verifier.stdin.closed:
+                with contextlib.suppress(OSError):  # no choice came: it reads an end of file
+                    verifier.stdin.close()
             stop_child(verifier, "verifier",
                        hopeless=lambda: nats_srv.proc is None or nats_srv.proc.poll() is not None)
         vlog.close()

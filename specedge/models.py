@@ -414,9 +414,49 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
                    "spiece.model", "vocab.txt")
 
 
-def tokenizer_identity(ref: str) -> tuple[str, int | None]:
+def tokenizer_identity(ref: str, tok: PreTrainedTokenizerBase | None = None
+                       ) -> tuple[str, int | None]:
     """(fingerprint, id count) of the tokenizer that comes with model `ref` (specedge.vocab),
-    or ("", None) when it has none: then pairing falls back to the embedding size."""
+    or ("", None) when it has none: then pairing falls back to the embedding size. Remembered
+    per tokenizer files and versions (specedge.startcache): loading and hashing a large
+    vocabulary takes a second of a verifier's start. `tok`: that tokenizer, already loaded
+    (not loaded again; its identity is then kept on it for specedge.vocab's callers)."""
+    from specedge import startcache, vocab
+
+    material = _tokenizer_material(ref)
+    known = startcache.get("tokenizer", material)
+    if known is not None:
+        found = known["fingerprint"], known["count"]
+    elif tok is not None:
+        found = vocab.identity(tok)
+    else:
+        found = _tokenizer_identity(ref)
+    if known is None and found[0]:
+        startcache.put("tokenizer", material, {"fingerprint": found[0], "count": found[1]})
+    if tok is not None and found[0]:
+        vocab.remember(tok, *found)
+    return found
+
+
+def _tokenizer_material(ref: str) -> dict | None:
+    """What a model directory's tokenizer identity depends on: its files but the weights,
+    and the versions that read and hash them (None for other references)."""
+    import importlib.metadata as md
+
+    from specedge import startcache, synthetic
+
+    path = None if synthetic.is_synthetic(ref) else Path(resolve(ref))
+    if path is None or not path.is_dir():
+        return None
+    vocab_code = Path(__file__).with_name("vocab.py").read_bytes()
+    return {"model": str(path.resolve()),
+            "files": startcache.files_of(path, lambda f: f.is_file() and f.suffix not in (
+                ".safetensors", ".bin", ".pt", ".gguf")),
+            "versions": [md.version(p) for p in ("transformers", "tokenizers")],
+            "code": hashlib.sha256(vocab_code).hexdigest()}
+
+
+def _tokenizer_identity(ref: str) -> tuple[str, int | None]:
     from specedge import synthetic
     from specedge.vocab import fingerprint, token_count
 

@@ -46,6 +46,19 @@ def related_draft(target: Qwen2ForCausalLM, noise: float, seed: int) -> Qwen2For
 FAST_CONSUMER = broker.ConsumerSettings(ack_wait_s=2.0, max_deliver=10)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def check_cache(tmp_path_factory):
+    """The remembered start-up checks (specedge/execution/checkcache.py) of this run's
+    models, commands started by the tests included, kept out of the user's cache."""
+    old = os.environ.get("SPECEDGE_STARTUP_CACHE")
+    os.environ["SPECEDGE_STARTUP_CACHE"] = str(tmp_path_factory.mktemp("startup"))
+    yield
+    if old is None:
+        os.environ.pop("SPECEDGE_STARTUP_CACHE", None)
+    else:
+        os.environ["SPECEDGE_STARTUP_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def test_device() -> str:
     """The device of the `cuda`-marked tests: $SPECEDGE_TEST_DEVICE, default cuda; they skip

@@ -38,6 +38,22 @@ def test_fingerprint_tells_tokenizers_apart_not_files():
     assert fingerprint(a) != fingerprint(c) and len(a) == len(c) == token_count(a) == 256
 
 
+
+def test_the_identity_is_computed_once_per_tokenizer_until_it_changes(monkeypatch):
+    """get_vocab builds every token's entry: once per tokenizer object, again only when a
+    token is added or a special token changes (the edge's open and the demo share it)."""
+    tok = char_tokenizer()
+    calls = []
+    real = type(tok).get_vocab
+    monkeypatch.setattr(type(tok), "get_vocab", lambda self: calls.append(1) or real(self))
+    first = (fingerprint(tok), token_count(tok))
+    assert (fingerprint(tok), token_count(tok)) == first and len(calls) == 1
+    tok.add_tokens(["<tool>"])
+    assert token_count(tok) == 257 and fingerprint(tok) != first[0] and len(calls) == 2
+    tok.add_special_tokens({"eos_token": "<tool>"})
+    changed = fingerprint(tok)
+    assert len(calls) == 3 and changed != first[0]
+    assert changed == fingerprint(tok) and len(calls) == 3
 @pytest.mark.timeout(180)
 async def test_cli_edge_refuses_a_draft_with_another_tokenizer_naming_both(nats_server,
                                                                             model_dirs):

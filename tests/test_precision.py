@@ -175,17 +175,61 @@ def test_the_edge_flags_name_every_proactive_mode():
 
 
 def test_the_demo_starts_its_verifier_before_importing_the_model_code():
-    """Its module and its flags import neither transformers nor the execution code, so the
-    verifier process's imports run beside the demo's rather than after them."""
+    """Its module and its flags import neither torch, transformers nor the execution code,
+    so the verifier process's imports run beside the demo's rather than after them."""
     import subprocess
     import sys
 
     from tests.procs import ROOT
 
     code = ("import sys, specedge.demo as d; d.parse(['--prompt', 'x']); "
-            "print(sorted(m for m in sys.modules if m.startswith(('transformers', "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers', 'torch', "
             "'specedge.execution', 'specedge.edge.proactive'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_demo_auto_hands_its_choice_to_the_verifier_it_started_first(model_dirs):
+    """--dtype auto: the verifier starts before the dtypes are timed and loads in the
+    demo's choice, read from its stdin; both logs name the one choice."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.procs import ROOT
+
+    target, draft = model_dirs
+    env = {k: v for k, v in os.environ.items() if k != "SPECEDGE_LOG"}
+    p = subprocess.run(
+        [sys.executable, "-m", "specedge.demo", "--target", target, "--draft", draft,
+         "--dtype", "auto", "--prompt", "Hello there", "--max-new-tokens", "8", "--no-chat"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    logs = Path(p.stderr.strip().splitlines()[-1].removeprefix("[logs: ").removesuffix("]"))
+
+    def events(name: str) -> list[dict]:
+        return [json.loads(x) for x in (logs / name).read_text().splitlines()
+                if x.startswith("{")]
+
+    started = next(e for e in events("demo.log") if e["event"] == "started")
+    assert started["dtype"] in ("bfloat16", "float32") and started["dtype_how"] == "measured"
+    vcfg = next(e for e in events("verifier.log") if e["event"] == "config")
+    assert vcfg["dtype_from_stdin"] and vcfg["dtype"] == started["dtype"]
+    assert any(e["event"] == "verifier ready" for e in events("verifier.log"))
+
+
+def test_the_verifier_refuses_a_missing_or_bad_dtype_on_stdin(target_dir):
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+
+    for given in ("", "float8\n"):
+        p = subprocess.run([sys.executable, "-m", "workers.verifier", "--model", target_dir,
+                            "--nats", "nats://127.0.0.1:1", "--dtype-from-stdin"],
+                           input=given, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 2 and "no dtype on stdin" in p.stderr, p.stderr[-2000:]

@@ -136,6 +136,12 @@ def layout_from_calls(layers: int, calls: list) -> KVLayout:
     return KVLayout(layers, shapes, shares)
 
 
+def remember(model, layout: KVLayout) -> None:
+    """`layout` as model's, found earlier (checkcache.py): `discover` returns it, no forward."""
+    with _lock:
+        _found[model] = layout
+
+
 @torch.no_grad()
 def discover(model) -> KVLayout:
     """Each layer's KV as the model's attention calls receive it (cached per model). Raises

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from specedge.execution import compiling, flex, recurrent
+from specedge.execution import checkcache, compiling, flex, kvlayout, recurrent
 from specedge.execution.attention import Backend, backend_for
 from specedge.execution.graphs import GraphRunner
 from specedge.execution.kvlayout import discover
@@ -109,6 +109,12 @@ class PackedRunner:
         self.device = next(model.parameters()).device
         self._no_mask = torch.zeros(1, 1, 1, 1, dtype=next(model.parameters()).dtype,
                                     device=self.device)
+        # the checks below, remembered from a start with the same files, format, device and
+        # versions (checkcache.py): the layout's forward and two of the probe's are skipped
+        check_key = checkcache.material(model, self.vocab_size)
+        known = checkcache.lookup(check_key)
+        if known is not None:
+            kvlayout.remember(model, known["layout"])
         if pool is None and kv_budget_tokens is None and self.device.type == "cuda":
             kv_budget_tokens = gpu_share_tokens(model, GPU_DEFAULT_SHARE, block_size)
         self.pool = pool or KVPool.for_model(model, capacity_tokens=kv_budget_tokens,
@@ -131,7 +137,11 @@ class PackedRunner:
                 "sdpa" if attention == "auto" else attention, self.device)
         # what each layer's attention asks for, checked against the model's own attention
         # (refused with UnsupportedModel when the packed path is not exact)
-        self.layer_attention: dict[int, LayerAttention] = probe_model(self)
+        same = known is not None and known["attention"] == self.attention
+        self.layer_attention: dict[int, LayerAttention]
+        self.layer_attention, figures = probe_model(self, known["result"] if same else None)
+        if not same:
+            checkcache.remember(check_key, self.pool.layout, self.attention, figures)
         self.mask_kinds: set[MaskKind] = {a.mask for a in self.layer_attention.values()}
         if cuda_graphs is None:  # a graph replays no host-side grouping of stateful rows
             cuda_graphs = (self.device.type == "cuda" and self.attention == "flex"

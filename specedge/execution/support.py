@@ -13,7 +13,9 @@ are refused here, in one line naming the model and the reason, never run:
 1. by the config, before anything is allocated (`check_config`);
 2. by a start-up probe (`probe_model`): one prompt and a draft tree on it through the packed
    path, against the model's own eager forward of the same paths, counting the attention
-   calls against the model's layers.
+   calls against the model's layers. A model that passed it before under the same files,
+   dtype, device and versions (checkcache.py) runs only the prompt's forward: the layers'
+   calls are still counted and read, the comparison is remembered.
 """
 
 from __future__ import annotations
@@ -171,9 +173,11 @@ def reference_logits(model, ids: list[int], attention: str = "eager",
         model.set_attn_implementation(before)
 
 
-def probe_model(runner) -> dict[int, LayerAttention]:
-    """Run the probe through `runner` (see the module doc); each layer's attention as its
-    calls asked for it. Raises UnsupportedModel."""
+def probe_model(runner, known: dict | None = None) -> tuple[dict[int, LayerAttention], dict]:
+    """Run the probe through `runner` (see the module doc): each layer's attention as its
+    calls asked for it, and the comparison's figures. `known`: those figures from a pass
+    under the same key (checkcache.py): the tree and the reference forward are skipped.
+    Raises UnsupportedModel."""
     cfg = runner.model.config
     expected = attention_layers(cfg)
     ids, decoy = _probe_ids(runner.vocab_size)
@@ -191,16 +195,17 @@ def probe_model(runner) -> dict[int, LayerAttention]:
                                               logits_at=list(range(p - PROBE_ROWS - seq.length,
                                                                    p - seq.length)))])[0]
         calls = runner.attention_calls - before
-        # the rest as a verifier sees it: the root, then a tree of a decoy branch and the
-        # prompt's own continuation
-        nodes = [decoy] + ids[p + 1 :]
-        parents = [0, 0] + list(range(2, len(nodes)))
-        depths = [1] + list(range(1, len(nodes)))
-        tree = runner.forward([Segment.tree(seq, [ids[p]], nodes, parents, depths)])[0]
-        plain = all(a.plain_scores for _, a, _, _ in seen)
-        sdpa = plain and getattr(runner.model, "_supports_sdpa", False)
-        ref = reference_logits(runner.model, ids, "sdpa" if sdpa else "eager",
-                               PROBE_ROWS + 1 + PROBE_CHAIN)
+        if known is None:
+            # the rest as a verifier sees it: the root, then a tree of a decoy branch and the
+            # prompt's own continuation
+            nodes = [decoy] + ids[p + 1 :]
+            parents = [0, 0] + list(range(2, len(nodes)))
+            depths = [1] + list(range(1, len(nodes)))
+            tree = runner.forward([Segment.tree(seq, [ids[p]], nodes, parents, depths)])[0]
+            plain = all(a.plain_scores for _, a, _, _ in seen)
+            sdpa = plain and getattr(runner.model, "_supports_sdpa", False)
+            ref = reference_logits(runner.model, ids, "sdpa" if sdpa else "eager",
+                                   PROBE_ROWS + 1 + PROBE_CHAIN)
     except UnsupportedModel:
         raise
     except Exception as exc:  # whatever breaks, it is this model on this path
@@ -225,6 +230,13 @@ def probe_model(runner) -> dict[int, LayerAttention]:
             raise refuse(cfg, f"layer {layer}'s keys/values {kshape}/{vshape} are not the "
                               f"shapes its first forward showed ({want}): they change from "
                               "one forward to the next")
+    kinds = sorted({(a.mask, a.softcap is not None, a.sinks is not None)
+                    for a in layers.values()}, key=str)
+    kinds_text = [f"window={w} chunk={c} softcap={s} sinks={k}" for (w, c), s, k in kinds]
+    if known is not None:
+        log.info("model checked against its own attention", model=model_name(cfg),
+                 remembered=True, layer_kinds=kinds_text, **known)
+        return layers, known
     if not bool(torch.isfinite(ref).all()):
         raise refuse(cfg, "its own forward gives non-finite logits on the start-up probe")
     v = runner.vocab_size  # past it (embedding padding) the packed rows are -inf by design
@@ -237,10 +249,7 @@ def probe_model(runner) -> dict[int, LayerAttention]:
                 else "attention")
         raise refuse(cfg, f"its packed forward differs from its own by {err:.3g} (tolerance "
                           f"{tol:.3g}): some {what} feature is not supported")
-    kinds = sorted({(a.mask, a.softcap is not None, a.sinks is not None)
-                    for a in layers.values()}, key=str)
+    figures = {"max_abs_diff": round(err, 6), "tolerance": round(tol, 6)}
     log.info("model checked against its own attention", model=model_name(cfg),
-             max_abs_diff=round(err, 6), tolerance=round(tol, 6),
-             layer_kinds=[f"window={w} chunk={c} softcap={s} sinks={k}"
-                          for (w, c), s, k in kinds])
-    return layers
+             layer_kinds=kinds_text, **figures)
+    return layers, figures

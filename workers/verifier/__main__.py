@@ -117,7 +117,21 @@ def parse(argv=None) -> argparse.Namespace:
                    help="serve /metrics, /health and /ready on this port (0: any free port; "
                         "default: off)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address for --metrics-port")
+    # the demo's: it starts this process before it has timed the dtypes (specedge/demo.py)
+    p.add_argument("--dtype-from-stdin", action="store_true", help=argparse.SUPPRESS)
     return settings.parse_args(p, "verifier", argv)
+
+
+def dtype_from_stdin() -> str:
+    """--dtype-from-stdin: the first line of stdin names the dtype (the demo writes it once
+    it has chosen); ValueError for anything else, an end of file included."""
+    from specedge.cli import DTYPE_NAMES
+
+    name = sys.stdin.readline().strip()
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"no dtype on stdin (got {name[:40]!r}; want one of "
+                         f"{', '.join(DTYPE_NAMES)})")
+    return name
 
 
 async def amain(a: argparse.Namespace) -> int:
@@ -172,6 +186,12 @@ def main(argv=None) -> int:
     a = parse(argv)
     logs.configure(a.log_level)
     log = structlog.get_logger("workers.verifier")
+    if a.dtype_from_stdin:
+        try:
+            a.dtype = dtype_from_stdin()
+        except ValueError as exc:
+            print(f"workers.verifier: {exc}", file=sys.stderr)
+            return 2
     log.info("config", **settings.effective(a))
     apply_threads(a.threads)
     logs.install_uvloop()
