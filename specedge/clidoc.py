@@ -56,6 +56,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench.hostpath", what="the verifier's host-side path"),
     Command("bench.pick", what="the sampled pick"),
     Command("bench.flexlayout", what="FlexAttention block layouts"),
+    Command("bench.suffixreplay", what="model-free drafting replayed on recorded answers"),
     Command("bench.gpu_check", entry="parse", what="every GPU check in one run"),
 )
 

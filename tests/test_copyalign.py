@@ -70,10 +70,12 @@ def test_trust_follows_hits_and_gates_the_held_budget():
     shape = TreeShape(8, 6, 2, 2)
     ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]
     src = SuffixSource()
-    assert src.trust == 0.5  # undecided: a long match holds its share at first
+    assert src.trust < 0.5  # no hit yet: a long match holds nothing
+    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx) == shape
+    src.judge(len(ctx), [6, 7, 8])  # its proposal (6, 7, 8, ...) held 3 tokens: one hit opens
     assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
     src.propose(ctx, 8, 6)
-    src.judge(len(ctx), [42])  # its proposal (6, 7, ...) was wrong
+    src.judge(len(ctx), [42])  # and one miss closes
     assert src.trust < 0.5
     assert model_shape(shape, src, SuffixConfig(min_match=4), ctx) == shape
     for _ in range(8):

@@ -33,6 +33,7 @@ COPY_WEIGHT = 3.0  # an aligned copy's branches against the suffix matches' (1 i
 EDIT_DECAY = 0.7  # continuation_tree's decay while an edit is under way
 TRUST_RATE = 0.3  # how fast a session's trust in its suffix proposals follows their hits
 TRUST_GATE = 0.5  # a merged tree holds budget for suffix branches only while trust is this high
+TRUST_START = 0.35  # below the gate: a session holds budget only after one hit (3 tokens held)
 HIT_DEPTH = 3  # tokens of a proposal (or all of a shorter one) a round must commit to be a hit
 # the prompt's last tokens are a chat template's end of turn and assistant header (5 tokens in
 # Qwen's, Llama 3's and Gemma's): an answer never copies them, so drafts never run into them
@@ -55,7 +56,7 @@ class SuffixSource:
         self._prompt_len = 0
         # the share of recent proposals whose first 3 tokens were right (whether or not they were
         # sent), starting undecided: a merged tree holds budget for suffix branches while high
-        self.trust = TRUST_GATE
+        self.trust = TRUST_START
         self._last: tuple[tuple[int, int, int], Proposal] | None = None
 
     def propose(self, committed: list[int], budget: int, depth: int) -> Proposal:
