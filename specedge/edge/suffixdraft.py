@@ -54,8 +54,8 @@ class SuffixSource:
         self._doc = self.own.add([])
         self.align: Aligner | None = None  # over the first context proposed from (the prompt)
         self._prompt_len = 0
-        # the share of recent proposals whose first 3 tokens were right (whether or not they were
-        # sent), starting undecided: a merged tree holds budget for suffix branches while high
+        # how often recent proposals held the next HIT_DEPTH tokens (sent or not); a merged tree
+        # holds budget for suffix branches while it is at least TRUST_GATE
         self.trust = TRUST_START
         self._last: tuple[tuple[int, int, int], Proposal] | None = None
 
@@ -113,6 +113,7 @@ class SuffixSource:
         """The session is over: its tokens become history for its tenant's next requests."""
         if self.store is not None:
             self.store.add(self.tenant, committed)
+
 
 class SuffixDrafter:
     """The model-free edge's drafter: what a session asks of a Drafter (KV upkeep, rollback,
