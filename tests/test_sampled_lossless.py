@@ -73,6 +73,8 @@ def run_trials(target, draft, s: Sampling = S, *, trials: int = TRIALS, eng: Eng
         dr = Drafter(drunner)
         dr.catch_up(st.committed[:-1])
         src = SuffixSource(SUFFIX_HISTORY, "t") if suffix else None
+        if src is not None:  # trusted (as after hits): merged trees hold budget for it
+            src.trust = 1.0
         while not st.finished:
             if suffix == "alone":
                 tree = SuffixBuilder(src, st.committed, shape).run()
