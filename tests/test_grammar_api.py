@@ -6,6 +6,7 @@ schema, tool calls parsed and streamed as OpenAI's, bad input refused before any
 from __future__ import annotations
 
 import json
+import threading
 
 import jsonschema
 import openai
@@ -195,6 +196,14 @@ async def test_bad_structured_requests_refused_before_any_work(nats_server, tiny
 def test_a_compile_over_the_time_limit_is_refused(tok):
     from specedge.execution.grammar import GrammarError
 
-    g = Grammars(tok, 256, timeout_s=1e-6)
-    with pytest.raises(GrammarError, match="did not compile within"):
-        g.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)), [255])
+    # the compile thread busy until the caller has given up: over the limit whatever the CPU
+    # (a microsecond limit raced a loaded machine: the compile could finish first)
+    g = Grammars(tok, 256, timeout_s=0.05, threads=1)
+    gate = threading.Event()
+    g._pool.submit(gate.wait, 60)
+    try:
+        with pytest.raises(GrammarError, match="did not compile within"):
+            g.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)), [255])
+    finally:
+        gate.set()
+    assert g.compile(GrammarSpec("json_schema", json.dumps(SCHEMA)), [255], timeout_s=60)
