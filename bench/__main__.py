@@ -37,6 +37,8 @@ from schemas import Sampling
 from specedge import logs
 from specedge.config import SuffixConfig, TreeShape, suffix_shape
 from specedge.edge.coalesce import CoalescingRunner
+from specedge.edge.corpus import BUILTIN, corpus_ref
+from specedge.edge.corpus import load as suffix_corpus
 from specedge.edge.proactive import Mode
 from specedge.edge.text import eos_ids, prompt_ids
 from specedge.execution import PackedRunner
@@ -69,6 +71,10 @@ def parse(argv=None) -> argparse.Namespace:
                    help="prompts taken from each category (runs cycle through them)")
     p.add_argument("--suffix-min-match", type=int, default=SuffixConfig().min_match,
                    help="model+suffix: the shortest match that adds suffix branches")
+    p.add_argument("--suffix-corpus", type=corpus_ref, default=BUILTIN,
+                   metavar="builtin|off|FILE",
+                   help="suffix and model+suffix: public text the suffix drafts also match "
+                        "(specedge.edge.corpus)")
     p.add_argument("--edges", type=int, nargs="*", default=None, help="concurrency levels")
     p.add_argument("--temperatures", type=float, nargs="*", default=None)
     p.add_argument("--sampled-edges", type=int, nargs="*", default=None,
@@ -150,11 +156,13 @@ def run_server_side(a, pair: Pair, runs, vcores, eos, tmp: Path) -> list[dict]:
 
 
 def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar,
-                  done: list[dict] | None = None) -> list[dict]:
+                  done: list[dict] | None = None, tok=None) -> list[dict]:
     runner = CoalescingRunner(PackedRunner(draft)) if a.coalesce else PackedRunner(draft)
     base = TreeShape(a.tree_budget, a.tree_depth, a.tree_width, a.tree_topk).check()
     stack = Stack(vcores, ["--max-batch", str(a.max_batch)], model=pair.target,
                   device=pair.device, dtype=pair.dtype).start()
+    corpus = suffix_corpus(a.suffix_corpus, tok) if tok is not None and any(
+        r["config"] in SUFFIX_MODES for r in runs) else None
     rows = []
     try:
         warm = runs[0]["jobs"][:1]
@@ -178,7 +186,7 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar,
                 max_new_tokens=a.max_new_tokens, eos=eos, shape=shape,
                 proactive=Mode.OFF if r["config"] == "specedge-sync" else Mode(a.proactive),
                 adaptive=a.adaptive and not fixed, rtt_ms=a.rtt_ms, progress=bar,
-                suffix=mode, min_match=a.suffix_min_match))
+                suffix=mode, min_match=a.suffix_min_match, corpus=corpus))
             wall = time.perf_counter() - t0
             v = delta(stack.snapshot(), before)
             row = report.summarize(
@@ -253,7 +261,7 @@ def main(argv=None) -> int:
             bar.update(sum(len(r["jobs"]) for r in server_runs))
         edge_runs = [r for r in runs if r["config"] not in SERVER_SIDE]
         if edge_runs:
-            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar, rows)
+            rows += run_edge_side(a, pair, draft, edge_runs, vcores, eos, bar, rows, tok)
     bar.close()
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: (r["temperature"], r["budget"] is not None, r["edges"],

@@ -18,6 +18,7 @@ from specedge.edge.coalesce import CoalescingRunner
 from specedge.edge.drafter import Drafter
 from specedge.edge.proactive import Mode
 from specedge.edge.session import EdgeSession, SessionParams, SessionResult
+from specedge.edge.suffix import SuffixIndex
 from specedge.edge.suffixdraft import SuffixDrafter, SuffixSource
 from specedge.execution import PackedRunner
 
@@ -39,11 +40,12 @@ async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: lis
                     eos: tuple[int, ...], shape: TreeShape, proactive: Mode, adaptive: bool,
                     rtt_ms: float, seed0: int = 0, progress=None,
                     logprobs: int = -1, suffix: str = "",
-                    min_match: int = SuffixConfig().min_match) -> list[dict]:
+                    min_match: int = SuffixConfig().min_match,
+                    corpus: SuffixIndex | None = None) -> list[dict]:
     """`edges` sessions at a time, each edge taking the next prompt when its session ends.
     suffix "alone": no draft model, trees from suffix matches (the runner only says the
     vocabulary); "merged": suffix branches of at least `min_match` join the model's trees.
-    Each session drafts from its own tokens (no history across prompts)."""
+    Each session drafts from its own tokens (no history across prompts) and `corpus`."""
     ex = ThreadPoolExecutor(edges, thread_name_prefix="draft")
     nc = await broker.connect(url, "bench-edge")
     js = nc.jetstream()
@@ -58,7 +60,8 @@ async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: lis
                               adaptive=adaptive, emulate_rtt_ms=rtt_ms, verdict_timeout_s=120,
                               logprobs=logprobs,
                               suffix=SuffixConfig(min_match if suffix == "merged" else 0))
-            src = SuffixSource(min_match=1 if suffix == "alone" else max(1, min_match))
+            src = SuffixSource(min_match=1 if suffix == "alone" else max(1, min_match),
+                               corpus=corpus)
             drafter = (SuffixDrafter(src, runner.vocab_size) if suffix == "alone"
                        else Drafter(runner))
             res = await EdgeSession(nc, js, drafter, ex, p, suffix=src if suffix else None).run()

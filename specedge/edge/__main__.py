@@ -88,6 +88,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
     """One session, streamed. `runner`: the draft's PackedRunner, built (and its model checked)
     beforehand; the demo builds it while the verifier loads, and reuses it."""
     from specedge.config import SUFFIX_DEPTH, SuffixConfig
+    from specedge.edge.corpus import OFF
+    from specedge.edge.corpus import load as suffix_corpus
     from specedge.edge.drafter import Drafter
     from specedge.edge.link import connect
     from specedge.edge.session import EdgeSession, SessionParams
@@ -104,6 +106,10 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
     tokenizer = tokenizer or load_tokenizer(ref)
     ids = prompt_ids(tokenizer, a.prompt, a.chat)
     detok = Detokenizer(tokenizer)
+    # public text the suffix drafts also match (read before connecting: a bad file is a usage
+    # error, not a failed session)
+    corpus = suffix_corpus(getattr(a, "suffix_corpus", OFF), tokenizer) \
+        if model_free or a.suffix_draft else None
 
     def stream(toks: list[int]) -> None:
         if not a.json:
@@ -142,11 +148,12 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
                 SUFFIX_DEPTH, limits.max_depth if limits else SUFFIX_DEPTH)))
         if model_free:
             rows = getattr(draft_config, "vocab_size", None)
-            drafter = SuffixDrafter(SuffixSource(), min(rows, count) if rows else count)
+            drafter = SuffixDrafter(SuffixSource(corpus=corpus), min(rows, count) if rows else count)
             suffix = None
         else:
             drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
-            suffix = SuffixSource(min_match=a.suffix_draft) if a.suffix_draft else None
+            suffix = SuffixSource(min_match=a.suffix_draft, corpus=corpus) if a.suffix_draft \
+                else None
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge),
                               suffix=suffix)
@@ -194,6 +201,7 @@ def main(argv=None) -> int:
     logs.install_uvloop()
     import nats.errors
 
+    from specedge.edge.corpus import CorpusError
     from specedge.edge.link import BrokerUnreachable
     from specedge.edge.session import SessionRejected
     from specedge.execution.support import UnsupportedModel
@@ -221,7 +229,7 @@ def main(argv=None) -> int:
     except lifecycle.Interrupted as exc:  # the session was closed on the broker on the way out
         print(f"\nspecedge.edge: {exc}", file=sys.stderr)
         return exc.exit_code
-    except UnsupportedModel as exc:  # refused at load (specedge/execution/support.py)
+    except (UnsupportedModel, CorpusError) as exc:  # refused at load
         print(f"specedge.edge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return 0

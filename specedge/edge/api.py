@@ -37,6 +37,7 @@ from specedge import metrics, subjects
 from specedge.config import SUFFIX_DEPTH, SuffixConfig, TreeShape
 from specedge.edge import structured, tools
 from specedge.edge.coalesce import CoalescingRunner
+from specedge.edge.corpus import load as suffix_corpus
 from specedge.edge.drafter import Drafter
 from specedge.edge.errors import rejection_status
 from specedge.edge.limits import EdgeLimits, LimitError, plan
@@ -101,6 +102,9 @@ class ServeConfig:
     # adds branches to its trees (0: off); the history kept per tenant for them (tokens)
     suffix_min_match: int = 4
     suffix_history_tokens: int = 65536
+    # public text every tenant's suffix drafts also match (specedge.edge.corpus): builtin, off
+    # or a file
+    suffix_corpus: str = "off"
 
 
 class ApiError(Exception):
@@ -184,6 +188,8 @@ class EdgeService:
         self.tokenizer_id = fingerprint(tokenizer)  # checked against the fleet's targets
         # per tenant, the sequences served: what later requests' suffix drafts match against
         self.suffixes = SuffixStore(cfg.suffix_history_tokens)
+        self.corpus = suffix_corpus(cfg.suffix_corpus, tokenizer) \
+            if self.model_free or cfg.suffix_min_match else None
         self.runner: CoalescingRunner | None = None
         if self.model_free:
             rows = getattr(config, "vocab_size", None)
@@ -318,7 +324,8 @@ class EdgeService:
         async with self.slots:
             self.metrics.active.inc()
             source = SuffixSource(self.suffixes, self.tenant(req),
-                                  1 if self.model_free else max(1, self.cfg.suffix_min_match))
+                                  1 if self.model_free else max(1, self.cfg.suffix_min_match),
+                                  corpus=self.corpus)
             drafter = (SuffixDrafter(source, self.vocab_size) if self.model_free
                        else Drafter(self.runner))
             session = EdgeSession(self.nc, self.js, drafter, self.executor, params,

@@ -9,6 +9,7 @@ import os
 
 from specedge import subjects
 from specedge.config import SUFFIX, SuffixConfig, TreeShape, is_suffix, suffix_shape
+from specedge.edge.corpus import BUILTIN, corpus_ref
 
 # specedge.edge.proactive.Mode's values (a test keeps them equal): that module pulls in the
 # model code, and the demo parses these flags before it starts its verifier, whose own imports
@@ -70,6 +71,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "earlier requests when it is at least N tokens long, under the same "
                         "tree budget (default %(default)s; off or 0: the model's tree alone). "
                         f"`--model {SUFFIX}` drafts from such matches alone, with no model")
+    p.add_argument("--suffix-corpus", type=corpus_ref, default=BUILTIN, metavar="builtin|off|FILE",
+                   help="public text suffix drafts may also match (shared by every tenant): "
+                        "`builtin` (default), the prose the default target wraps its code in, "
+                        "from its answers to public code-editing requests; a file (JSON "
+                        '{"texts": [...]} or plain text); or off')
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per draft forward while prefilling: other sessions "
                         "sharing the draft model wait at most one such forward, and a "

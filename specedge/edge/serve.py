@@ -97,7 +97,8 @@ def serve_config(a: argparse.Namespace):
         shared_prefix=getattr(a, "shared_prefix", ""),
         prefill_chunk=getattr(a, "prefill_chunk", 0), give_up_s=a.give_up_s,
         verdict_timeout_s=a.verdict_timeout_s, suffix_min_match=a.suffix_draft,
-        suffix_history_tokens=getattr(a, "suffix_history_tokens", 65536), **runner_opts(a))
+        suffix_history_tokens=getattr(a, "suffix_history_tokens", 65536),
+        suffix_corpus=getattr(a, "suffix_corpus", "off"), **runner_opts(a))
 
 
 async def serve(a: argparse.Namespace, stop: asyncio.Event, draft=None, tokenizer=None,

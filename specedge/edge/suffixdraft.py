@@ -48,8 +48,9 @@ class SuffixSource:
     executor steps)."""
 
     def __init__(self, store: SuffixStore | None = None, tenant: str = "", min_match: int = 1,
-                 align: bool = True):
+                 align: bool = True, corpus: SuffixIndex | None = None):
         self.store, self.tenant, self.min_match, self.aligning = store, tenant, min_match, align
+        self.corpus = corpus  # read-only public text (specedge.edge.corpus), shared
         self.own = SuffixIndex()
         self._doc = self.own.add([])
         self.align: Aligner | None = None  # over the first context proposed from (the prompt)
@@ -77,13 +78,14 @@ class SuffixSource:
             self._prompt_len = len(committed)
             self.align = Aligner(committed[:max(0, len(committed) - PROMPT_TAIL)])
         self.align.feed(committed[self._prompt_len + len(self.align.out):])
+        ixs = [self.own] if self.corpus is None else [self.own, self.corpus]
         if self.store is None:
-            match_len, conts = candidates([self.own], committed, depth, self.min_match)
+            match_len, conts = candidates(ixs, committed, depth, self.min_match)
         else:
             with self.store.lock:
                 hist = self.store.index(self.tenant)
-                ixs = [self.own] if hist is None else [self.own, hist]
-                match_len, conts = candidates(ixs, committed, depth, self.min_match)
+                match_len, conts = candidates(ixs if hist is None else [*ixs, hist], committed,
+                                              depth, self.min_match)
         weights = [1.0 / len(conts)] * len(conts) if conts else []
         branches = self.align.branches(depth) if self.aligning else []
         for b in branches:
