@@ -73,7 +73,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="model+suffix: the shortest match that adds suffix branches")
     p.add_argument("--suffix-corpus", type=corpus_ref, default=BUILTIN,
                    metavar="builtin|off|FILE",
-                   help="suffix and model+suffix: public text the suffix drafts also match "
+                   help="suffix: public text the model-free drafts also match "
                         "(specedge.edge.corpus)")
     p.add_argument("--edges", type=int, nargs="*", default=None, help="concurrency levels")
     p.add_argument("--temperatures", type=float, nargs="*", default=None)
@@ -162,7 +162,7 @@ def run_edge_side(a, pair: Pair, draft, runs, vcores, eos, bar,
     stack = Stack(vcores, ["--max-batch", str(a.max_batch)], model=pair.target,
                   device=pair.device, dtype=pair.dtype).start()
     corpus = suffix_corpus(a.suffix_corpus, tok) if tok is not None and any(
-        r["config"] in SUFFIX_MODES for r in runs) else None
+        SUFFIX_MODES.get(r["config"]) == "alone" for r in runs) else None
     rows = []
     try:
         warm = runs[0]["jobs"][:1]

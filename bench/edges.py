@@ -45,7 +45,8 @@ async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: lis
     """`edges` sessions at a time, each edge taking the next prompt when its session ends.
     suffix "alone": no draft model, trees from suffix matches (the runner only says the
     vocabulary); "merged": suffix branches of at least `min_match` join the model's trees.
-    Each session drafts from its own tokens (no history across prompts) and `corpus`."""
+    Each session drafts from its own tokens (no history across prompts), "alone" also from
+    `corpus`."""
     ex = ThreadPoolExecutor(edges, thread_name_prefix="draft")
     nc = await broker.connect(url, "bench-edge")
     js = nc.jetstream()
@@ -61,7 +62,7 @@ async def run_edges(url: str, runner: PackedRunner | CoalescingRunner, jobs: lis
                               logprobs=logprobs,
                               suffix=SuffixConfig(min_match if suffix == "merged" else 0))
             src = SuffixSource(min_match=1 if suffix == "alone" else max(1, min_match),
-                               corpus=corpus)
+                               corpus=corpus if suffix == "alone" else None)
             drafter = (SuffixDrafter(src, runner.vocab_size) if suffix == "alone"
                        else Drafter(runner))
             res = await EdgeSession(nc, js, drafter, ex, p, suffix=src if suffix else None).run()

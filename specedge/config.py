@@ -136,13 +136,11 @@ def is_suffix(ref: str | None) -> bool:
 @dataclass(frozen=True)
 class SuffixConfig:
     """How suffix branches join a model's tree. min_match: the shortest match (tokens of the
-    context's tail) that adds branches, 0: off; max_share: at most this share of the tree's
-    budget is held back from the model for them (only when a match is that long); full_run: a
-    match or copy run this long may take the whole budget (the model's tree would only repeat
-    it); max_depth: how deep they may reach."""
+    context's tail) that adds branches, 0: off; full_run: a match or copy run this long whose
+    branches fill the whole budget takes it (the model's tree would only repeat it); max_depth:
+    how deep they may reach."""
 
     min_match: int = 4
-    max_share: float = 0.5
     full_run: int = 12
     # the deepest suffix node (a copied span runs past the model's depth; at most the
     # verifiers' max_depth, which callers pass when they know it)

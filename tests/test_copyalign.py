@@ -67,17 +67,18 @@ def test_source_drafts_through_an_edit_where_a_suffix_match_has_nothing():
 
 
 def test_trust_follows_hits_and_gates_the_held_budget():
-    shape = TreeShape(8, 6, 2, 2)
-    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]
+    shape = TreeShape(4, 6, 2, 2)
+    cfg = SuffixConfig(min_match=4, full_run=5)
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]  # a 5-long match: a full run here
     src = SuffixSource()
     assert src.trust < 0.5  # no hit yet: a long match holds nothing
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx) == shape
+    assert model_shape(shape, src, cfg, ctx) == shape
     src.judge(len(ctx), [6, 7, 8])  # its proposal (6, 7, 8, ...) held 3 tokens: one hit opens
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
-    src.propose(ctx, 8, 6)
+    assert model_shape(shape, src, cfg, ctx).budget == 0
+    src.propose(ctx, 4, 6)
     src.judge(len(ctx), [42])  # and one miss closes
     assert src.trust < 0.5
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx) == shape
+    assert model_shape(shape, src, cfg, ctx) == shape
     for _ in range(8):
         src.propose(ctx, 8, 6)
         src.judge(len(ctx), [42])
@@ -85,14 +86,14 @@ def test_trust_follows_hits_and_gates_the_held_budget():
     src.judge(len(ctx) + 1, [6])  # a round it did not draft for: not judged
     assert src.trust < 0.05
     for _ in range(8):  # one right token is what the model's tree holds too: not a hit
-        src.propose(ctx, 8, 6)
+        src.propose(ctx, 4, 6)
         src.judge(len(ctx), [6, 42])
     assert src.trust < 0.05
     for _ in range(4):  # the proposal is judged whether or not it was sent
-        src.propose(ctx, 8, 6)
+        src.propose(ctx, 4, 6)
         src.judge(len(ctx), [6, 7, 8, 42])
     assert src.trust > 0.7
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
+    assert model_shape(shape, src, cfg, ctx).budget == 0
 
 
 def test_accepted_len_walks_the_tree():
@@ -103,17 +104,20 @@ def test_accepted_len_walks_the_tree():
     assert accepted_len(p, [9]) == 0 and accepted_len(Proposal(), [5]) == 0
 
 
-def test_a_long_copy_run_takes_the_whole_budget_and_a_short_one_half():
+def test_a_long_copy_run_takes_the_whole_budget_and_a_short_one_none():
     shape = TreeShape(8, 6, 2, 2)
     prompt = list(range(100, 140))
     src = SuffixSource()
     src.trust = 1.0
     src.propose(prompt, 8, 8)
-    short = prompt + prompt[:5]  # copying for 5 tokens
-    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), short, 8).budget == 4
+    short = prompt + prompt[:5]  # copying for 5 tokens: the model drafts its whole tree
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), short, 8) == shape
     long = prompt + prompt[:14]  # for 14: the model's tree would only repeat the copy
     assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), long, 8).budget == 0
-    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=20), long, 8).budget == 4
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=20), long, 8) == shape
+    # a long run whose branches cannot fill the tree (the prompt ends 2 tokens on) holds none
+    end = prompt + prompt[:14] + prompt[14:38]
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=12), end, 8) == shape
 
 
 def test_rival_guesses_each_get_nodes_under_decay():

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from schemas import Sampling
-from specedge.config import SuffixConfig, TreeShape
+from specedge.config import TreeShape
 from specedge.edge.drafter import Drafter, TreeBuilder
 from specedge.edge.suffix import SuffixStore
 from specedge.edge.suffixdraft import (
@@ -19,7 +19,6 @@ from specedge.edge.suffixdraft import (
     SuffixSource,
     accepted_by_source,
     merge,
-    model_shape,
 )
 from specedge.execution import PackedRunner
 from specedge.execution.sampling import probs
@@ -35,7 +34,9 @@ V = 8
 # a tenant's history for suffix drafts: every short context has continuations, by counts
 SUFFIX_HISTORY = SuffixStore()
 SUFFIX_HISTORY.add("t", np.random.default_rng(5).integers(0, V, 400).tolist())
-MERGE = SuffixConfig(min_match=1)
+# merged: the model drafts half the budget (as a tree narrower than the budget leaves room),
+# suffix branches fill the rest: trees of both kinds of node
+MODEL_HALF = TreeShape(budget=2, depth=2, width=2, topk=2)
 S = Sampling(temperature=1.0, top_p=0.9, top_k=0)
 PROMPT = [1, 5, 2]
 TRIALS = 2000
@@ -60,9 +61,10 @@ def run_trials(target, draft, s: Sampling = S, *, trials: int = TRIALS, eng: Eng
     """Counts of the first two generated tokens over `trials` seeds, each session run round by
     round through the verifier engine and the edge drafter. With a grammar: `constraint()`
     gives each session's edge matcher (the engine's own `grammars` masks the target). suffix
-    "alone": trees from suffix matches only (no draft probabilities at all); "merged": suffix
-    branches added to the draft's trees (specedge.edge.suffixdraft, as a session does); the
-    suffix nodes sent and accepted are added up in `stats`."""
+    "alone": trees from suffix matches only (no draft probabilities at all); "merged": the
+    draft's tree at half the budget, suffix branches merged into the rest
+    (specedge.edge.suffixdraft.merge, as a session does); the suffix nodes sent and accepted
+    are added up in `stats`."""
     eng = eng or Engine(target)
     drunner = PackedRunner(draft)
     counts = np.zeros((V, V))
@@ -73,14 +75,12 @@ def run_trials(target, draft, s: Sampling = S, *, trials: int = TRIALS, eng: Eng
         dr = Drafter(drunner)
         dr.catch_up(st.committed[:-1])
         src = SuffixSource(SUFFIX_HISTORY, "t") if suffix else None
-        if src is not None:  # trusted (as after hits): merged trees hold budget for it
-            src.trust = 1.0
         while not st.finished:
             if suffix == "alone":
                 tree = SuffixBuilder(src, st.committed, shape).run()
             else:
-                tree = TreeBuilder(dr, st.committed, model_shape(shape, src, MERGE, st.committed)
-                                   if src else shape, s, len(PROMPT), c).run()
+                tree = TreeBuilder(dr, st.committed, MODEL_HALF if src else shape, s,
+                                   len(PROMPT), c).run()
                 if src:
                     merge(tree, src.propose(st.committed, shape.budget, shape.depth),
                           shape.budget)

@@ -132,14 +132,18 @@ def test_merge_dedupes_the_shared_prefix_and_keeps_the_budget():
     assert accepted_by_source(_model_tree(), [1, 3]) == 0
 
 
-def test_model_shape_holds_room_only_for_a_long_match():
-    shape = TreeShape(8, 6, 2, 2)
+def test_model_shape_gives_the_tree_only_to_a_long_match_that_fills_it():
+    shape = TreeShape(4, 6, 2, 2)
     src = SuffixSource()
     src.trust = 1.0  # its proposals have been hitting (tests/test_copyalign.py: trust)
     ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]  # tail 1..5 matched, 5 long
-    assert model_shape(shape, src, SuffixConfig(min_match=4), ctx).budget == 4
-    assert model_shape(shape, src, SuffixConfig(min_match=6), ctx) == shape
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=5), ctx).budget == 0
+    assert model_shape(shape, src, SuffixConfig(min_match=4, full_run=6), ctx) == shape
+    assert model_shape(shape, src, SuffixConfig(min_match=6, full_run=5), ctx) == shape
     assert model_shape(shape, src, SuffixConfig(min_match=0), ctx) == shape
+    # its continuation (6, 7, 8, 9, 1, 2 at depth 6) cannot fill a budget of 8: none held
+    wide = TreeShape(8, 6, 2, 2)
+    assert model_shape(wide, src, SuffixConfig(min_match=4, full_run=5), ctx) == wide
     assert model_shape(shape, None, SuffixConfig(), ctx) == shape
     assert model_shape(shape, SuffixSource(), SuffixConfig(), [1, 2, 3]) == shape
 

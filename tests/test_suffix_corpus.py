@@ -120,3 +120,23 @@ async def test_model_free_edge_drafting_from_a_corpus_is_exact(nats_server, tiny
         assert r.token_ids == want
     assert len(results["corpus"].rounds) <= 3 < len(results["none"].rounds)
     assert results["corpus"].summary()["accepted_by_source"]["suffix"] >= 20
+
+
+def test_builtin_corpus_saves_rounds_on_recorded_answers():
+    """The real target's recorded answers to code edits (bench/data, none of them in the
+    corpus's problems): with the built-in corpus a model-free edge needs fewer rounds on the
+    answers that explain their code, and no more on any category."""
+    from bench.suffixreplay import DATA, HANDWRITTEN, builtin_corpus, replay
+
+    book = builtin_corpus()
+    for data in (DATA, HANDWRITTEN):
+        answers = json.loads(data.read_text())["answers"]
+        by: dict[str, list[int]] = {}
+        for a in answers:
+            plain = replay(a["prompt"], a["answer"], 8)[0]
+            read = replay(a["prompt"], a["answer"], 8, corpus=book)[0]
+            v = by.setdefault(a["category"], [0, 0])
+            v[0] += plain
+            v[1] += read
+        assert sum(v[1] for v in by.values()) < 0.9 * sum(v[0] for v in by.values()), by
+        assert all(v[1] <= v[0] * 1.05 for v in by.values()), by

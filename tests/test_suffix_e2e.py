@@ -123,9 +123,10 @@ async def test_merged_drafts_are_exact_and_add_accepted_tokens(nats_server, tiny
         assert m.token_ids == ref and a.token_ids == ref
         assert all(x.nodes <= 8 for x in m.rounds)  # the same budget
         assert all(x.suffix_nodes == 0 for x in a.rounds)
-    by = [r.summary()["accepted_by_source"] for r in merged]
+    # the copies of the prompt's head are short: at a full run of 4 the suffix takes them
+    by = [r.summary()["accepted_by_source"] for r in held]
     assert sum(b["suffix"] for b in by) > 0 and sum(b["model"] for b in by) > 0
-    rounds = sum(len(r.rounds) for r in merged)
+    rounds = sum(len(r.rounds) for r in held)
     assert rounds <= sum(len(r.rounds) for r in model)
 
 

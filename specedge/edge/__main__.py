@@ -106,10 +106,9 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
     tokenizer = tokenizer or load_tokenizer(ref)
     ids = prompt_ids(tokenizer, a.prompt, a.chat)
     detok = Detokenizer(tokenizer)
-    # public text the suffix drafts also match (read before connecting: a bad file is a usage
-    # error, not a failed session)
-    corpus = suffix_corpus(getattr(a, "suffix_corpus", OFF), tokenizer) \
-        if model_free or a.suffix_draft else None
+    # a model-free edge's phrase book (read before connecting: a bad file is a usage error,
+    # not a failed session)
+    corpus = suffix_corpus(getattr(a, "suffix_corpus", OFF), tokenizer) if model_free else None
 
     def stream(toks: list[int]) -> None:
         if not a.json:
@@ -152,8 +151,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
             suffix = None
         else:
             drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
-            suffix = SuffixSource(min_match=a.suffix_draft, corpus=corpus) if a.suffix_draft \
-                else None
+            suffix = SuffixSource(min_match=a.suffix_draft) if a.suffix_draft else None
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge),
                               suffix=suffix)

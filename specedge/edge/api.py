@@ -102,8 +102,8 @@ class ServeConfig:
     # adds branches to its trees (0: off); the history kept per tenant for them (tokens)
     suffix_min_match: int = 4
     suffix_history_tokens: int = 65536
-    # public text every tenant's suffix drafts also match (specedge.edge.corpus): builtin, off
-    # or a file
+    # a model-free edge's phrase book, shared by every tenant (specedge.edge.corpus): builtin,
+    # off or a file
     suffix_corpus: str = "off"
 
 
@@ -188,8 +188,7 @@ class EdgeService:
         self.tokenizer_id = fingerprint(tokenizer)  # checked against the fleet's targets
         # per tenant, the sequences served: what later requests' suffix drafts match against
         self.suffixes = SuffixStore(cfg.suffix_history_tokens)
-        self.corpus = suffix_corpus(cfg.suffix_corpus, tokenizer) \
-            if self.model_free or cfg.suffix_min_match else None
+        self.corpus = suffix_corpus(cfg.suffix_corpus, tokenizer) if self.model_free else None
         self.runner: CoalescingRunner | None = None
         if self.model_free:
             rows = getattr(config, "vocab_size", None)

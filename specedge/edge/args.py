@@ -72,10 +72,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "tree budget (default %(default)s; off or 0: the model's tree alone). "
                         f"`--model {SUFFIX}` drafts from such matches alone, with no model")
     p.add_argument("--suffix-corpus", type=corpus_ref, default=BUILTIN, metavar="builtin|off|FILE",
-                   help="public text suffix drafts may also match (shared by every tenant): "
-                        "`builtin` (default), the prose the default target wraps its code in, "
-                        "from its answers to public code-editing requests; a file (JSON "
-                        '{"texts": [...]} or plain text); or off')
+                   help=f"with `--model {SUFFIX}`: public text the drafts also match, shared "
+                        "by every tenant: `builtin` (default), the prose the default target "
+                        "wraps its code in, from its answers to public code-editing requests; "
+                        'a file (JSON {"texts": [...]} or plain text); or off. A draft model '
+                        "writes such phrases itself: merged drafts do not use it")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prompt tokens per draft forward while prefilling: other sessions "
                         "sharing the draft model wait at most one such forward, and a "

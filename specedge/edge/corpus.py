@@ -1,10 +1,12 @@
-"""A suffix corpus: text a model-free (or merged) draft may match besides the session's own
-tokens and its tenant's history. The built-in one holds the default target's own answers to
-public code-editing requests (specedge/edge/data/code_answers.json, made by
-bench/corpusbuild.py): the phrases an instruct model wraps its code in ("Here is the function
-with type hints:", "```python", "This function now ...") repeat from answer to answer, and a
-session's own prompt never holds them. Public text, read-only and shared by every tenant: no
-tenant's requests ever enter it (those stay in their own SuffixStore history).
+"""A suffix corpus: text a model-free edge's drafts may match besides the session's own tokens
+and its tenant's history. The built-in one holds the default target's own answers to public
+code-editing requests (specedge/edge/data/code_answers.json, made by bench/corpusbuild.py):
+the phrases an instruct model wraps its code in ("Here is the function with type hints:",
+"```python", "This function now ...") repeat from answer to answer, and a session's own prompt
+never holds them. A draft model writes them itself: merged drafts do not use a corpus. Public
+text, read-only and shared by every tenant: no tenant's requests ever enter it (those stay in
+their own SuffixStore history). Another target phrases its answers otherwise: build its own
+with bench/corpusbuild.py.
 
 A file is JSON, {"texts": [str, ...]} (other keys are notes), or plain text (one document).
 It is tokenized with the edge's tokenizer when the edge starts, once per process."""
@@ -25,7 +27,7 @@ log = structlog.get_logger()
 
 BUILTIN = "builtin"
 OFF = "off"
-MAX_TOKENS = 1 << 20  # a corpus is a phrase book, not a dataset: past this, refuse
+MAX_TOKENS = 1 << 18  # a phrase book, not a dataset (each token costs 8 index entries)
 
 # (ref, id(tokenizer)) -> (the tokenizer, held so that its id is not reused; the index)
 _cache: dict[tuple[str, int], tuple[object, SuffixIndex]] = {}

@@ -173,6 +173,7 @@ def main(argv=None) -> int:
 
     import nats.errors
 
+    from specedge.edge.corpus import CorpusError
     from specedge.execution.support import UnsupportedModel
 
     try:
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
     except UnsupportedModel as exc:  # the draft, refused at load: nothing to serve
         print(f"specedge.edge serve: {exc}", file=sys.stderr)
         return exc.exit_code
+    except CorpusError as exc:  # --suffix-corpus read, but over the size bound
+        print(f"specedge.edge serve: {exc}", file=sys.stderr)
+        return 2  # specedge.edge.__main__.EXIT_USAGE
     except (nats.errors.Error, OSError) as exc:  # no broker at that address at start
         print(f"specedge.edge serve: cannot reach the broker at {settings.mask('nats', a.nats)}"
               f": {type(exc).__name__}: {exc}", file=sys.stderr)

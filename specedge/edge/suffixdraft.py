@@ -202,19 +202,20 @@ def merge(tree: DraftTree, p: Proposal, budget: int) -> int:
 
 def model_shape(shape: TreeShape, source: SuffixSource | None, cfg: SuffixConfig,
                 committed: list[int], depth: int | None = None) -> TreeShape:
-    """The draft model's share of a merged tree: the whole budget unless the context's tail
-    matches at least cfg.min_match tokens (or the answer copies that long a run); then up to
-    cfg.max_share of it (all of it for a run of cfg.full_run) is left to the suffix branches
-    (as many as they propose), while the source's trust (its recent hits) is at least
-    TRUST_GATE."""
+    """The draft model's share of a merged tree: all of it, or none where the suffix branches
+    fill the whole tree from a match or copy run of at least cfg.full_run tokens while the
+    source's trust (its recent hits) is at least TRUST_GATE: the model's tree would only
+    repeat a long copy. Nothing in between: a tree split between the two is shallower on
+    both sides, and lost rounds to the model alone (docs/results.md, issue 32); otherwise
+    suffix branches join the model's tree where they coincide with its nodes (free) or in
+    room it leaves."""
     if source is None or not cfg.on or shape.budget < 2:
         return shape
     p = source.propose(committed, shape.budget, depth or shape.depth)
-    if p.match_len < cfg.min_match or not p.size:
+    if (p.match_len < max(cfg.min_match, cfg.full_run) or p.size < shape.budget
+            or source.trust < TRUST_GATE):
         return shape
-    share = 1.0 if p.match_len >= cfg.full_run else cfg.max_share
-    held = min(p.size, int(shape.budget * share)) if source.trust >= TRUST_GATE else 0
-    return TreeShape(shape.budget - held, shape.depth, shape.width, shape.topk) if held else shape
+    return TreeShape(0, shape.depth, shape.width, shape.topk)
 
 
 def accepted_by_source(tree: DraftTree, accepted: list[int]) -> int:
