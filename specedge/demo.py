@@ -58,6 +58,9 @@ def parse(argv=None) -> argparse.Namespace:
     # one machine: a draft of the next round while this one is verified takes the verifier's
     # cores (--proactive single to try it anyway)
     p.set_defaults(proactive="off")
+    # and the first token as soon as the target has read the prompt: the draft's prefill and
+    # first tree come after it (--first-tree: before it, as an edge's own device does)
+    p.set_defaults(first_tree=False)
     p.add_argument("--verifier-threads", type=int, default=None,
                    help="torch threads for the verifier (default: every core, as the edge's: "
                         "one forward runs at a time)")

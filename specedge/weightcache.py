@@ -25,6 +25,7 @@ start, as before)."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 DEFAULT_LIMIT_GB = 20.0
 FREE_SHARE = 0.1  # never fill the disk past this share left free
+EXIT_WAIT_S = 60.0  # an exiting process waits this long for its copies to be written
 STALE_TMP_S = 3600.0  # a temporary directory this old, or of a dead writer, is removed
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
@@ -167,7 +169,7 @@ def load(path: Path, dtype: torch.dtype, build: Callable[[Path], tuple]):
         drop(d)
         return None
     os.utime(d / MATERIAL)  # its last use, for the eviction order
-    model.name_or_path = str(path)  # the model is the checkpoint's (logs, the check cache)
+    model.name_or_path = model.config.name_or_path = str(path)  # the checkpoint (logs, checks)
     log.info("converted weights mapped from the weight cache", model=str(path),
              dtype=str(dtype).removeprefix("torch."), entry=str(d),
              seconds=round(time.perf_counter() - t0, 3))
@@ -222,11 +224,13 @@ def store(path: Path, dtype: torch.dtype, state: dict[str, torch.Tensor]) -> Pat
 
 def store_later(path: Path, dtype: torch.dtype, model) -> None:
     """store() in a thread of its own, of the weights as loaded (the model serves meanwhile:
-    the copy only reads them); wait() joins it. A process that exits first leaves a temporary
-    directory, which a later store removes."""
+    the copy only reads them); wait() joins it, and so does the process's exit, for at most
+    EXIT_WAIT_S (one cut shorter leaves a temporary directory, which a later store removes)."""
     state = dict(model.state_dict())  # these tensors, even if the model moves to a device
     t = threading.Thread(target=_store_quietly, args=(path, dtype, state),
                          name="weight-cache", daemon=True)
+    if not _writers:
+        atexit.register(wait, EXIT_WAIT_S)
     _writers.append(t)
     t.start()
 
@@ -238,9 +242,10 @@ def _store_quietly(path: Path, dtype: torch.dtype, state: dict) -> None:
         log.warning("weights not remembered", model=str(path), error=str(exc)[:300])
 
 
-def wait() -> None:
+def wait(timeout_s: float | None = None) -> None:
+    end = None if timeout_s is None else time.monotonic() + timeout_s
     while _writers:
-        _writers.pop().join()
+        _writers.pop().join(None if end is None else max(0.0, end - time.monotonic()))
 
 
 def make_room(base: Path, size: int) -> bool:

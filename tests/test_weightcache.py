@@ -71,7 +71,7 @@ def test_a_converted_model_is_remembered_and_mapped_with_the_same_weights(cache,
     assert {v["dtype"] for k, v in stored.items() if k != "__metadata__"} == {"F32"}
     warm = from_cache(model_dir)
     assert warm is not None and same(warm, cold)
-    assert warm.name_or_path == str(model_dir)  # the checkpoint's, not the entry's
+    assert warm.name_or_path == warm.config.name_or_path == str(model_dir)  # not the entry
     again = load(model_dir)  # load_model takes the entry too
     assert same(again, cold) and torch.equal(logits(again), logits(cold))
     assert entries(cache) == [entry]
