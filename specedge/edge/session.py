@@ -561,14 +561,15 @@ class EdgeSession:
         if p.match_len >= self.p.suffix.min_match:
             merge(tree, p, self.shape.budget)
 
-    async def _finish(self, builder: TreeBuilder | SuffixBuilder) -> tuple[DraftTree, float]:
+    async def _finish(self, builder: TreeBuilder | SuffixBuilder, merge: bool = True
+                      ) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
         if self.model_free:  # well under a millisecond a round: no thread hop for it
             builder.run()
         while not builder.done:
             await self._run_model(builder.step)
-        if not (isinstance(builder, TreeBuilder) and builder.shape.budget == 0):
-            self._merge_suffix(builder.tree)  # likewise (not into a plain first round)
+        if merge:  # not into a plain first round
+            self._merge_suffix(builder.tree)  # likewise
         return builder.tree, time.perf_counter() - t0
 
     async def run(self) -> SessionResult:
@@ -592,16 +593,18 @@ class EdgeSession:
             # budget 0: plain decoding, no draft prefill
             prefill = bool(self.shape.budget) and not self.model_free
             plain_first = prefill and not self.p.first_tree
+            late_prefill = plain_first  # still to run after the plain first round
             if prefill and not plain_first:
                 await self._prefill_draft()
             finished = False
             pending = self._builder(plain=plain_first)
             hidden_s, hit = 0.0, None
             while not finished:
-                if plain_first and self.round == 1:  # the prompt's first token is in
+                if late_prefill and self.round == 1:  # the prompt's first token is in
                     await self._prefill_draft()
                 self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
-                tree, draft_s = await self._finish(pending)
+                tree, draft_s = await self._finish(pending,
+                                                   merge=not (plain_first and self.round == 0))
                 block = DraftBlock(
                     v=SCHEMA_VERSION, round=self.round, committed_len=len(self.committed),
                     root=self.committed[-1], tokens=pack_ids(tree.tokens),
@@ -617,9 +620,9 @@ class EdgeSession:
                 if await self._publish(subjects.draft(self.sid), block, "draft", self.round):
                     self._look_now = True  # stored before: its verdict may be out already
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
-                if plain_first and self.round == 0 and self.p.proactive is not Mode.OFF:
+                if late_prefill and self.round == 0 and self.p.proactive is not Mode.OFF:
                     await self._prefill_draft()  # the edge's own cores: beside the verifier
-                    plain_first = False
+                    late_prefill = False
                 pro = self._pro = None
                 # the model drafted this round (a merged tree may be all suffix branches:
                 # then the draft KV lacks the context's tail, nothing to fork from)
