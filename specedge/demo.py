@@ -9,8 +9,9 @@ the OpenAI-compatible endpoint up until Ctrl-C.
 
 Edge and verifier share this machine's cores, so the demo runs them as a single-box install
 should: one model forward at a time (no drafting ahead, no idle cost probes, no start-up cost
-calibration: each only takes the other's cores), and at the end it says what the target alone
-would take here for the same answer. The terminal shows the answer and those figures; the logs
+calibration: each only takes the other's cores), the first round carries the prompt alone (the
+first token once the target has read it; the draft's prefill and first tree come after), and
+at the end it says what the target alone would take here for the same answer. The terminal shows the answer and those figures; the logs
 go to files in the run's directory (--log-level or $SPECEDGE_LOG: to the terminal instead)."""
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def parse(argv=None) -> argparse.Namespace:
     # one machine: a draft of the next round while this one is verified takes the verifier's
     # cores (--proactive single to try it anyway)
     p.set_defaults(proactive="off")
+    # and the first token as soon as the target has read the prompt: the draft's prefill and
+    # first tree come after it (--first-tree: before it, as an edge's own device does)
+    p.set_defaults(first_tree=False)
     p.add_argument("--verifier-threads", type=int, default=None,
                    help="torch threads for the verifier (default: every core, as the edge's: "
                         "one forward runs at a time)")

@@ -390,13 +390,22 @@ def load_model(ref: str, *, dtype: torch.dtype | str | None = None, device: str 
         dtype = getattr(torch, pick_dtype(ref, dtype, device).dtype)
     if synthetic.is_synthetic(ref):
         return synthetic.build(ref, dtype=dtype or torch.bfloat16, device=device)
+    from specedge import weightcache
+
     path = resolve(ref)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.bfloat16)
-    except (ValueError, KeyError, AmbiguousGlobalPerLayerAttributeError) as exc:
-        why = " ".join(str(exc).split())[:300]
-        raise UnsupportedModel(f"model {path} is not supported: transformers cannot build it "
-                               f"as a causal LM ({type(exc).__name__}: {why})") from exc
+    dtype = dtype or torch.bfloat16
+    # a format other than the checkpoint's: its converted copy, mapped, where one is remembered
+    model = weightcache.load(Path(path), dtype, lambda d: AutoModelForCausalLM.from_pretrained(
+        d, dtype=dtype, output_loading_info=True))
+    if model is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (ValueError, KeyError, AmbiguousGlobalPerLayerAttributeError) as exc:
+            why = " ".join(str(exc).split())[:300]
+            raise UnsupportedModel(f"model {path} is not supported: transformers cannot build "
+                                   f"it as a causal LM ({type(exc).__name__}: {why})") from exc
+        if Path(path).is_dir():
+            weightcache.store_later(Path(path), dtype, model)  # written while it serves
     return model.to(device).eval()
 
 

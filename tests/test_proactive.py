@@ -250,3 +250,57 @@ def test_a_failed_guess_gives_its_forks_back(fail_at, mode):
     asyncio.run(main())
     assert forks >= (2 if mode is Mode.MULTI else 1), "the guess never forked"
     assert pool.refs == refs and pool.used_blocks == used == len(d.kv.blocks)
+
+
+@pytest.mark.parametrize("mode", [Mode.OFF, Mode.SINGLE])
+async def test_a_plain_first_round_is_lossless_and_drafts_from_the_second(nats_server,
+                                                                         tiny_pair, mode):
+    """first_tree=False: the first block carries the prompt alone (one token back after the
+    target's prefill), the draft prefills after it (beside the verifier with proactive
+    drafting, after the verdict without) and drafts full trees from the second round on."""
+    target, _ = tiny_pair
+    draft = clone(target)
+    shape = TreeShape(budget=6, depth=4, width=2, topk=2)
+    async with running_worker(target, nats_server.url):
+        results = await generate(nats_server.url, draft, PROMPTS, max_new_tokens=20,
+                                 shape=shape, proactive=mode, first_tree=False)
+    for p, r in zip(PROMPTS, results, strict=True):
+        assert r.token_ids == reference_greedy(target, p, 20)
+        first, *rest = r.rounds
+        assert (first.nodes, first.committed) == (0, 1)
+        assert rest and all(rec.nodes > 0 for rec in rest)
+        # the draft is the target: from the second round on every round takes drafted tokens
+        assert all(rec.accepted > 0 and rec.committed > 1 for rec in rest[:-1])
+
+
+async def test_a_plain_first_round_carries_no_suffix_branches(nats_server, tiny_pair):
+    """Suffix matches of the prompt's tail add branches to a first tree: the plain first round
+    stays the root alone (the draft KV holds nothing yet to roll back)."""
+    from schemas import Sampling as S
+    from specedge.config import SuffixConfig
+    from specedge.edge.suffixdraft import SuffixSource
+
+    target, draft = tiny_pair
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6] * 3  # its tail matches earlier: a copy to propose
+    nc = await broker.connect(nats_server.url, "test-edge")
+    ex = ThreadPoolExecutor(1)
+    runner = PackedRunner(draft)
+    out = {}
+    try:
+        async with running_worker(target, nats_server.url):
+            for first_tree in (True, False):
+                src = SuffixSource(None, "t", 2)
+                src.trust = 1.0  # trusted from the start: its branches join every tree
+                out[first_tree] = await EdgeSession(
+                    nc, nc.jetstream(), Drafter(runner), ex,
+                    SessionParams(prompt_ids=prompt, max_new_tokens=16, sampling=S(),
+                                  adaptive=False, verdict_timeout_s=20, proactive=Mode.OFF,
+                                  first_tree=first_tree, suffix=SuffixConfig(min_match=2)),
+                    suffix=src).run()
+    finally:
+        ex.shutdown()
+        await nc.close()
+    for r in out.values():
+        assert r.token_ids == reference_greedy(target, prompt, 16)
+    assert out[True].rounds[0].suffix_nodes > 0  # a proposal for the first round exists
+    assert (out[False].rounds[0].nodes, out[False].rounds[0].suffix_nodes) == (0, 0)

@@ -72,6 +72,7 @@ class ServeConfig:
     draft_name: str = ""
     shape: TreeShape = field(default_factory=TreeShape)
     proactive: Mode = Mode.SINGLE
+    first_tree: bool = True  # SessionParams.first_tree
     emulate_rtt_ms: float = 0.0
     adaptive: bool = True  # follow the verifiers' tree budget hints
     max_budget: int = 16
@@ -305,8 +306,8 @@ class EdgeService:
             prompt_ids=req.prompt_ids, max_new_tokens=req.max_tokens, sampling=req.sampling,
             seed=req.seed, eos_ids=self.eos, shape=req.shape,
             target_name=self.cfg.target_name, draft_name=self.cfg.draft_name,
-            proactive=self.cfg.proactive, emulate_rtt_ms=self.cfg.emulate_rtt_ms,
-            verdict_timeout_s=self.cfg.verdict_timeout_s, give_up_s=self.cfg.give_up_s,
+            proactive=self.cfg.proactive, first_tree=self.cfg.first_tree,
+            emulate_rtt_ms=self.cfg.emulate_rtt_ms, verdict_timeout_s=self.cfg.verdict_timeout_s, give_up_s=self.cfg.give_up_s,
             adaptive=self.cfg.adaptive, max_budget=req.max_budget,
             prefill_chunk=self.cfg.prefill_chunk, tokenizer=self.tokenizer_id,
             logprobs=req.logprobs, shared_prefix=self.cfg.shared_prefix if req.shared_len else "",

@@ -49,6 +49,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proactive", choices=PROACTIVE_MODES, default="single",
                    help="draft the next round while this one is verified: off, single guess, "
                         "or multi (the top few guesses)")
+    p.add_argument("--first-tree", action=argparse.BooleanOptionalAction, default=True,
+                   help="draft a tree in the first round too (default on); --no-first-tree "
+                        "sends the prompt alone first: the first token comes after the "
+                        "target's prefill only, and the draft prefills while the verifier "
+                        "works (after it, with --proactive off)")
     p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="resize the tree to the budget the verifiers suggest from their load "
                         "(default on); --no-adaptive keeps --tree-budget fixed")

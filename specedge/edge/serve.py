@@ -87,7 +87,8 @@ def serve_config(a: argparse.Namespace):
     return ServeConfig(
         model_id=a.served_model_name or Path(a.target.rstrip("/")).name,
         target_name=a.target, draft_name=a.model, shape=shape_from(a),
-        proactive=Mode(a.proactive), emulate_rtt_ms=a.emulate_rtt_ms,
+        proactive=Mode(a.proactive), first_tree=getattr(a, "first_tree", True),
+        emulate_rtt_ms=a.emulate_rtt_ms,
         adaptive=a.adaptive, max_budget=a.max_tree_budget,
         edge_name=getattr(a, "edge_name", subjects.ANON),
         default_max_tokens=a.max_new_tokens, max_tokens_limit=a.max_tokens_limit,

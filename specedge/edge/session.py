@@ -183,6 +183,10 @@ class SessionParams:
     give_up_s: float = 60.0
     publish_ack_s: float = 2.0  # one publish attempt waits this long for the broker's ack
     proactive: Mode = Mode.SINGLE
+    # False: the first round carries the prompt alone (the first token after the target's
+    # prefill only, not after the draft's prefill and tree too); the draft prefills after
+    # publishing it (proactive) or after its verdict (proactive off: one machine's cores)
+    first_tree: bool = True
     emulate_rtt_ms: float = 0.0  # half of it delays each publish, half each received verdict
     adaptive: bool = True  # resize the tree to the budget the verifier suggests (load hint)
     max_budget: int = 16  # never draft more nodes than this, whatever the hint
@@ -511,11 +515,26 @@ class EdgeSession:
         if self.suffix is not None:  # the tenant's next requests draft from this one too
             self.suffix.finish(self.committed)
 
-    def _builder(self) -> TreeBuilder | SuffixBuilder:
+    async def _prefill_draft(self) -> None:
+        """The draft's KV of the context but its last token (the next tree's first forward
+        recomputes that), in prefill_chunk pieces; what the pool's cache holds is reused."""
+        prompt = self.committed[:-1] or self.committed
+        self.draft_cached = await self._run_model(self.drafter.reuse, self.committed)
+        chunk = max(1, self.p.prefill_chunk)
+        for end in range(min(self.draft_cached + chunk, len(prompt)), len(prompt) + chunk,
+                         chunk):
+            await self._run_model(self.drafter.catch_up, prompt[:end])
+        await self._run_model(self.drafter.remember, prompt)
+
+    def _builder(self, plain: bool = False) -> TreeBuilder | SuffixBuilder:
         """This round's tree builder: a suffix match's alone, or the draft model's (its share
-        of the budget when suffix branches join it)."""
+        of the budget when suffix branches join it); `plain`: the root alone."""
         args = (self.committed, self.shape, self.p.sampling, len(self.p.prompt_ids),
                 self.p.constraint)
+        if plain:
+            return TreeBuilder(self.drafter, self.committed,
+                               TreeShape(0, self.shape.depth, self.shape.width, self.shape.topk),
+                               *args[2:])
         if self.model_free:
             shape = self.shape
             left = max(1, self.p.max_new_tokens - len(self.generated))
@@ -542,13 +561,15 @@ class EdgeSession:
         if p.match_len >= self.p.suffix.min_match:
             merge(tree, p, self.shape.budget)
 
-    async def _finish(self, builder: TreeBuilder | SuffixBuilder) -> tuple[DraftTree, float]:
+    async def _finish(self, builder: TreeBuilder | SuffixBuilder, merge: bool = True
+                      ) -> tuple[DraftTree, float]:
         t0 = time.perf_counter()
         if self.model_free:  # well under a millisecond a round: no thread hop for it
             builder.run()
         while not builder.done:
             await self._run_model(builder.step)
-        self._merge_suffix(builder.tree)  # likewise
+        if merge:  # not into a plain first round
+            self._merge_suffix(builder.tree)  # likewise
         return builder.tree, time.perf_counter() - t0
 
     async def run(self) -> SessionResult:
@@ -569,21 +590,21 @@ class EdgeSession:
                 shared_prefix=self.p.shared_prefix, shared_len=self.p.shared_len)
             await self._publish(subjects.session(self.sid), opened, "open", 0)
             self.log.info("session opened", prompt_tokens=len(self.p.prompt_ids))
-            # Prefill everything but the last prompt token; the first round recomputes it.
-            if self.shape.budget and not self.model_free:  # budget 0: plain decoding
-                prompt = self.committed[:-1] or self.committed
-                self.draft_cached = await self._run_model(self.drafter.reuse, self.committed)
-                chunk = max(1, self.p.prefill_chunk)
-                for end in range(min(self.draft_cached + chunk, len(prompt)),
-                                 len(prompt) + chunk, chunk):
-                    await self._run_model(self.drafter.catch_up, prompt[:end])
-                await self._run_model(self.drafter.remember, prompt)
+            # budget 0: plain decoding, no draft prefill
+            prefill = bool(self.shape.budget) and not self.model_free
+            plain_first = prefill and not self.p.first_tree
+            late_prefill = plain_first  # still to run after the plain first round
+            if prefill and not plain_first:
+                await self._prefill_draft()
             finished = False
-            pending = self._builder()
+            pending = self._builder(plain=plain_first)
             hidden_s, hit = 0.0, None
             while not finished:
+                if late_prefill and self.round == 1:  # the prompt's first token is in
+                    await self._prefill_draft()
                 self._to(State.DRAFTING)  # fresh tree, or the rest of the proactive head's
-                tree, draft_s = await self._finish(pending)
+                tree, draft_s = await self._finish(pending,
+                                                   merge=not (plain_first and self.round == 0))
                 block = DraftBlock(
                     v=SCHEMA_VERSION, round=self.round, committed_len=len(self.committed),
                     root=self.committed[-1], tokens=pack_ids(tree.tokens),
@@ -599,6 +620,9 @@ class EdgeSession:
                 if await self._publish(subjects.draft(self.sid), block, "draft", self.round):
                     self._look_now = True  # stored before: its verdict may be out already
                 self._to(State.IN_FLIGHT)  # draft ahead on a guess while the verifier works
+                if late_prefill and self.round == 0 and self.p.proactive is not Mode.OFF:
+                    await self._prefill_draft()  # the edge's own cores: beside the verifier
+                    late_prefill = False
                 pro = self._pro = None
                 # the model drafted this round (a merged tree may be all suffix branches:
                 # then the draft KV lacks the context's tail, nothing to fork from)
