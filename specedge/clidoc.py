@@ -57,6 +57,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench.pick", what="the sampled pick"),
     Command("bench.flexlayout", what="FlexAttention block layouts"),
     Command("bench.suffixreplay", what="model-free drafting replayed on recorded answers"),
+    Command("bench.corpusbuild", what="a suffix corpus from a target's answers to public edit requests"),
     Command("bench.gpu_check", entry="parse", what="every GPU check in one run"),
 )
 
