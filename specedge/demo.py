@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -118,17 +119,70 @@ async def answer(a: argparse.Namespace, url: str, verifier: subprocess.Popen) ->
 
     a.model = a.draft
     loop = asyncio.get_running_loop()
-    # Load the draft (and check it on its packed path) while the verifier process loads the
-    # target. One thread: transformers' lazy imports are not safe to race.
-    tok, draft, runner = await loop.run_in_executor(None, load_draft, a)
+    loader = None
+    if late_draft(a):
+        # the first round carries the prompt alone and nothing drafts ahead: the draft is
+        # loaded when the session first needs it, after the first token, so that the
+        # verifier's load, check and prefill have the cores to themselves until then
+        tok = await loop.run_in_executor(None, load_draft_tokenizer, a)
+        loader, draft, runner = DraftLoader(a, tok), None, None
+    else:
+        # Load the draft (and check it on its packed path) while the verifier process loads
+        # the target. One thread: transformers' lazy imports are not safe to race.
+        tok, draft, runner = await loop.run_in_executor(None, load_draft, a)
     await wait_verifier(url, verifier)
     if a.api or a.serve:
         return await api_demo(a, url, draft, tok)
     log.info("stack ready; answering", prompt=a.prompt[:60])
-    summary = await run_edge(a, url, draft=draft, tokenizer=tok, runner=runner)
+    summary = await run_edge(a, url, draft=draft, tokenizer=tok, runner=runner,
+                             lazy_runner=loader)
     if not a.json and summary["token_ids"]:
-        summary["one_token_s"] = await one_token_cost(a, url, draft, tok, runner)
+        summary["one_token_s"] = await one_token_cost(a, url, draft, tok, runner, loader)
     return summary
+
+
+def late_draft(a: argparse.Namespace) -> bool:
+    """Whether the draft model can wait until the session needs it (see answer)."""
+    from specedge import synthetic
+
+    return (not a.first_tree and a.proactive == "off" and not is_suffix(a.draft)
+            and not (a.api or a.serve) and not synthetic.is_synthetic(a.draft))
+
+
+def load_draft_tokenizer(a: argparse.Namespace):
+    """The draft's tokenizer, with its fingerprint and id count kept on it for the session's
+    open (remembered on disk: a warm machine hashes no vocabulary)."""
+    from specedge.models import load_tokenizer, tokenizer_identity
+
+    tok = load_tokenizer(a.draft)
+    tokenizer_identity(a.draft, tok)
+    return tok
+
+
+class DraftLoader:
+    """The draft model and its checked PackedRunner, loaded on the first call (from the
+    session's draft thread), the same ones on every later call."""
+
+    def __init__(self, a: argparse.Namespace, tok):
+        self.a, self.tok = a, tok
+        self.draft = self.runner = None
+        self._lock = threading.Lock()
+
+    def __call__(self):
+        from specedge.cli import runner_opts
+        from specedge.execution import PackedRunner
+        from specedge.models import load_model, tokenizer_identity
+        from specedge.vocab import token_count
+
+        with self._lock:
+            if self.runner is None:
+                log.info("loading the draft")
+                a = self.a
+                count = tokenizer_identity(a.draft, self.tok)[1] or token_count(self.tok)
+                self.draft = load_model(a.draft, dtype=a.dtype, device=a.device)
+                self.runner = PackedRunner(self.draft, vocab_limit=count, **runner_opts(a))
+                log.info("draft ready")
+        return self.runner
 
 
 def load_draft(a: argparse.Namespace) -> tuple:
@@ -156,7 +210,8 @@ def load_draft(a: argparse.Namespace) -> tuple:
 PLAIN_ROUNDS = 4  # one-token forwards timed after the answer (the first, a prefill, not counted)
 
 
-async def one_token_cost(a: argparse.Namespace, url: str, draft, tok, runner) -> float | None:
+async def one_token_cost(a: argparse.Namespace, url: str, draft, tok, runner,
+                         loader: DraftLoader | None = None) -> float | None:
     """Seconds of the target's one-token forward on this verifier: a few rounds of plain
     decoding of the same prompt (no tree; its prefill comes from the prefix cache), each
     verdict's forward time as the verifier measured it. None if it could not be measured."""
@@ -167,7 +222,8 @@ async def one_token_cost(a: argparse.Namespace, url: str, draft, tok, runner) ->
     b.max_new_tokens, b.proactive = PLAIN_ROUNDS + 1, "off"
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its JSON line is not the answer
-            s = await run_edge(b, url, draft=draft, tokenizer=tok, runner=runner)
+            s = await run_edge(b, url, draft=draft, tokenizer=tok, runner=runner,
+                               lazy_runner=loader)
     except Exception as exc:
         log.warning("could not time the target's one-token forward", error=str(exc)[:200])
         return None

@@ -304,3 +304,51 @@ async def test_a_plain_first_round_carries_no_suffix_branches(nats_server, tiny_
         assert r.token_ids == reference_greedy(target, prompt, 16)
     assert out[True].rounds[0].suffix_nodes > 0  # a proposal for the first round exists
     assert (out[False].rounds[0].nodes, out[False].rounds[0].suffix_nodes) == (0, 0)
+
+
+async def test_a_lazy_draft_is_built_after_the_plain_first_round(nats_server, tiny_pair):
+    """The demo's late draft (specedge.edge.drafter.LazyDrafter): a plain first round needs no
+    draft model, so it is built once the first verdict is in, in the session's draft thread,
+    and the output is the target's, as with the draft built beforehand."""
+    import threading
+
+    from schemas import Sampling as S
+    from specedge.edge.drafter import LazyDrafter
+
+    target, draft = tiny_pair
+    prompt = PROMPTS[0]
+    built: list[tuple[int, str]] = []  # (tokens streamed by then, thread)
+    streamed: list[int] = []
+
+    def build() -> Drafter:
+        built.append((len(streamed), threading.current_thread().name))
+        return Drafter(PackedRunner(draft))
+
+    nc = await broker.connect(nats_server.url, "test-edge")
+    ex = ThreadPoolExecutor(1, thread_name_prefix="draft")
+    lazy = LazyDrafter(build, PackedRunner(draft).vocab_size)
+    try:
+        async with running_worker(target, nats_server.url):
+            r = await EdgeSession(
+                nc, nc.jetstream(), lazy, ex,
+                SessionParams(prompt_ids=prompt, max_new_tokens=16, sampling=S(),
+                              adaptive=False, verdict_timeout_s=20, proactive=Mode.OFF,
+                              first_tree=False),
+                on_tokens=streamed.extend).run()
+            # a one-token answer never needs it: nothing is loaded
+            unused = LazyDrafter(build, lazy.vocab_size)
+            one = await EdgeSession(
+                nc, nc.jetstream(), unused, ex,
+                SessionParams(prompt_ids=prompt, max_new_tokens=1, sampling=S(),
+                              adaptive=False, verdict_timeout_s=20, proactive=Mode.OFF,
+                              first_tree=False)).run()
+    finally:
+        ex.shutdown()
+        await nc.close()
+    assert r.token_ids == reference_greedy(target, prompt, 16)
+    assert one.token_ids == r.token_ids[:1]
+    assert len(built) == 1 and built[0][0] == 1 and built[0][1].startswith("draft")
+    assert r.rounds[0].nodes == 0 and all(rec.nodes > 0 for rec in r.rounds[1:])
+    # a runner that disagrees with the vocabulary the session was opened with is refused
+    with pytest.raises(ValueError, match="token rows"):
+        LazyDrafter(lambda: Drafter(PackedRunner(draft)), lazy.vocab_size + 1).catch_up([1])

@@ -84,13 +84,15 @@ def admit(a: argparse.Namespace, prompt_tokens: int, limits: fleet.FleetLimits |
 
 
 async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
-                   runner=None) -> dict:
+                   runner=None, lazy_runner=None) -> dict:
     """One session, streamed. `runner`: the draft's PackedRunner, built (and its model checked)
-    beforehand; the demo builds it while the verifier loads, and reuses it."""
+    beforehand; the demo builds it while the verifier loads, and reuses it. `lazy_runner`: or
+    a callable that builds it when the session first needs the draft (specedge.edge.drafter.
+    LazyDrafter: after a plain first round)."""
     from specedge.config import SUFFIX_DEPTH, SuffixConfig
     from specedge.edge.corpus import OFF
     from specedge.edge.corpus import load as suffix_corpus
-    from specedge.edge.drafter import Drafter
+    from specedge.edge.drafter import Drafter, LazyDrafter
     from specedge.edge.link import connect
     from specedge.edge.session import EdgeSession, SessionParams
     from specedge.edge.suffixdraft import SuffixDrafter, SuffixSource
@@ -128,7 +130,7 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
         if limits is None:
             log.warning("no verifier answered the limits query; checked against this edge's own "
                         "limits only", prompt_tokens=len(ids))
-        if model_free:
+        if model_free or lazy_runner is not None:
             gen_config = generation_config(ref)
         else:
             draft = draft or load_model(a.model, dtype=a.dtype, device=a.device)
@@ -150,7 +152,13 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
             drafter = SuffixDrafter(SuffixSource(corpus=corpus), min(rows, count) if rows else count)
             suffix = None
         else:
-            drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count, **runner_opts(a)))
+            if lazy_runner is not None:
+                rows = getattr(draft_config, "vocab_size", None)
+                drafter = LazyDrafter(lambda: Drafter(lazy_runner()),
+                                      min(rows, count) if rows else count)
+            else:
+                drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count,
+                                                         **runner_opts(a)))
             suffix = SuffixSource(min_match=a.suffix_draft) if a.suffix_draft else None
         session = EdgeSession(nc, nc.jetstream(), drafter, ex, params,
                               on_tokens=stream, sid=subjects.new_session_id(edge),

@@ -4,6 +4,8 @@ forward at a time, and rolling back to a verdict. Runs in the edge's executor th
 from __future__ import annotations
 
 import heapq
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -246,3 +248,59 @@ class Drafter:
         """Give the KV blocks back to the runner's pool."""
         self.drafting(False)
         self.kv.free()
+
+
+class LazyDrafter:
+    """A Drafter built on first use, in the thread that first asks for the model's work (the
+    session's executor). A session whose first round carries the prompt alone needs no draft
+    model until its second: on one machine (the demo) the draft's load and check then wait
+    until the first token is out, instead of sharing the cores with the verifier's load, check
+    and prefill. Until built it holds no KV; `vocab_size` (sent when the session opens) is
+    checked against the built runner's."""
+
+    def __init__(self, build: Callable[[], Drafter], vocab_size: int):
+        self._build, self._drafter, self.vocab_size = build, None, vocab_size
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> Drafter:
+        with self._lock:
+            if self._drafter is None:
+                d = self._build()
+                if d.vocab_size != self.vocab_size:
+                    d.close()
+                    raise ValueError(f"the draft's runner has {d.vocab_size} token rows, the "
+                                     f"session was opened with {self.vocab_size}")
+                self._drafter = d
+        return self._drafter
+
+    @property
+    def kv_len(self) -> int:
+        return 0 if self._drafter is None else self._drafter.kv_len
+
+    def drafting(self, on: bool) -> None:
+        if self._drafter is not None:
+            self._drafter.drafting(on)
+
+    def rollback(self, tree: DraftTree, accepted: list[int]) -> None:
+        if self._drafter is not None or tree.size:  # a plain round before it: nothing to undo
+            self.built.rollback(tree, accepted)
+
+    def remember(self, committed: list[int]) -> None:
+        if self._drafter is not None:
+            self._drafter.remember(committed)
+
+    def close(self) -> None:
+        if self._drafter is not None:
+            self._drafter.close()
+
+    def __getattr__(self, name: str):
+        """reuse, catch_up, forward_nodes...: the model's work. Before the build a method is
+        looked up on the event loop and called in the draft thread: it builds when called."""
+        if self._drafter is not None:
+            return getattr(self._drafter, name)
+
+        def call(*args, **kw):
+            return getattr(self.built, name)(*args, **kw)
+
+        return call
