@@ -10,9 +10,10 @@ the OpenAI-compatible endpoint up until Ctrl-C.
 Edge and verifier share this machine's cores, so the demo runs them as a single-box install
 should: one model forward at a time (no drafting ahead, no idle cost probes, no start-up cost
 calibration: each only takes the other's cores), the first round carries the prompt alone (the
-first token once the target has read it; the draft's prefill and first tree come after), and
-at the end it says what the target alone would take here for the same answer. The terminal shows the answer and those figures; the logs
-go to files in the run's directory (--log-level or $SPECEDGE_LOG: to the terminal instead)."""
+first token once the target has read it; the draft model's load, its prefill and first tree
+come after), and at the end it says what the target alone would take here for the same
+answer. The terminal shows the answer and those figures; the logs go to files in the run's
+directory (--log-level or $SPECEDGE_LOG: to the terminal instead)."""
 
 from __future__ import annotations
 

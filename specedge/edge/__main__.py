@@ -149,7 +149,8 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
                 SUFFIX_DEPTH, limits.max_depth if limits else SUFFIX_DEPTH)))
         if model_free:
             rows = getattr(draft_config, "vocab_size", None)
-            drafter = SuffixDrafter(SuffixSource(corpus=corpus), min(rows, count) if rows else count)
+            drafter = SuffixDrafter(SuffixSource(corpus=corpus),
+                                    min(rows, count) if rows else count)
             suffix = None
         else:
             if lazy_runner is not None:
