@@ -152,7 +152,8 @@ def late_draft(a: argparse.Namespace) -> bool:
 
 def load_draft_tokenizer(a: argparse.Namespace):
     """The draft's tokenizer, with its fingerprint and id count kept on it for the session's
-    open (remembered on disk: a warm machine hashes no vocabulary)."""
+    open: remembered on disk (a warm machine hashes no vocabulary), else computed now, while
+    the verifier loads."""
     from specedge.models import load_tokenizer, tokenizer_identity
 
     tok = load_tokenizer(a.draft)
@@ -190,22 +191,16 @@ def load_draft(a: argparse.Namespace) -> tuple:
     """The draft's tokenizer, model and PackedRunner (whose construction checks the model
     against its own attention: a second of forwards, done here before the verifier is up);
     the target's tokenizer and no model for suffix drafts."""
-    from specedge.cli import runner_opts
-    from specedge.execution import PackedRunner
-    from specedge.models import load_model, load_tokenizer, tokenizer_identity
-    from specedge.vocab import token_count
+    from specedge.models import load_model, load_tokenizer
 
     if is_suffix(a.draft):  # no draft model: the target's tokenizer, suffix drafts
         return load_tokenizer(a.target), None, None
-    tok = load_tokenizer(a.draft)
-    # its fingerprint and id count, kept on it for the session's open: remembered on disk
-    # (a warm machine hashes no vocabulary), else computed now, while the verifier loads
-    count = tokenizer_identity(a.draft, tok)[1] or token_count(tok)
-    draft = load_model(a.draft, dtype=a.dtype, device=a.device)
-    runner = None
-    if not (a.api or a.serve):  # edge serve builds its own
-        runner = PackedRunner(draft, vocab_limit=count, **runner_opts(a))
-    return tok, draft, runner
+    tok = load_draft_tokenizer(a)
+    if a.api or a.serve:  # edge serve builds its own runner
+        return tok, load_model(a.draft, dtype=a.dtype, device=a.device), None
+    loader = DraftLoader(a, tok)
+    runner = loader()
+    return tok, loader.draft, runner
 
 
 PLAIN_ROUNDS = 4  # one-token forwards timed after the answer (the first, a prefill, not counted)

@@ -147,16 +147,14 @@ async def run_edge(a: argparse.Namespace, url: str, draft=None, tokenizer=None,
             verdict_timeout_s=getattr(a, "verdict_timeout_s", 30.0), tokenizer=fp,
             suffix=SuffixConfig(min_match=a.suffix_draft, max_depth=min(
                 SUFFIX_DEPTH, limits.max_depth if limits else SUFFIX_DEPTH)))
+        rows = getattr(draft_config, "vocab_size", None)
+        vocab = min(rows, count) if rows else count  # what a built runner will say
         if model_free:
-            rows = getattr(draft_config, "vocab_size", None)
-            drafter = SuffixDrafter(SuffixSource(corpus=corpus),
-                                    min(rows, count) if rows else count)
+            drafter = SuffixDrafter(SuffixSource(corpus=corpus), vocab)
             suffix = None
         else:
             if lazy_runner is not None:
-                rows = getattr(draft_config, "vocab_size", None)
-                drafter = LazyDrafter(lambda: Drafter(lazy_runner()),
-                                      min(rows, count) if rows else count)
+                drafter = LazyDrafter(lambda: Drafter(lazy_runner()), vocab)
             else:
                 drafter = Drafter(runner or PackedRunner(draft, vocab_limit=count,
                                                          **runner_opts(a)))
